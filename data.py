@@ -1,0 +1,245 @@
+"""From files to token tensors: multi-target data, global forking tokens, batching (Appendix A.1).
+
+A question has one prompt x and M reasoning traces y_1..y_M (M varies per question). Every
+training sequence is (prompt, forking token, trace), built by one function, `build_text`:
+
+    chat_template(user: prompt, add_generation_prompt=True) + "<think{i}>" + trace + eos
+
+For a Qwen2.5 tokenizer that is exactly
+
+    <|im_start|>system\\nYou are Qwen, ...<|im_end|>\\n<|im_start|>user\\n{prompt}<|im_end|>\\n
+    <|im_start|>assistant\\n<think3>{trace}<|im_end|>
+
+(newlines shown as \\n; no space around the forking token). A tokenizer without a chat template
+falls back to "Question: {prompt}\\nAnswer: ". Only trace tokens (and the closing eos) carry loss.
+
+Rows of a JSONL file may use any of these layouts, detected per row:
+    canonical  {"prompt": str, "traces": [str, ...], "answer": str?, "sources": [str, ...]?}
+    s1K-1.1    {"question": str, "<teacher>_thinking_trajectory": str, "<teacher>_attempt": str, ...}
+               one trace per teacher: trajectory + "\\n</think>\\n\\n" + attempt, source = teacher
+    sampled    {"question": str, "response": [str, ...], "score": [bool, ...]}: correct ones kept
+
+    python data.py --data ../shared/data/math_cot_100x8.jsonl   # check a file, print statistics
+"""
+import json
+import math
+
+import torch
+
+FORK_TOKEN = "<think{}>"  # <think1> ... <thinkN>: the global forking tokens g_1..g_N
+FALLBACK_PROMPT = "Question: {}\nAnswer: "
+IGNORE = -100  # label of tokens that carry no loss
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file and line."""
+
+
+def fork_tokens(num_forks):
+    return [FORK_TOKEN.format(i + 1) for i in range(num_forks)]
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def parse_row(row, where):
+    """One JSON object -> {"prompt", "traces", "sources", "answer"}; raises DataError at `where`."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    prompt = row.get("prompt", row.get("question"))
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise DataError(f"{where}: no prompt (a non-empty 'prompt' or 'question' string)")
+    teachers = sorted(k[:-len("_thinking_trajectory")] for k in row if k.endswith("_thinking_trajectory"))
+    if "traces" in row:
+        traces, sources = row["traces"], row.get("sources")
+    elif teachers:  # s1K-1.1
+        traces, sources = [], []
+        for t in teachers:
+            thinking, attempt = row.get(f"{t}_thinking_trajectory"), row.get(f"{t}_attempt")
+            if isinstance(thinking, str) and thinking.strip():
+                traces.append(thinking.strip() + "\n</think>\n\n" + (attempt or "").strip())
+                sources.append(t)
+    elif "response" in row:  # sampled responses with correctness scores
+        responses, scores = row["response"], row.get("score")
+        if not isinstance(responses, list) or not isinstance(scores, list) or len(scores) != len(responses):
+            raise DataError(f"{where}: 'response' and 'score' must be lists of the same length")
+        traces = [r for r, ok in zip(responses, scores) if ok]
+        sources = None
+    else:
+        raise DataError(f"{where}: no traces (expected 'traces', '<teacher>_thinking_trajectory' "
+                        "or 'response' + 'score')")
+    if not isinstance(traces, list) or not all(isinstance(t, str) for t in traces):
+        raise DataError(f"{where}: 'traces' must be a list of strings")
+    if not any(t.strip() for t in traces):
+        raise DataError(f"{where}: no non-empty trace")
+    if any(not t.strip() for t in traces):
+        raise DataError(f"{where}: an empty trace")
+    if sources is not None and (not isinstance(sources, list) or len(sources) != len(traces)):
+        raise DataError(f"{where}: 'sources' must be a list with one name per trace "
+                        f"({len(traces)} traces)")
+    answer = row.get("answer", row.get("gt", row.get("solution")))
+    return {"prompt": prompt, "traces": traces, "sources": [str(s) for s in sources] if sources else None,
+            "answer": None if answer is None else str(answer)}
+
+
+def load_questions(path):
+    """All questions of a JSONL file. Any bad line raises DataError naming `path:line`."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    questions = []
+    for n, line in enumerate(raw.split(b"\n"), start=1):
+        where = f"{path}:{n}"
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{where}: not UTF-8 (byte {e.start})") from None
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
+        questions.append(parse_row(row, where))
+    if not questions:
+        raise DataError(f"{path}: no questions")
+    return questions
+
+
+# ----------------------------------------------------------------------------- forking tokens
+
+def add_fork_tokens(tokenizer, num_forks):
+    """Registers <think1>..<thinkN> as special tokens (never split, kept by save_pretrained).
+    Returns their ids. A string that is already in the vocabulary keeps its id."""
+    names = fork_tokens(num_forks)
+    tokenizer.add_special_tokens({"additional_special_tokens": names}, replace_extra_special_tokens=False)
+    ids = tokenizer.convert_tokens_to_ids(names)
+    for name, i in zip(names, ids):
+        assert tokenizer.encode(name, add_special_tokens=False) == [i], f"{name} is not one token"
+    return ids
+
+
+def init_fork_rows(model, fork_ids, num_trained, seed):
+    """Makes room for the forking tokens and initialises their embedding rows.
+
+    Qwen2.5 checkpoints carry spare rows (152064 rows for a ~151665-token tokenizer): we use them
+    and keep the checkpoint's shapes, since a resized vocabulary breaks serving engines that read
+    the shapes from the config. Only when the ids do not fit is the embedding resized (to a multiple
+    of 64). The rows (input and, if untied, output) start at the mean of the first `num_trained`
+    rows, which keeps them in-distribution, plus a tiny seeded noise so that the N tokens are not
+    exactly equal and the first matchings are not decided by tie-breaking.
+    """
+    if max(fork_ids) >= model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(max(fork_ids) + 1, pad_to_multiple_of=64, mean_resizing=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for emb in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+            trained = emb[:num_trained].float()
+            noise = torch.randn(len(fork_ids), emb.shape[1], generator=g) * trained.std() * 1e-2
+            emb[fork_ids] = (trained.mean(0) + noise).to(emb.dtype)
+
+
+# ----------------------------------------------------------------------------- text and tokens
+
+def prompt_text(tokenizer, prompt):
+    """Everything before the forking token."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return FALLBACK_PROMPT.format(prompt)
+
+
+def build_text(tokenizer, prompt, fork, trace=""):
+    """The one string of (prompt, forking token, trace) used by training, matching and inference.
+    With trace="" it is the inference prompt; a training trace ends with eos."""
+    return prompt_text(tokenizer, prompt) + fork + (trace + tokenizer.eos_token if trace else "")
+
+
+def encode_question(tokenizer, q, max_len):
+    """Token ids of one question: {"prompt_ids", "trace_ids": [...], "truncated": int}.
+
+    Tokenising the prompt and each trace apart gives the same ids as tokenising `build_text`
+    (the forking token is special, so the tokenizer splits there), and lets a question's M traces
+    share one tokenised prompt. Traces are cut so that prompt + fork + trace <= max_len tokens.
+    """
+    prompt_ids = tokenizer.encode(prompt_text(tokenizer, q["prompt"]), add_special_tokens=False)
+    room = max_len - len(prompt_ids) - 1
+    if room < 1:
+        raise DataError(f"a prompt of {len(prompt_ids)} tokens leaves no room for a trace under "
+                        f"--max_len {max_len}: {q['prompt'][:60]!r}")
+    trace_ids, truncated = [], 0
+    for t in q["traces"]:
+        ids = tokenizer.encode(t + tokenizer.eos_token, add_special_tokens=False)
+        truncated += len(ids) > room
+        trace_ids.append(ids[:room])
+    return {"prompt_ids": prompt_ids, "trace_ids": trace_ids, "truncated": truncated}
+
+
+def make_sequence(prompt_ids, fork_id, trace_ids, max_trace_tokens=None):
+    """(input_ids, labels) of prompt + fork + trace; labels only on the first `max_trace_tokens`
+    trace tokens (all of them by default). The prompt and forking token carry no loss."""
+    trace_ids = trace_ids[:max_trace_tokens]
+    input_ids = prompt_ids + [fork_id] + trace_ids
+    labels = [IGNORE] * (len(prompt_ids) + 1) + trace_ids
+    return input_ids, labels
+
+
+def collate(sequences, pad_id):
+    """List of (input_ids, labels) -> input_ids, labels, attention_mask: [B, L], right-padded.
+    A PAD sequence is ([pad_id], [IGNORE]): one token, no loss."""
+    width = max(len(ids) for ids, _ in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), width), IGNORE, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for b, (ids, lab) in enumerate(sequences):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        labels[b, :len(lab)] = torch.tensor(lab)
+        attention_mask[b, :len(ids)] = 1
+    return input_ids, labels, attention_mask
+
+
+# ----------------------------------------------------------------------------- batching
+
+def split_over_ranks(sizes, world_size):
+    """Algorithm 2's queue, global view: questions (with `sizes[i]` sequences each) are dequeued in
+    order onto the rank holding the fewest sequences so far, so that ranks get similar numbers of
+    sequences however M varies. Returns, per rank, the indices of its questions. Deterministic, so
+    every rank computes the same split without communication."""
+    ranks, load = [[] for _ in range(world_size)], [0] * world_size
+    for i, size in enumerate(sizes):
+        r = min(range(world_size), key=lambda r: (load[r], r))
+        ranks[r].append(i)
+        load[r] += size
+    return ranks
+
+
+def micro_batches(sequences, micro_batch, num_batches, pad_id):
+    """Cuts a rank's queue of sequences (questions stitched together) into exactly `num_batches`
+    micro-batches of `micro_batch` sequences, filling the tail with PAD sequences. Every rank runs
+    the same number of forwards, which FSDP's collectives require. Returns (batches, num_pad)."""
+    assert len(sequences) <= micro_batch * num_batches
+    pad = ([pad_id], [IGNORE])
+    num_pad = micro_batch * num_batches - len(sequences)
+    padded = sequences + [pad] * num_pad
+    # drop all-PAD tail batches' width to one token; keep exactly `micro_batch` rows for equal shapes
+    return [padded[i * micro_batch:(i + 1) * micro_batch] for i in range(num_batches)], num_pad
+
+
+def num_micro_batches(num_sequences, micro_batch):
+    return max(1, math.ceil(num_sequences / micro_batch))
+
+
+if __name__ == "__main__":
+    import argparse
+    parser = argparse.ArgumentParser(description="Check a data file and print its statistics.")
+    parser.add_argument("--data", required=True)
+    path = parser.parse_args().data
+    try:
+        qs = load_questions(path)
+    except DataError as e:
+        raise SystemExit(f"error: {e}")
+    m = [len(q["traces"]) for q in qs]
+    chars = [len(t) for q in qs for t in q["traces"]]
+    print(f"{path}: {len(qs)} questions, traces per question min {min(m)} mean {sum(m) / len(m):.2f} "
+          f"max {max(m)}, {sum(chars) / len(chars):.0f} characters per trace on average")

@@ -1,0 +1,195 @@
+"""Bipartite matching between global forking tokens and reasoning traces (Section 2.2, Eq. 3-5).
+
+For a question x with traces y_1..y_M and forking tokens g_1..g_N, the cost of the edge (i, j) is
+the length-normalised NLL of the first K tokens of y_j given (x, g_i), under stop-gradient (Eq. 4):
+
+    C[i, j] = -1/K_j * sum_{t <= K_j} log p(y_j,t | x, g_i, y_j,<t),   K_j = min(K, |y_j|)
+
+The optimal matching sigma* minimises sum_j C[sigma(j), j] over injective maps (Eq. 3, Hungarian
+algorithm), and the training loss is the NTP loss of every trace under its matched token (Eq. 5).
+
+    --matching hungarian   SSFT: the optimal matching of Eq. 3
+    --matching random      ablation: a uniformly random injective matching each step
+    --matching sft         SFT-mixed baseline: every trace paired with the first token, <think1>
+
+    python -m pytest -q test_ssft.py -k "hungarian or cost_matrix"
+"""
+import math
+from collections import Counter, defaultdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from data import IGNORE, collate, make_sequence, micro_batches, num_micro_batches
+
+
+class SequenceNLL(nn.Module):
+    """Wraps a Hugging Face causal LM to return, per sequence, the summed NLL of its labelled tokens
+    and their count: the quantity behind both the matching cost (Eq. 4) and the loss (Eq. 5).
+
+    The vocabulary projection runs only on labelled positions, `ce_chunk` tokens at a time (each
+    chunk under activation checkpointing when grads are on), so the [tokens, vocab] fp32 logits of
+    a 152k vocabulary never exist for a whole batch at once.
+    """
+
+    def __init__(self, lm, ce_chunk=1024):
+        super().__init__()
+        self.lm, self.ce_chunk = lm, ce_chunk
+
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
+        """input_ids, labels: [B, L] -> (nll_sum [B] fp32, num_tokens [B])."""
+        hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
+                               position_ids=position_ids).last_hidden_state  # [B, L, H]
+        targets = labels[:, 1:]
+        rows, cols = (targets != IGNORE).nonzero(as_tuple=True)  # position t predicts token t+1
+        h, y = hidden[rows, cols], targets[rows, cols]  # [T, H], [T]
+        weight = self.lm.get_output_embeddings().weight
+        token_nll = []
+        for s in range(0, len(y), self.ce_chunk):
+            args = (h[s:s + self.ce_chunk], weight, y[s:s + self.ce_chunk])
+            token_nll.append(checkpoint(_chunk_nll, *args, use_reentrant=False)
+                             if torch.is_grad_enabled() else _chunk_nll(*args))
+        token_nll = torch.cat(token_nll) if token_nll else hidden.new_zeros(0, dtype=torch.float32)
+        nll_sum = torch.zeros(len(input_ids), device=hidden.device).index_add(0, rows, token_nll)
+        # keep the graph connected to every parameter even for an all-PAD micro-batch
+        nll_sum = nll_sum + 0.0 * hidden.sum()
+        return nll_sum, torch.bincount(rows, minlength=len(input_ids))
+
+
+def _chunk_nll(h, weight, y):
+    return F.cross_entropy(F.linear(h, weight).float(), y, reduction="none")
+
+
+# ----------------------------------------------------------------------------- Eq. 4: costs
+
+def cost_sequences(prompt_ids, fork_ids, trace_ids, match_tokens):
+    """The N x M sequences (prompt, g_i, first K tokens of y_j), fork-major: index i * M + j."""
+    return [make_sequence(prompt_ids, f, t[:match_tokens]) for f in fork_ids for t in trace_ids]
+
+
+@torch.no_grad()
+def sequence_costs(nll_model, sequences, batch_size, pad_id, device, num_batches=None):
+    """Length-normalised NLL of each sequence: [len(sequences)] on the CPU. One batched forward per
+    `batch_size` sequences (bounds memory); `num_batches` >= what is needed pads the list with PAD
+    sequences so that every rank runs the same number of forwards under FSDP."""
+    num_batches = num_batches or num_micro_batches(len(sequences), batch_size)
+    batches, _ = micro_batches(sequences, batch_size, num_batches, pad_id)
+    was_training = nll_model.training
+    nll_model.eval()
+    costs = []
+    for batch in batches:
+        input_ids, labels, attention_mask = (t.to(device) for t in collate(batch, pad_id))
+        nll_sum, n = nll_model(input_ids, labels, attention_mask)
+        costs.append((nll_sum / n.clamp(min=1)).cpu())
+    nll_model.train(was_training)
+    return torch.cat(costs)[:len(sequences)]
+
+
+def cost_matrix(nll_model, prompt_ids, fork_ids, trace_ids, match_tokens, batch_size, pad_id, device="cpu"):
+    """C: [num_forks, num_traces], Eq. 4 for one question (no grad, model in eval mode)."""
+    seqs = cost_sequences(prompt_ids, fork_ids, trace_ids, match_tokens)
+    return sequence_costs(nll_model, seqs, batch_size, pad_id, device).view(len(fork_ids), len(trace_ids))
+
+
+# ----------------------------------------------------------------------------- Eq. 3: matching
+
+def hungarian(cost):
+    """Minimum-cost injective matching (Eq. 3). cost: [num_forks, num_traces].
+    Returns (forks, traces), int arrays of length min(num_forks, num_traces), sorted by trace:
+    every trace gets a distinct fork when num_forks >= num_traces; otherwise only num_forks traces
+    are matched (and train this step)."""
+    forks, traces = linear_sum_assignment(np.asarray(cost, dtype=np.float64))
+    order = np.argsort(traces)
+    return forks[order], traces[order]
+
+
+def random_matching(num_forks, num_traces, rng):
+    """A uniformly random injective matching (the paper's random-matching ablation)."""
+    k = min(num_forks, num_traces)
+    forks, traces = rng.permutation(num_forks)[:k], rng.permutation(num_traces)[:k]
+    order = np.argsort(traces)
+    return forks[order], traces[order]
+
+
+def assign(mode, cost, num_forks, num_traces, rng):
+    """One entry point for the three modes, so that they differ only in this choice."""
+    if mode == "hungarian":
+        return hungarian(cost)
+    if mode == "random":
+        return random_matching(num_forks, num_traces, rng)
+    if mode == "sft":  # one <think> token for all traces, each trace its own example
+        return np.zeros(num_traces, dtype=int), np.arange(num_traces)
+    raise ValueError(f"unknown matching {mode!r}")
+
+
+def matching_gap(cost, forks, traces):
+    """Mean cost per matched pair of all the other injective matchings minus the optimal one's
+    (Appendix A.3.3, Figure 10). Exact without enumeration: under a uniform injective matching each
+    trace's token is uniform over the tokens (or each token's trace over the traces, if M > N), so
+    the mean over all A matchings is E = sum of column (row) means, and the mean over the others is
+    E + (E - optimal) / (A - 1)."""
+    cost = np.asarray(cost, dtype=np.float64)
+    n, m = cost.shape
+    optimal = cost[forks, traces].sum()
+    expected = cost.mean(0).sum() if n >= m else cost.mean(1).sum()
+    count = math.perm(max(n, m), min(n, m))
+    if count == 1:
+        return 0.0
+    return float((expected - optimal) * count / (count - 1) / min(n, m))
+
+
+class MatchingStats:
+    """Per epoch: how often each optimal configuration occurred, the edge counts, and the mean gap
+    (Appendix A.2). A configuration is the set of (fork, key) edges of one question, where key is
+    the trace's source when known (so configurations compare across questions), else its index."""
+
+    def __init__(self, matching, fork_names, epochs=None):
+        self.matching, self.fork_names = matching, fork_names
+        self.epochs = epochs or []
+
+    def update(self, epoch, forks, traces, sources, gap):
+        while len(self.epochs) <= epoch:
+            self.epochs.append({"epoch": len(self.epochs), "steps": 0, "questions": 0, "gap_sum": 0.0,
+                                "configurations": Counter(), "edges": Counter()})
+        e = self.epochs[epoch]
+        keys = [sources[j] if sources else int(j) for j in traces]
+        e["configurations"][tuple(sorted(zip(map(int, forks), keys), key=str))] += 1
+        for f, j, key in zip(forks, traces, keys):
+            e["edges"][(int(f), int(j), key if sources else None)] += 1
+        e["questions"] += 1
+        e["gap_sum"] += gap or 0.0
+
+    def to_json(self):
+        epochs = []
+        for e in self.epochs:
+            configs = [{"edges": [list(edge) for edge in c], "count": n}
+                       for c, n in e["configurations"].most_common()]
+            edges = [{"fork": f, "trace": j, "source": s, "count": n} for (f, j, s), n in
+                     sorted(e["edges"].items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2])))]
+            epochs.append({"epoch": e["epoch"], "steps": e["steps"], "questions": e["questions"],
+                           "mean_gap": e["gap_sum"] / max(e["questions"], 1),
+                           "configurations": configs, "edges": edges})
+        return {"matching": self.matching, "num_forks": len(self.fork_names),
+                "fork_tokens": self.fork_names, "epochs": epochs}
+
+    @classmethod
+    def from_json(cls, obj):
+        epochs = []
+        for e in obj["epochs"]:
+            configs = Counter({tuple(tuple(edge) for edge in c["edges"]): c["count"] for c in e["configurations"]})
+            edges = Counter({(d["fork"], d["trace"], d["source"]): d["count"] for d in e["edges"]})
+            epochs.append({"epoch": e["epoch"], "steps": e["steps"], "questions": e["questions"],
+                           "gap_sum": e["mean_gap"] * e["questions"], "configurations": configs, "edges": edges})
+        return cls(obj["matching"], obj["fork_tokens"], epochs)
+
+
+def count_by_fork(stats_epoch, num_forks):
+    """Edge counts per fork token for one epoch: {fork: {key: count}} (for logs and plots)."""
+    table = defaultdict(Counter)
+    for (f, j, s), n in stats_epoch["edges"].items():
+        table[f][s if s is not None else j] += n
+    return {f: dict(table[f]) for f in range(num_forks)}

@@ -1,0 +1,124 @@
+"""The built-in synthetic task and tiny model: SSFT you can watch on a laptop.
+
+Each question asks for the sum of three two-digit numbers. Four "teachers" solve it in four styles
+that differ in length and are recognisable from their first tokens, like the distinct reasoning
+modes of the paper's teachers (Section 3.3):
+
+    left    Left to right: 37+52=89, 89+18=107. The answer is \\boxed{107}.
+    right   Right to left: 18+52=70, 70+37=107. The answer is \\boxed{107}.
+    place   By place value: ones 7+2+8=17, tens 3+5+1=9, 90+17=107. The answer is \\boxed{107}.
+    direct  Directly: The answer is \\boxed{107}.
+
+Every question gets 4 traces: one per style in a random order, and in a quarter of the questions
+one style repeated in place of another (the paper's mixed data also repeats teachers). `recognise`
+maps any generated text back to its style, or "other"; `answer_of` reads the boxed answer.
+
+The model is a tiny Qwen2 built from a config, with a byte-level BPE tokenizer trained in-process
+on the task text with Qwen's own pre-tokenizer regex (digits split one by one), so nothing is
+downloaded and the same code path as Qwen2.5 (chat template, spare embedding rows) is exercised.
+
+    python train.py                        # SSFT on this task (train.py's defaults)
+"""
+import random
+import re
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+STYLES = ["left", "right", "place", "direct"]
+TRACES_PER_QUESTION = 4
+REPEAT_PROB = 0.25  # fraction of questions in which one style appears twice
+
+# Qwen2's pre-tokenizer regex: the reloaded Qwen2Tokenizer rebuilds exactly this split.
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def solve(numbers, style):
+    """The trace of one style for `numbers` (three ints)."""
+    a, b, c = numbers
+    total = a + b + c
+    end = f"The answer is \\boxed{{{total}}}."
+    if style == "left":
+        return f"Left to right: {a}+{b}={a + b}, {a + b}+{c}={total}. {end}"
+    if style == "right":
+        return f"Right to left: {c}+{b}={c + b}, {c + b}+{a}={total}. {end}"
+    if style == "place":
+        ones = a % 10 + b % 10 + c % 10
+        tens = a // 10 + b // 10 + c // 10
+        return (f"By place value: ones {a % 10}+{b % 10}+{c % 10}={ones}, "
+                f"tens {a // 10}+{b // 10}+{c // 10}={tens}, {tens * 10}+{ones}={total}. {end}")
+    if style == "direct":
+        return f"Directly: {end}"
+    raise ValueError(f"unknown style {style!r}")
+
+
+STYLE_PATTERNS = {
+    "left": r"Left to right: \d+\+\d+=\d+, \d+\+\d+=\d+\. ",
+    "right": r"Right to left: \d+\+\d+=\d+, \d+\+\d+=\d+\. ",
+    "place": r"By place value: ones \d\+\d\+\d=\d+, tens \d\+\d\+\d=\d+, \d+\+\d+=\d+\. ",
+    "direct": r"Directly: ",
+}
+
+
+def recognise(text):
+    """The style whose whole structure `text` follows, or "other"."""
+    for style, pattern in STYLE_PATTERNS.items():
+        if re.fullmatch(pattern + r"The answer is \\boxed\{\d+\}\.", text.strip()):
+            return style
+    return "other"
+
+
+def answer_of(text):
+    """The boxed number in `text`, or None."""
+    found = re.findall(r"\\boxed\{(\d+)\}", text)
+    return found[-1] if found else None
+
+
+def make_questions(num_questions, seed):
+    """Rows in data.py's canonical layout: prompt, traces, answer, sources (the styles)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(num_questions):
+        numbers = [rng.randint(10, 99) for _ in range(3)]
+        styles = STYLES[:]
+        rng.shuffle(styles)
+        if rng.random() < REPEAT_PROB:
+            styles[rng.randrange(4)] = rng.choice(STYLES)
+        styles = styles[:TRACES_PER_QUESTION]
+        rows.append({"prompt": "Add {} + {} + {}.".format(*numbers),
+                     "traces": [solve(numbers, s) for s in styles],
+                     "answer": str(sum(numbers)), "sources": styles})
+    return rows
+
+
+def make_tokenizer(vocab_size=320):
+    """A byte-level BPE tokenizer trained on the task's text, with a Qwen-style chat template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    corpus = [r["prompt"] + " " + " ".join(r["traces"]) for r in make_questions(2000, seed=12345)]
+    corpus += ["user assistant system\n"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                        pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_model(tokenizer, hidden=128, layers=2, spare_rows=16):
+    """A random-init tiny Qwen2. The embedding gets spare rows (as Qwen2.5 checkpoints do), so
+    adding the forking tokens uses them instead of resizing."""
+    config = Qwen2Config(vocab_size=len(tokenizer) + spare_rows, hidden_size=hidden,
+                         intermediate_size=4 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    return Qwen2ForCausalLM(config)

@@ -1,0 +1,432 @@
+"""Set Supervised Fine-Tuning (Algorithm 1) in a hand-rolled FSDP2 loop.
+
+Each optimiser step takes `batch_size` questions, split over the ranks, and runs
+  1. the matching pass: the N x M cost matrix of each question (Eq. 4, no grad, eval mode) and its
+     matching (Eq. 3: Hungarian, or random / sft for the baselines);
+  2. the training pass: the NTP loss of every matched (forking token, trace) sequence (Eq. 5), in
+     micro-batches of `micro_batch` sequences with gradient accumulation, normalised by the number
+     of trace tokens over all ranks and micro-batches.
+
+    python train.py                                     # toy task, tiny model, CPU, ~2 minutes
+    python train.py --matching random                   # the random-matching ablation
+    torchrun --standalone --nproc_per_node 8 train.py --model Qwen/Qwen2.5-32B-Instruct \\
+        --data s1k_4mixed.jsonl --out_dir out/ssft-32b   # Appendix A.3.2 defaults
+    # two nodes: the same on each, with --nnodes 2 --node_rank {0,1} --rdzv_backend c10d
+    #   --rdzv_endpoint HOST0:29500 --rdzv_id ssft in place of --standalone
+
+Rerunning the same command on an existing --out_dir resumes from its last complete checkpoint.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_model_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+import data
+import match
+import toy
+
+
+@dataclass
+class Config:
+    model: str = "toy"  # Hugging Face id or path, or "toy" (a tiny Qwen2 built in-process)
+    data: str = "toy"  # JSONL file (see data.py for the layouts), or "toy" (toy.py's task)
+    out_dir: str = "out/ssft"  # config.json, metrics.jsonl, matching.json, checkpoints/, final/
+    num_forks: int = 6  # N, the number of global forking tokens <think1>..<thinkN> (toy: 4)
+    match_tokens: int = 1000  # K: the matching cost uses the first K tokens of each trace (Eq. 4)
+    matching: str = "hungarian"  # hungarian (SSFT) | random (ablation) | sft (one token, SFT-mixed)
+    epochs: int = 6  # passes over the questions (toy: 4)
+    max_steps: int = 0  # stop after this many optimiser steps in all (0: run all epochs)
+    lr: float = 1e-5  # peak learning rate, 5% linear warm-up then cosine to 0 (toy: 3e-3)
+    batch_size: int = 32  # questions per optimiser step, over all ranks (toy: 16)
+    micro_batch: int = 1  # sequences per forward/backward in the training pass (toy: 16)
+    match_batch: int = 8  # sequences per no-grad forward in the matching pass (toy: 64)
+    max_len: int = 32768  # tokens of prompt + forking token + trace; longer traces are cut (toy: 256)
+    seed: int = 0  # data order, random matchings and new embedding rows all derive from it
+    save_every: int = 50  # a resumable checkpoint every this many steps (0: only at the end)
+    warmup: float = 0.05  # fraction of the steps spent in linear warm-up
+    weight_decay: float = 1e-4  # AdamW weight decay (betas 0.9, 0.95)
+    grad_clip: float = 1.0  # clip the global gradient norm to this
+    activation_checkpointing: bool = True  # recompute decoder layers in backward (toy: off)
+    skip_nonfinite: bool = False  # skip a batch whose loss is not finite instead of stopping
+    toy_questions: int = 256  # number of questions of the toy task
+    trust_remote_code: bool = False  # let transformers run code shipped with the model
+
+
+TOY_DEFAULTS = dict(num_forks=4, epochs=4, lr=3e-3, batch_size=16, micro_batch=16, match_batch=64,
+                    max_len=256, activation_checkpointing=False, save_every=0)
+RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir"}  # may change on resume
+
+
+def parse_config(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        kind = (lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else f.type
+        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default {f.default})")
+    args = vars(parser.parse_args(argv))
+    given = {k: v for k, v in args.items() if v is not None}
+    toy_defaults = TOY_DEFAULTS if given.get("model", Config.model) == "toy" else {}
+    cfg = Config(**{**toy_defaults, **given})
+    problems = [f"--num_forks must be >= 1 (got {cfg.num_forks})" if cfg.num_forks < 1 else None,
+                f"--match_tokens must be >= 1 (got {cfg.match_tokens})" if cfg.match_tokens < 1 else None,
+                f"--max_len must be >= 2 (got {cfg.max_len})" if cfg.max_len < 2 else None,
+                f"--matching must be hungarian, random or sft (got {cfg.matching!r})"
+                if cfg.matching not in ("hungarian", "random", "sft") else None,
+                *(f"--{k} must be >= 1 (got {getattr(cfg, k)})" for k in
+                  ("epochs", "batch_size", "micro_batch", "match_batch") if getattr(cfg, k) < 1),
+                f"--lr must be > 0 (got {cfg.lr})" if not cfg.lr > 0 else None]
+    problems = [p for p in problems if p]
+    if problems:
+        parser.error("; ".join(problems))
+    return cfg
+
+
+def print0(*args):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, flush=True)
+
+
+def init_distributed():
+    """torchrun sets RANK/WORLD_SIZE; plain `python` becomes a world of one."""
+    cuda = torch.cuda.is_available()
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    else:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    return rank, world, device
+
+
+# ----------------------------------------------------------------------------- model
+
+def load_tokenizer(cfg):
+    from transformers import AutoTokenizer
+    if cfg.model == "toy":
+        return toy.make_tokenizer()
+    return AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+
+
+def load_model(cfg, tokenizer, rank, device):
+    """Adds the forking tokens and returns (SequenceNLL-wrapped FSDP2 model, fork_ids, hf_config).
+
+    Only rank 0 reads the weights (a 32B model is not loaded as 8 CPU copies); the other ranks
+    build the model on the meta device, and the full state dict is broadcast from rank 0 while
+    each rank keeps its own shard (`broadcast_from_rank0`)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    num_trained = len(tokenizer)
+    fork_ids = data.add_fork_tokens(tokenizer, cfg.num_forks)
+    attn = "sdpa"
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401  (optional, used when installed)
+            attn = "flash_attention_2"
+        except ImportError:
+            pass
+    torch.manual_seed(cfg.seed)
+    if cfg.model == "toy":
+        full = toy.make_model(tokenizer) if rank == 0 else None
+        config = toy.make_model(tokenizer).config if rank != 0 else full.config
+    else:
+        config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        full = AutoModelForCausalLM.from_pretrained(
+            cfg.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+            trust_remote_code=cfg.trust_remote_code, attn_implementation=attn) if rank == 0 else None
+    if rank == 0:
+        data.init_fork_rows(full, fork_ids, num_trained, cfg.seed)
+        config.vocab_size = full.get_input_embeddings().weight.shape[0]
+        state = {"lm." + k: v for k, v in full.state_dict().items()}
+        buffers = {k: v for k, v in full.named_buffers()}
+    rows = torch.tensor([config.vocab_size if rank == 0 else 0])
+    dist.broadcast(rows, src=0)  # all ranks agree on the (possibly resized) vocabulary
+    config.vocab_size = int(rows)
+    config.use_cache = False
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32,
+                                              trust_remote_code=cfg.trust_remote_code)
+    if cfg.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = match.SequenceNLL(lm)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for layer in lm.model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)  # root: embeddings, final norm, lm_head
+    model.to_empty(device=device)
+    set_model_state_dict(model, state if rank == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for name, buf in lm.named_buffers():  # non-persistent buffers (rotary inv_freq) are not in the state dict
+        if rank == 0:
+            buf.copy_(buffers[name])
+        dist.broadcast(buf, src=0)
+    return model, fork_ids, config
+
+
+def save_final(model, tokenizer, config, path, rank):
+    """A consolidated bf16 Hugging Face directory: from_pretrained loads it, forking tokens intact.
+    Written to a temporary name and renamed, so a half-written final/ never exists."""
+    from transformers import AutoModelForCausalLM
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(config)
+        lm.load_state_dict({k[3:]: v.to(torch.bfloat16) for k, v in full.items()}, assign=True)
+        lm.config.use_cache = True
+        lm.config.dtype = torch.bfloat16
+        tmp = path + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        lm.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def latest_checkpoint(out_dir):
+    root = os.path.join(out_dir, "checkpoints")
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")) \
+        if os.path.isdir(root) else []
+    return os.path.join(root, done[-1]) if done else None
+
+
+def save_checkpoint(model, optimizer, step, stats, out_dir, rank):
+    """Sharded model + optimiser (torch.distributed.checkpoint) and trainer state. The data order,
+    random matchings and lr are pure functions of (seed, step), so `step` is all the RNG state."""
+    path = os.path.join(out_dir, "checkpoints", f"step_{step:06d}")
+    tmp = path + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    if rank == 0:
+        write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "matching": stats.to_json()})
+        os.replace(tmp, path)  # only a complete checkpoint gets a step_ name
+    dist.barrier()
+
+
+def load_checkpoint(model, optimizer, path):
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        trainer = json.load(f)
+    return trainer["step"], match.MatchingStats.from_json(trainer["matching"])
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_at(step, total, cfg):
+    """5% linear warm-up, then cosine to 0 (Appendix A.3.2)."""
+    warm = max(1, round(cfg.warmup * total))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+
+
+def batch_of(step, num_questions, cfg):
+    """(epoch, question indices) of an optimiser step; each epoch is a fresh seeded permutation."""
+    per_epoch = math.ceil(num_questions / cfg.batch_size)
+    epoch, i = divmod(step, per_epoch)
+    order = np.random.default_rng([cfg.seed, epoch]).permutation(num_questions)
+    return epoch, order[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
+
+
+def all_max(x, device):
+    t = torch.tensor([x], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def all_sum(values, device):
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(cfg):
+    try:  # bad data stops here, before a model is loaded or anything is written
+        questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" \
+            else data.load_questions(cfg.data)
+    except data.DataError as e:
+        sys.exit(f"error: {e}")
+    saved_cfg = os.path.join(cfg.out_dir, "config.json")
+    if os.path.exists(saved_cfg):
+        with open(saved_cfg) as f:
+            old = json.load(f)
+        changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE and old.get(k) != v]
+        if changed:
+            sys.exit(f"error: {cfg.out_dir} holds a run with other settings ({', '.join(changed)}); "
+                     "resume with the same flags or choose another --out_dir")
+    try:
+        tokenizer = load_tokenizer(cfg)
+    except (OSError, ValueError) as e:
+        sys.exit(f"error: --model {cfg.model}: cannot load a tokenizer ({str(e).splitlines()[0]})")
+
+    rank, world, device = init_distributed()
+    model, fork_ids, hf_config = load_model(cfg, tokenizer, rank, device)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    try:
+        encoded = [data.encode_question(tokenizer, q, cfg.max_len) for q in questions]
+    except data.DataError as e:
+        sys.exit(f"error: {cfg.data}: {e}")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    fork_names = data.fork_tokens(cfg.num_forks)
+    stats = match.MatchingStats(cfg.matching, fork_names)
+
+    steps_per_epoch = math.ceil(len(questions) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    start = 0
+    ckpt = latest_checkpoint(cfg.out_dir)
+    if ckpt:
+        start, stats = load_checkpoint(model, optimizer, ckpt)
+        print0(f"resumed from {ckpt} at step {start}")
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        write_json(saved_cfg, dataclasses.asdict(cfg))
+        if start == 0:  # a fresh run: metrics from an earlier, non-checkpointed attempt are stale
+            open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()
+        else:  # drop lines logged after the checkpoint we resume from
+            lines = open(os.path.join(cfg.out_dir, "metrics.jsonl")).read().splitlines()
+            keep = [l for l in lines if l.strip() and json.loads(l)["step"] < start]
+            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") as f:
+                f.write("".join(l + "\n" for l in keep))
+    print0(json.dumps(dataclasses.asdict(cfg)))
+    truncated = sum(e["truncated"] for e in encoded)
+    print0(f"{len(questions)} questions, {sum(len(q['traces']) for q in questions)} traces "
+           f"({truncated} truncated to --max_len {cfg.max_len}), {world} rank(s) on {device.type}, "
+           f"steps {start}..{last_step} of {total_steps} ({steps_per_epoch} per epoch), "
+           f"forking tokens {fork_names[0]}..{fork_names[-1]} = ids {fork_ids[0]}..{fork_ids[-1]}")
+    skipped = 0
+
+    for step in range(start, last_step):
+        t0 = time.time()
+        epoch, batch = batch_of(step, len(questions), cfg)
+        mine = data.split_over_ranks([len(questions[i]["traces"]) for i in batch], world)[rank]
+        mine = [batch[i] for i in mine]
+
+        # 1. matching pass (Eq. 3-4): the cost matrices of all my questions, no grad
+        rng = np.random.default_rng([cfg.seed, step])
+        per_q = {q: (encoded[q], len(encoded[q]["trace_ids"])) for q in mine}
+        matched, matching_pad = {}, 0.0
+        if cfg.matching != "sft":
+            seqs = [s for q in mine for s in match.cost_sequences(
+                per_q[q][0]["prompt_ids"], fork_ids, per_q[q][0]["trace_ids"], cfg.match_tokens)]
+            n_batches = all_max(data.num_micro_batches(len(seqs), cfg.match_batch), device)
+            costs = match.sequence_costs(model, seqs, cfg.match_batch, pad_id, device, n_batches)
+            matching_pad = 1 - all_sum([len(seqs)], device)[0] / (world * n_batches * cfg.match_batch)
+        offset = 0
+        for q in mine:
+            m = per_q[q][1]
+            cost = costs[offset:offset + cfg.num_forks * m].view(cfg.num_forks, m).numpy() \
+                if cfg.matching != "sft" else None
+            offset += cfg.num_forks * m if cost is not None else 0
+            forks, traces = match.assign(cfg.matching, cost, cfg.num_forks, m,
+                                         np.random.default_rng([cfg.seed, step, q]))
+            if cost is not None and cfg.matching == "random":  # statistics track the optimum (Figure 7a)
+                stat_forks, stat_traces = match.hungarian(cost)
+            else:
+                stat_forks, stat_traces = forks, traces
+            gap = match.matching_gap(cost, stat_forks, stat_traces) if cost is not None else None
+            matched[q] = (forks, traces, stat_forks.tolist(), stat_traces.tolist(), gap)
+        if cfg.num_forks < max(per_q[q][1] for q in mine) if mine else False:
+            print0(f"warning: a question has more traces than --num_forks {cfg.num_forks}: "
+                   "only num_forks of its traces train in a step") if step == start else None
+
+        # 2. training pass (Eq. 5): matched (fork, trace) sequences, questions stitched in one queue
+        seqs = [data.make_sequence(per_q[q][0]["prompt_ids"], fork_ids[f], per_q[q][0]["trace_ids"][j])
+                for q in mine for f, j in zip(*matched[q][:2])]
+        n_batches = all_max(data.num_micro_batches(len(seqs), cfg.micro_batch), device)
+        batches, num_pad = data.micro_batches(seqs, cfg.micro_batch, n_batches, pad_id)
+        local_tokens = sum(sum(l != data.IGNORE for l in lab) for _, lab in seqs)
+        global_tokens, global_pad, global_input = all_sum(
+            [local_tokens, num_pad, sum(len(ids) for ids, _ in seqs)], device)
+        lr = lr_at(step, total_steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        model.train()
+        for mb in batches:
+            input_ids, labels, attention_mask = (t.to(device) for t in data.collate(mb, pad_id))
+            nll_sum, _ = model(input_ids, labels, attention_mask)
+            # sum over tokens / tokens of all ranks; x world because FSDP averages gradients over ranks
+            (nll_sum.sum() / global_tokens * world).backward()
+            loss_sum += nll_sum.sum().detach()
+        loss = all_sum([loss_sum.item()], device)[0] / global_tokens
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            names = [questions[i]["prompt"][:40] for i in batch]
+            if not cfg.skip_nonfinite:
+                sys.exit(f"error: step {step}: non-finite loss {loss} / grad norm {grad_norm} on questions "
+                         f"{batch} (data order of epoch {epoch}): {names}; --skip_nonfinite true skips such batches")
+            skipped += 1
+            print0(f"step {step}: non-finite loss, batch {batch} skipped ({skipped} so far)")
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # statistics and logs: rank 0 collects every question's matching in batch order
+        gathered = [None] * world
+        dist.all_gather_object(gathered, {q: matched[q][2:] for q in mine})
+        all_matched = {k: v for part in gathered for k, v in part.items()}
+        for q in batch:
+            forks, traces, gap = all_matched[q]
+            stats.update(epoch, forks, traces, questions[q]["sources"], gap)
+        stats.epochs[epoch]["steps"] += 1
+        gaps = [all_matched[q][2] for q in batch if all_matched[q][2] is not None]
+        dt = time.time() - t0
+        record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "gap": float(np.mean(gaps)) if gaps else None, "tokens_per_s": global_input / dt,
+                  "pad_fraction": global_pad / (world * n_batches * cfg.micro_batch),
+                  "matching_pad_fraction": matching_pad, "skipped": skipped, "time_s": dt}
+        if rank == 0:
+            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
+                f.write(json.dumps(record) + "\n")
+            write_json(os.path.join(cfg.out_dir, "matching.json"), stats.to_json())
+            print(f"step {step + 1:5d}/{last_step} | loss {loss:.4f} | lr {lr:.2e} | gap "
+                  f"{record['gap'] if record['gap'] is not None else float('nan'):.4f} | "
+                  f"{record['tokens_per_s']:7.0f} tok/s | pad {record['pad_fraction']:.2f}", flush=True)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < last_step:
+            save_checkpoint(model, optimizer, step + 1, stats, cfg.out_dir, rank)
+
+    save_checkpoint(model, optimizer, last_step, stats, cfg.out_dir, rank)
+    final = os.path.join(cfg.out_dir, "final")
+    save_final(model, tokenizer, hf_config, final, rank)
+    print0(f"done: {last_step} steps, {skipped} skipped. Outputs in {cfg.out_dir}/: metrics.jsonl "
+           f"(one line per step), matching.json (configuration counts per epoch), checkpoints/, "
+           f"final/ (Hugging Face model + tokenizer with {fork_names[0]}..{fork_names[-1]})")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(parse_config())
