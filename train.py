@@ -270,6 +270,57 @@ def all_sum(values, device):
     return t.tolist()
 
 
+# ----------------------------------------------------------------------------- one step
+
+def matching_pass(model, encoded, mine, fork_ids, step, cfg, pad_id, device):
+    """Eq. 3-4 for this rank's questions `mine`: all their N x M cost sequences in one queue, in
+    no-grad forwards of `match_batch` sequences (the same number on every rank), then one matching
+    per question. Returns ({q: (forks, traces, stat_forks, stat_traces, gap)}, padding fraction):
+    (forks, traces) are the pairs to train; the stat_ pairs are the optimal matching, which the
+    statistics track in every mode (Figure 7a tracks the optimum under random matching too)."""
+    num_traces = {q: len(encoded[q]["trace_ids"]) for q in mine}
+    costs, pad_fraction = None, 0.0
+    if cfg.matching != "sft":  # the SFT baseline needs no cost matrix
+        seqs = [s for q in mine for s in match.cost_sequences(
+            encoded[q]["prompt_ids"], fork_ids, encoded[q]["trace_ids"], cfg.match_tokens)]
+        n_batches = all_max(data.num_micro_batches(len(seqs), cfg.match_batch), device)
+        costs = match.sequence_costs(model, seqs, cfg.match_batch, pad_id, device, n_batches)
+        pad_fraction = 1 - all_sum([len(seqs)], device)[0] / (dist.get_world_size() * n_batches * cfg.match_batch)
+    matched, offset = {}, 0
+    for q in mine:
+        m, cost = num_traces[q], None
+        if costs is not None:
+            cost = costs[offset:offset + cfg.num_forks * m].view(cfg.num_forks, m).numpy()
+            offset += cfg.num_forks * m
+        forks, traces = match.assign(cfg.matching, cost, cfg.num_forks, m, np.random.default_rng([cfg.seed, step, q]))
+        stat_forks, stat_traces = match.hungarian(cost) if cfg.matching == "random" else (forks, traces)
+        gap = match.matching_gap(cost, stat_forks, stat_traces) if cost is not None else None
+        matched[q] = (forks, traces, [int(f) for f in stat_forks], [int(j) for j in stat_traces], gap)
+    return matched, pad_fraction
+
+
+def training_pass(model, seqs, cfg, pad_id, device):
+    """Eq. 5 over this rank's matched sequences, questions stitched together in one queue and cut
+    into micro-batches (the same number on every rank, PAD-filled). Gradients accumulate; the loss
+    is the sum of token NLLs divided by the number of trace tokens over all ranks (not a mean of
+    per-rank means). Returns (loss, global tokens, padding fraction, global input tokens)."""
+    world = dist.get_world_size()
+    n_batches = all_max(data.num_micro_batches(len(seqs), cfg.micro_batch), device)
+    batches, num_pad = data.micro_batches(seqs, cfg.micro_batch, n_batches, pad_id)
+    local_tokens = sum(sum(label != data.IGNORE for label in labels) for _, labels in seqs)
+    global_tokens, global_pad, global_input = all_sum([local_tokens, num_pad, sum(len(ids) for ids, _ in seqs)], device)
+    loss_sum = torch.zeros((), device=device)
+    model.train()
+    for mb in batches:
+        input_ids, labels, attention_mask = (t.to(device) for t in data.collate(mb, pad_id))
+        nll_sum, _ = model(input_ids, labels, attention_mask)
+        # x world: FSDP averages gradients over ranks, and we want the global sum / global tokens
+        (nll_sum.sum() / max(global_tokens, 1) * world).backward()
+        loss_sum += nll_sum.sum().detach()
+    loss = all_sum([loss_sum.item()], device)[0] / max(global_tokens, 1)
+    return loss, global_tokens, global_pad / (world * n_batches * cfg.micro_batch), global_input
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(cfg):
@@ -334,54 +385,16 @@ def main(cfg):
         mine = data.split_over_ranks([len(questions[i]["traces"]) for i in batch], world)[rank]
         mine = [batch[i] for i in mine]
 
-        # 1. matching pass (Eq. 3-4): the cost matrices of all my questions, no grad
-        rng = np.random.default_rng([cfg.seed, step])
-        per_q = {q: (encoded[q], len(encoded[q]["trace_ids"])) for q in mine}
-        matched, matching_pad = {}, 0.0
-        if cfg.matching != "sft":
-            seqs = [s for q in mine for s in match.cost_sequences(
-                per_q[q][0]["prompt_ids"], fork_ids, per_q[q][0]["trace_ids"], cfg.match_tokens)]
-            n_batches = all_max(data.num_micro_batches(len(seqs), cfg.match_batch), device)
-            costs = match.sequence_costs(model, seqs, cfg.match_batch, pad_id, device, n_batches)
-            matching_pad = 1 - all_sum([len(seqs)], device)[0] / (world * n_batches * cfg.match_batch)
-        offset = 0
-        for q in mine:
-            m = per_q[q][1]
-            cost = costs[offset:offset + cfg.num_forks * m].view(cfg.num_forks, m).numpy() \
-                if cfg.matching != "sft" else None
-            offset += cfg.num_forks * m if cost is not None else 0
-            forks, traces = match.assign(cfg.matching, cost, cfg.num_forks, m,
-                                         np.random.default_rng([cfg.seed, step, q]))
-            if cost is not None and cfg.matching == "random":  # statistics track the optimum (Figure 7a)
-                stat_forks, stat_traces = match.hungarian(cost)
-            else:
-                stat_forks, stat_traces = forks, traces
-            gap = match.matching_gap(cost, stat_forks, stat_traces) if cost is not None else None
-            matched[q] = (forks, traces, stat_forks.tolist(), stat_traces.tolist(), gap)
-        if cfg.num_forks < max(per_q[q][1] for q in mine) if mine else False:
-            print0(f"warning: a question has more traces than --num_forks {cfg.num_forks}: "
-                   "only num_forks of its traces train in a step") if step == start else None
-
-        # 2. training pass (Eq. 5): matched (fork, trace) sequences, questions stitched in one queue
-        seqs = [data.make_sequence(per_q[q][0]["prompt_ids"], fork_ids[f], per_q[q][0]["trace_ids"][j])
+        matched, matching_pad = matching_pass(model, encoded, mine, fork_ids, step, cfg, pad_id, device)
+        seqs = [data.make_sequence(encoded[q]["prompt_ids"], fork_ids[f], encoded[q]["trace_ids"][j])
                 for q in mine for f, j in zip(*matched[q][:2])]
-        n_batches = all_max(data.num_micro_batches(len(seqs), cfg.micro_batch), device)
-        batches, num_pad = data.micro_batches(seqs, cfg.micro_batch, n_batches, pad_id)
-        local_tokens = sum(sum(l != data.IGNORE for l in lab) for _, lab in seqs)
-        global_tokens, global_pad, global_input = all_sum(
-            [local_tokens, num_pad, sum(len(ids) for ids, _ in seqs)], device)
+        if step == start and any(len(encoded[q]["trace_ids"]) > cfg.num_forks for q in mine):
+            print(f"warning: a question has more traces than --num_forks {cfg.num_forks}: only "
+                  f"{cfg.num_forks} of its traces train in a step", flush=True)
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        model.train()
-        for mb in batches:
-            input_ids, labels, attention_mask = (t.to(device) for t in data.collate(mb, pad_id))
-            nll_sum, _ = model(input_ids, labels, attention_mask)
-            # sum over tokens / tokens of all ranks; x world because FSDP averages gradients over ranks
-            (nll_sum.sum() / global_tokens * world).backward()
-            loss_sum += nll_sum.sum().detach()
-        loss = all_sum([loss_sum.item()], device)[0] / global_tokens
+        loss, global_tokens, pad_fraction, global_input = training_pass(model, seqs, cfg, pad_id, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -407,7 +420,7 @@ def main(cfg):
         dt = time.time() - t0
         record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "gap": float(np.mean(gaps)) if gaps else None, "tokens_per_s": global_input / dt,
-                  "pad_fraction": global_pad / (world * n_batches * cfg.micro_batch),
+                  "pad_fraction": pad_fraction,
                   "matching_pad_fraction": matching_pad, "skipped": skipped, "time_s": dt}
         if rank == 0:
             with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:

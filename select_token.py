@@ -1,0 +1,162 @@
+"""The forking token for Pass@1: the one of largest coverage in the learned matchings (Eq. 6).
+
+When responses are not aggregated, every response uses one forking token: the one that "reasons
+with more flexibility" (Section 2.3, Appendix A.2.1). train.py counts, per epoch, how often each
+configuration (the set of (fork, trace) edges of one question's optimal matching) was optimal, in
+<out_dir>/matching.json. Here:
+
+  1. the configurations that still accumulate mass in the last epoch are kept: those optimal for at
+     least --min_share of that epoch's matchings (a configuration that stopped being optimal, or
+     that was optimal only by chance once or twice, is not a learned matching);
+  2. the union of their edges is the learned matching (Figures 3 and 8), each edge weighted by the
+     summed counts of the kept configurations that contain it;
+  3. the chosen token is the one matched to the most distinct traces (Eq. 6), counted by source when
+     the data has sources, else by trace index; a tie goes to the largest weighted degree
+     (Appendix A.2.1), and a tie of both to the lowest token index.
+
+It prints the choice and the table of learned edges, writes <out_dir>/select_token.json, and draws the
+bipartite graph (tokens left, traces or sources right, edge width = weight) when matplotlib is installed.
+
+    python select_token.py --out_dir out/ssft                # then: python infer.py --fork "<think3>" ...
+    python select_token.py --out_dir out/ssft --min_share 0  # every configuration optimal in the last epoch
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/ssft"  # the training run's directory, holding matching.json
+    min_share: float = 0.01  # keep configurations optimal for >= this fraction of the epoch's matchings
+    epoch: int = -1  # which logged epoch is "late in training" (-1: the last one)
+    png: str = ""  # the graph's path ('' = <out_dir>/learned_matchings.png; needs matplotlib)
+
+
+def parse_config(argv=None):
+    """One flag per Config field, its trailing comment as the help."""
+    comments = dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(Config):
+        parser.add_argument(f"--{f.name}", type=f.type, default=f.default,
+                            help=f"{comments[f.name]} (default: %(default)r)")
+    cfg = Config(**vars(parser.parse_args(argv)))
+    if not 0 <= cfg.min_share < 1:
+        parser.error(f"--min_share must be in [0, 1) (got {cfg.min_share})")
+    return cfg
+
+
+def load_epoch(path, epoch):
+    """(fork_tokens, the chosen epoch's record) from matching.json; SystemExit naming the file."""
+    try:
+        with open(path) as f:
+            log = json.load(f)
+        tokens, epochs = log["fork_tokens"], log["epochs"]
+        for e in epochs:
+            for c in e["configurations"]:
+                assert all(0 <= fork < len(tokens) for fork, _ in c["edges"]) and c["count"] >= 0
+    except OSError as e:
+        raise SystemExit(f"error: {path}: cannot read ({e.strerror}); run train.py first")
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: {path}: malformed JSON ({e.msg}, line {e.lineno})")
+    except (KeyError, TypeError, ValueError, AssertionError):
+        raise SystemExit(f"error: {path}: not a matching log (expected fork_tokens and epochs of "
+                         "configurations [{edges: [[fork, key], ...], count}] with 0 <= fork < N)")
+    if not -len(epochs) <= epoch < len(epochs):
+        raise SystemExit(f"error: --epoch {epoch}: {path} has {len(epochs)} epochs")
+    return tokens, epochs[epoch]
+
+
+def learned_configurations(configurations, min_share):
+    """The configurations still accumulating mass: count > 0 and count >= min_share * total count.
+    configurations: [{"edges": [[fork, key], ...], "count": int}] -> the kept ones, same format."""
+    total = sum(c["count"] for c in configurations)
+    return [c for c in configurations if c["count"] > 0 and c["count"] >= min_share * total]
+
+
+def learned_edges(configurations):
+    """Union of the configurations' edges: Counter {(fork, key): summed count of the configurations
+    holding the edge}. Keys are source names (str) or trace indices (int), as train.py logged them."""
+    edges = Counter()
+    for c in configurations:
+        for fork, key in c["edges"]:
+            edges[(fork, key)] += c["count"]
+    return edges
+
+
+def choose_token(edges, num_forks):
+    """Eq. 6 with Appendix A.2.1's tie-break. Returns (chosen fork index, per-fork rows
+    [{"fork", "distinct", "weighted"}]): distinct = number of distinct keys the fork is matched to,
+    weighted = its weighted degree. Order: most distinct, then largest weighted, then lowest index."""
+    rows = [{"fork": f, "distinct": sum(1 for g, _ in edges if g == f),
+             "weighted": sum(w for (g, _), w in edges.items() if g == f)} for f in range(num_forks)]
+    best = max(rows, key=lambda r: (r["distinct"], r["weighted"], -r["fork"]))
+    return best["fork"], rows
+
+
+def sort_keys(keys):
+    return sorted(set(keys), key=lambda k: (isinstance(k, str), k))  # trace indices, then sources
+
+
+def draw(edges, tokens, chosen, path):
+    """Figures 3 and 8: forking tokens left, traces or sources right, edge width = weight."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+    keys = sort_keys(k for _, k in edges)
+    y_tok = {f: 1 - f / max(len(tokens) - 1, 1) for f in range(len(tokens))}
+    y_key = {k: 1 - i / max(len(keys) - 1, 1) for i, k in enumerate(keys)}
+    top = max(edges.values(), default=1)
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * max(len(tokens), len(keys))))
+    for (f, k), w in edges.items():
+        ax.plot([0, 1], [y_tok[f], y_key[k]], color="tab:red" if f == chosen else "tab:blue",
+                linewidth=0.5 + 6 * w / top, alpha=0.7)
+    for f, name in enumerate(tokens):
+        ax.text(-0.03, y_tok[f], name, ha="right", va="center", fontweight="bold" if f == chosen else None)
+    for k in keys:
+        ax.text(1.03, y_key[k], str(k), ha="left", va="center")
+    ax.set_xlim(-0.4, 1.4)
+    ax.axis("off")
+    ax.set_title(f"learned matchings (chosen for Pass@1: {tokens[chosen]})")
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def main(cfg):
+    path = os.path.join(cfg.out_dir, "matching.json")
+    tokens, record = load_epoch(path, cfg.epoch)
+    configs = record["configurations"]
+    kept = learned_configurations(configs, cfg.min_share)
+    edges = learned_edges(kept)
+    chosen, rows = choose_token(edges, len(tokens))
+    print(f"{path}: epoch {record.get('epoch', cfg.epoch)}: {len(kept)} of {len(configs)} configurations "
+          f"still accumulate mass (>= {cfg.min_share:g} of the epoch's matchings), covering "
+          f"{sum(c['count'] for c in kept)} of {sum(c['count'] for c in configs)} matchings")
+    print(f"{'token':>10} {'traces':>6} {'weighted':>8}  learned edges (trace or source: weight)")
+    for r in rows:
+        mine = {k: w for (f, k), w in edges.items() if f == r["fork"]}
+        listed = ", ".join(f"{k}: {mine[k]}" for k in sort_keys(mine))
+        mark = "*" if r["fork"] == chosen else " "
+        print(f"{mark}{tokens[r['fork']]:>9} {r['distinct']:>6} {r['weighted']:>8}  {listed}")
+    print(f"Pass@1 token (Eq. 6): {tokens[chosen]}")
+    result = {"token": tokens[chosen], "fork": chosen, "epoch": record.get("epoch"), "min_share": cfg.min_share,
+              "forks": [{**r, "token": tokens[r["fork"]]} for r in rows],
+              "edges": [[f, k, w] for (f, k), w in sorted(edges.items(), key=str)]}
+    with open(os.path.join(cfg.out_dir, "select_token.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    png = cfg.png or os.path.join(cfg.out_dir, "learned_matchings.png")
+    try:
+        draw(edges, tokens, chosen, png)
+        print(f"wrote {png}")
+    except ImportError:
+        print("matplotlib is not installed: no graph drawn (pip install matplotlib)")
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_config())

@@ -1,0 +1,320 @@
+"""Tests of infer.py and select_token.py on the CPU: metrics on hand-built responses, shared-prefix
+decoding against independent decoding, resuming, scoring, and the Eq. 6 token choice.
+
+    python -m pytest -q test_infer.py
+"""
+import copy
+import itertools
+import json
+import os
+import random
+
+import pytest
+import torch
+
+import data
+import infer
+import select_token
+import toy
+
+NUM_FORKS = 4
+
+
+@pytest.fixture(autouse=True)
+def builtin_equivalence(monkeypatch):
+    """The expectations below are those of the built-in comparison, installed math-verify or not."""
+    monkeypatch.setattr(infer, "mv_verify", None)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny Qwen2 with forking tokens and weights random enough that greedy continuations differ
+    between forking tokens (the toy init gives the N rows almost equal embeddings)."""
+    tokenizer = toy.make_tokenizer()
+    fork_ids = data.add_fork_tokens(tokenizer, NUM_FORKS)
+    torch.manual_seed(0)
+    model = toy.make_model(tokenizer)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    return tokenizer, model.eval(), fork_ids
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny, tmp_path_factory):
+    """What train.py leaves in final/: model and tokenizer (with the forking tokens) in one directory."""
+    tokenizer, model, _ = tiny
+    path = tmp_path_factory.mktemp("final")
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(path)  # bf16, as train.py saves it
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def responses(preds, gold="7", forks=None):
+    return [{"pred": p, "correct": infer.is_equiv(p, gold), "fork": f, "text": f"\\boxed{{{p}}}" if p else "?"}
+            for p, f in zip(preds, forks or [None] * len(preds))]
+
+
+# ----------------------------------------------------------------------------- answers
+
+def test_last_boxed_takes_the_last_balanced_answer():
+    assert infer.last_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert infer.last_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
+    assert infer.last_boxed(r"\boxed{3} and \boxed{4") == "3"  # unclosed last one: the one before
+    assert infer.last_boxed("no answer") is None
+    assert infer.gold_answer("She pays 3 * 6 = 18.\n#### 1,018") == "1018"
+    assert infer.gold_answer(r"so it is $\boxed{\pi}$") == r"\pi"
+    assert infer.gold_answer(204) == "204"
+
+
+def test_builtin_equivalence_normalises_numbers_and_latex():
+    assert infer.is_equiv("27", "27.0")
+    assert infer.is_equiv(r"\dfrac{1}{2}", "0.5")
+    assert infer.is_equiv(r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})")
+    assert infer.is_equiv(r"10\%", "10") and infer.is_equiv("1,000", "1000")
+    assert not infer.is_equiv("3", "4") and not infer.is_equiv(None, "4")
+
+
+def test_problems_load_from_every_layout(tmp_path):
+    s1k = tmp_path / "s1k.jsonl"
+    s1k.write_text(json.dumps({"question": "2 + 2?", "solution": "so \\boxed{4}", "deepseek_thinking_trajectory": "4",
+                               "deepseek_attempt": "4"}) + "\n" + json.dumps({"prompt": "1 + 1?", "traces": ["2"],
+                                                                               "answer": "2"}) + "\n")
+    assert [(p["id"], p["gold"]) for p in infer.load_problems(str(s1k), "", 0)] == [(0, "4"), (1, "2")]
+    assert infer.load_problems("toy", " Think.", 3)[2]["prompt"].endswith("Think.")
+    shared = {"math500": (500, "test/precalculus/807.json"), "aime24": (30, 0), "gsm8k_test": (1319, 0),
+              "gsm8k_test_4models": (1319, 0), "amc23": (40, 0), "math_cot_100x8": (100, 0)}
+    for name, (count, first_id) in shared.items():
+        path = f"../shared/data/{name}.jsonl"
+        if os.path.exists(path):
+            problems = infer.load_problems(path, "", 0)
+            assert len(problems) == count and problems[0]["id"] == first_id, name
+            if name.startswith("gsm8k"):
+                assert problems[0]["gold"] == "18"
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_majority_vote_tie_goes_to_the_earliest_answer():
+    assert not infer.majority_vote(responses(["5", "7", "7", "5"]))  # 2-2 tie, 5 came first
+    assert infer.majority_vote(responses(["7", "5", "5", "7"]))
+    assert infer.majority_vote(responses(["7.0", "5", "7", "5"]))  # 7.0 and 7 are one answer: 2-2, 7 first
+
+
+def test_unparseable_answers_never_vote_and_alone_are_wrong():
+    assert infer.majority_vote(responses([None, None, "7"]))
+    assert not infer.majority_vote(responses([None, None, None]))
+    m = infer.problem_metrics(responses([None, None, "7"]), set_size=3)
+    assert m["pass@1"] == pytest.approx(1 / 3) and m["cons@3"] == 1.0
+
+
+def test_all_wrong_scores_zero_and_k_equal_n():
+    m = infer.problem_metrics(responses(["1", "2", "3", "4"]), set_size=2)
+    assert all(v == 0 for v in m.values())
+    m = infer.problem_metrics(responses(["1", "2", "7", "4"]), set_size=2)
+    assert m["pass@4"] == 1.0 and m["pass@1"] == 0.25 and m["cons@4"] == 0.0  # 4-way tie, 1 first
+    assert set(m) == {"pass@1", "pass@2", "pass@3", "pass@4", "cons@2", "cons@4", "native_cons@2"}
+
+
+def test_unbiased_pass_at_k_equals_bruteforce_over_k_subsets():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            outcomes = [1] * c + [0] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(outcomes, k))
+                brute = sum(any(s) for s in subsets) / len(subsets)
+                assert infer.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
+
+
+def test_native_sets_use_every_forking_token_once_whatever_the_row_order():
+    forks = [f for _ in range(3) for f in data.fork_tokens(NUM_FORKS)][:10]  # 3, 3, 2, 2 per token
+    rows = responses([str(i) for i in range(10)], forks=forks)
+    random.Random(0).shuffle(rows)
+    sets = infer.native_sets(rows, set_size=6)
+    assert len(sets) == 2 and all(sorted(c["fork"] for c in s) == data.fork_tokens(NUM_FORKS) for s in sets)
+    assert [len(s) for s in infer.native_sets(responses(["1"] * 13), set_size=6)] == [6, 6]  # baseline
+
+
+def test_aggregate_on_hand_built_problems():
+    forks = data.fork_tokens(2) * 2  # <think1>, <think2>, <think1>, <think2>
+    rows = [{"completions": responses(["7", "7", "3", None], forks=forks)},  # sets (7, 7) and (3, None)
+            {"completions": responses(["1", "7", "2", "2"], forks=forks)}]   # sets (1, 7): 1 first; (2, 2)
+    m = infer.aggregate(rows, set_size=6)
+    assert m["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    assert m["cons@2"] == 0.5 and m["cons@4"] == 0.5  # [7,7,3] -> 7; [1,7,2,2] -> 2
+    assert m["native_cons@2"] == pytest.approx((1 / 2 + 0) / 2)
+    assert m["pass@4"] == 1.0 and m["unparseable"] == 1 / 8
+    assert m["per_fork"]["<think1>"]["accuracy"] == 1 / 4 and m["per_fork"]["<think2>"]["accuracy"] == 2 / 4
+
+
+def test_top_p_samples_only_inside_the_nucleus():
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
+    g = torch.Generator().manual_seed(0)
+    assert set(infer.sample(logits, 1.0, 0.7, g).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(infer.sample(logits, 1.0, 0.85, g).tolist()) == {0, 1, 2}
+    assert set(infer.sample(logits, 1.0, 1.0, g).tolist()) == {0, 1, 2, 3}
+    assert set(infer.sample(logits, 0.0, 0.7, g).tolist()) == {0}
+
+
+# ----------------------------------------------------------------------------- generation
+
+def test_shared_prefix_generation_equals_independent_generation_under_greedy(tiny):
+    tokenizer, model, fork_ids = tiny
+    prompt = data.prompt_text(tokenizer, "Add 12 + 34 + 56.")
+    prefix = tokenizer.encode(prompt, add_special_tokens=False)
+    firsts = fork_ids + fork_ids[:2]  # 6 responses: <think1..4>, <think1..2>
+    refs = []
+    for f in firsts:  # independent: the whole prompt with its own forking token, through HF generate
+        out = model.generate(torch.tensor([prefix + [f]]), do_sample=False, max_new_tokens=12,
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+        refs.append(out[0, len(prefix) + 1:].tolist())
+    assert len({tuple(r) for r in refs}) > 1, "responses should differ between forking tokens"
+    # a stop token that ends some responses early, so rows leave the batch mid-way
+    stop = next(t for r in refs for t in r[3:] if t not in r[:3])
+    cut = [(r[:r.index(stop)], True) if stop in r else (r, False) for r in refs]
+    for batch_size in (0, 4):
+        cfg = infer.Config(temperature=0.0, max_new_tokens=12, batch_size=batch_size)
+        got = infer.generate(model, prefix, firsts, cfg, {stop}, torch.Generator())
+        assert got == cut
+
+
+# ----------------------------------------------------------------------------- infer.py end to end
+
+def write_problems(path, n=4):
+    rows = toy.make_questions(n, seed=1)
+    path.write_text("".join(json.dumps({"problem": r["prompt"], "answer": int(r["answer"]), "unique_id": f"q{i}"})
+                            + "\n" for i, r in enumerate(rows)))
+    return str(path)
+
+
+def run_infer(model_dir, data_path, output, *flags):
+    return infer.main(infer.parse_config(["--model", model_dir, "--data", data_path, "--output", str(output),
+                                          "--samples", "6", "--max_new_tokens", "5", *flags]))
+
+
+def read_ids(path):
+    return [json.loads(line)["id"] for line in open(path)]
+
+
+def test_interrupted_run_resumes_without_redoing_or_duplicating_problems(model_dir, tmp_path, monkeypatch):
+    data_path = write_problems(tmp_path / "problems.jsonl")
+    whole = run_infer(model_dir, data_path, tmp_path / "whole.jsonl")
+    out = tmp_path / "resumed.jsonl"
+    solve, calls = infer.solve, []
+
+    def killed_after_two(*args):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(args[2]["id"])
+        return solve(*args)
+    monkeypatch.setattr(infer, "solve", killed_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run_infer(model_dir, data_path, out)
+    assert read_ids(out) == ["q0", "q1"]
+    with open(out, "a") as f:
+        f.write('{"id": "q2", "gold": "1')  # killed in the middle of writing a row
+    calls.clear()
+    monkeypatch.setattr(infer, "solve", lambda *args: calls.append(args[2]["id"]) or solve(*args))
+    resumed = run_infer(model_dir, data_path, out)
+    assert calls == ["q2", "q3"] and read_ids(out) == ["q0", "q1", "q2", "q3"]
+    # problem i samples with seed + i, so the resumed file equals an uninterrupted run's
+    assert open(out).read() == open(tmp_path / "whole.jsonl").read() and resumed == whole
+    assert {"pass@1", "cons@2", "cons@4", "cons@6", "pass@6", "native_cons@4"} <= set(whole)
+    assert json.load(open(tmp_path / "resumed.metrics.json")) == whole
+    row = json.loads(open(out).readline())
+    assert [c["fork"] for c in row["completions"]] == data.fork_tokens(NUM_FORKS) + data.fork_tokens(2)
+    assert {"text", "pred", "correct", "tokens", "finished"} <= set(row["completions"][0])
+
+
+def test_resume_refuses_other_generation_settings_before_loading_a_model(model_dir, tmp_path, monkeypatch):
+    data_path = write_problems(tmp_path / "problems.jsonl", n=1)
+    run_infer(model_dir, data_path, tmp_path / "out.jsonl")
+    monkeypatch.setattr(infer, "init_distributed", lambda: pytest.fail("got past the checks"))
+    with pytest.raises(SystemExit, match="--temperature 0.7"):
+        run_infer(model_dir, data_path, tmp_path / "out.jsonl", "--temperature", "1.0")
+
+
+def test_bad_input_names_the_file_and_line_or_flag(model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"problem": "1 + 1?", "answer": "2"}\n{"problem": "2 + 2?"}\n')
+    with pytest.raises(data.DataError, match=f"{bad}:2: need a prompt"):
+        run_infer(model_dir, str(bad), tmp_path / "out.jsonl")
+    bad.write_text('{"problem": "1 + 1?", "answer": "2"}\n{"problem": "2 + 2?", "answer": \n')
+    with pytest.raises(data.DataError, match=f"{bad}:2: malformed JSON"):
+        run_infer(model_dir, str(bad), tmp_path / "out.jsonl")
+    with pytest.raises(SystemExit, match="--fork <think9>"):
+        run_infer(model_dir, write_problems(tmp_path / "ok.jsonl", n=1), tmp_path / "out.jsonl", "--fork", "<think9>")
+
+
+def test_baseline_samples_from_the_plain_prompt_and_votes_in_blocks(model_dir, tmp_path):
+    metrics = run_infer(model_dir, write_problems(tmp_path / "p.jsonl", n=2), tmp_path / "out.jsonl",
+                        "--fork", "none", "--set_size", "3")
+    rows = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    assert all(c["fork"] is None for r in rows for c in r["completions"]) and "native_cons@3" in metrics
+    assert metrics["per_fork"]["none"]["responses"] == 12
+
+
+def test_score_reextracts_answers_from_text_and_gold(tmp_path):
+    forks = data.fork_tokens(2) * 2
+    texts = [r"\boxed{13}", r"\boxed{12}", "none", r"\boxed{12.0}"]
+    rows = [{"id": 0, "gold": "#### 12", "completions": [{"fork": f, "text": t} for f, t in zip(forks, texts)]},
+            {"id": 1, "gold": r"\frac{1}{2}", "completions": [{"fork": f, "text": r"so \boxed{0.5}."} for f in forks]}]
+    path = tmp_path / "vllm.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = infer.main(infer.parse_config(["--score", str(path)]))
+    assert metrics["pass@1"] == pytest.approx((2 / 4 + 1) / 2) and metrics["cons@4"] == 1.0
+    assert metrics["cons@2"] == 0.5  # (13, 12): a tie, 13 came first
+    assert metrics["native_cons@2"] == pytest.approx((1 / 2 + 1) / 2)  # sets (13, 12) and (none, 12.0)
+    assert json.load(open(tmp_path / "vllm.metrics.json")) == metrics
+
+
+# ----------------------------------------------------------------------------- select_token.py
+
+def write_matching(out_dir, epochs):
+    out_dir.mkdir(exist_ok=True)
+    log = {"matching": "hungarian", "num_forks": 3, "fork_tokens": data.fork_tokens(3),
+           "epochs": [{"epoch": i, "steps": 1, "mean_gap": 0.0, "edges": [],
+                       "configurations": [{"edges": e, "count": n} for e, n in configs]}
+                      for i, configs in enumerate(epochs)]}
+    (out_dir / "matching.json").write_text(json.dumps(log))
+
+
+def test_select_token_breaks_a_coverage_tie_by_weighted_degree(tmp_path):
+    early = [([[0, "a"], [1, "b"]], 50), ([[0, "b"], [1, "a"]], 50), ([[0, "c"], [2, "a"]], 50)]
+    late = [([[1, "a"], [2, "b"]], 6),  # <think2> and <think3> both reach 2 sources: a, b ...
+            ([[1, "b"], [2, "a"]], 3),  # ... <think2> with weight 6 + 3, <think3> with 6 + 3 ...
+            ([[0, "a"], [2, "b"]], 4),  # ... + 4: <think3> wins on weighted degree (13 > 9)
+            ([[0, "c"], [1, "c"]], 1)]  # 1 of 14 matchings: below --min_share 0.1, not learned
+    write_matching(tmp_path / "run", [early, late])
+    result = select_token.main(select_token.parse_config(["--out_dir", str(tmp_path / "run"), "--min_share", "0.1"]))
+    assert result["token"] == "<think3>"
+    assert [(r["distinct"], r["weighted"]) for r in result["forks"]] == [(1, 4), (2, 9), (2, 13)]
+    # <think1> covered 3 sources early on, but those configurations stopped accumulating mass
+    assert select_token.learned_edges(select_token.learned_configurations(
+        [{"edges": e, "count": n} for e, n in late], 0.1))[(0, "a")] == 4
+    # with every last-epoch configuration kept, <think2> also reaches c: 3 distinct sources
+    result = select_token.main(select_token.parse_config(["--out_dir", str(tmp_path / "run"), "--min_share", "0"]))
+    assert result["token"] == "<think2>"
+    assert json.load(open(tmp_path / "run" / "select_token.json"))["token"] == "<think2>"
+
+
+def test_select_token_full_tie_goes_to_the_lowest_index_and_trace_indices_count():
+    edges = select_token.learned_edges([{"edges": [[0, 0], [1, 1], [2, 1]], "count": 2},
+                                        {"edges": [[0, 1], [1, 0]], "count": 2}])
+    assert select_token.choose_token(edges, 3) == (0, [{"fork": 0, "distinct": 2, "weighted": 4},
+                                                       {"fork": 1, "distinct": 2, "weighted": 4},
+                                                       {"fork": 2, "distinct": 1, "weighted": 2}])
+
+
+def test_select_token_draws_the_learned_graph(tmp_path):
+    pytest.importorskip("matplotlib")
+    write_matching(tmp_path / "run", [[([[0, "a"], [1, "b"]], 3)]])
+    select_token.main(select_token.parse_config(["--out_dir", str(tmp_path / "run")]))
+    assert (tmp_path / "run" / "learned_matchings.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_select_token_rejects_a_malformed_log(tmp_path):
+    (tmp_path / "matching.json").write_text('{"fork_tokens": ["<think1>"], "epochs": [{"configurations": '
+                                            '[{"edges": [[3, "a"]], "count": 1}]}]}')
+    with pytest.raises(SystemExit, match="matching.json: not a matching log"):
+        select_token.main(select_token.parse_config(["--out_dir", str(tmp_path)]))
