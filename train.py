@@ -18,9 +18,11 @@ Rerunning the same command on an existing --out_dir resumes from its last comple
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -46,14 +48,14 @@ class Config:
     data: str = "toy"  # JSONL file (see data.py for the layouts), or "toy" (toy.py's task)
     out_dir: str = "out/ssft"  # config.json, metrics.jsonl, matching.json, checkpoints/, final/
     num_forks: int = 6  # N, the number of global forking tokens <think1>..<thinkN> (toy: 4)
-    match_tokens: int = 1000  # K: the matching cost uses the first K tokens of each trace (Eq. 4)
+    match_tokens: int = 1000  # K: the matching cost uses the first K tokens of each trace (Eq. 4) (toy: 16)
     matching: str = "hungarian"  # hungarian (SSFT) | random (ablation) | sft (one token, SFT-mixed)
-    epochs: int = 6  # passes over the questions (toy: 4)
+    epochs: int = 6  # passes over the questions (toy: 6)
     max_steps: int = 0  # stop after this many optimiser steps in all (0: run all epochs)
     lr: float = 1e-5  # peak learning rate, 5% linear warm-up then cosine to 0 (toy: 3e-3)
     batch_size: int = 32  # questions per optimiser step, over all ranks (toy: 16)
-    micro_batch: int = 1  # sequences per forward/backward in the training pass (toy: 16)
-    match_batch: int = 8  # sequences per no-grad forward in the matching pass (toy: 64)
+    micro_batch: int = 1  # sequences per forward/backward in the training pass (toy: 64)
+    match_batch: int = 8  # sequences per no-grad forward in the matching pass (toy: 256)
     max_len: int = 32768  # tokens of prompt + forking token + trace; longer traces are cut (toy: 256)
     seed: int = 0  # data order, random matchings and new embedding rows all derive from it
     save_every: int = 50  # a resumable checkpoint every this many steps (0: only at the end)
@@ -66,18 +68,25 @@ class Config:
     trust_remote_code: bool = False  # let transformers run code shipped with the model
 
 
-TOY_DEFAULTS = dict(num_forks=4, epochs=4, lr=3e-3, batch_size=16, micro_batch=16, match_batch=64,
-                    max_len=256, activation_checkpointing=False, save_every=0)
+TOY_DEFAULTS = dict(num_forks=4, match_tokens=16, epochs=6, lr=3e-3, batch_size=16, micro_batch=64,
+                    match_batch=256, max_len=256, activation_checkpointing=False, save_every=0)
 RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir"}  # may change on resume
 
 
-def parse_config(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
+def parse_flags(config_cls, doc, argv=None, defaults=None):
+    """One --flag per field of a config dataclass, its trailing comment as the help (so --help
+    documents every field). `defaults` override the dataclass defaults for flags not given."""
+    comments = dict(re.findall(r"^\s+(\w+): [\w.]+ = .*?  # (.*)$", inspect.getsource(config_cls), re.M))
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(config_cls):
         kind = (lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else f.type
-        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"(default {f.default})")
-    args = vars(parser.parse_args(argv))
-    given = {k: v for k, v in args.items() if v is not None}
+        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"{comments[f.name]} (default {f.default})".replace("%", "%%"))
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return parser, given
+
+
+def parse_config(argv=None):
+    parser, given = parse_flags(Config, __doc__, argv)
     toy_defaults = TOY_DEFAULTS if given.get("model", Config.model) == "toy" else {}
     cfg = Config(**{**toy_defaults, **given})
     problems = [f"--num_forks must be >= 1 (got {cfg.num_forks})" if cfg.num_forks < 1 else None,
@@ -87,7 +96,8 @@ def parse_config(argv=None):
                 if cfg.matching not in ("hungarian", "random", "sft") else None,
                 *(f"--{k} must be >= 1 (got {getattr(cfg, k)})" for k in
                   ("epochs", "batch_size", "micro_batch", "match_batch") if getattr(cfg, k) < 1),
-                f"--lr must be > 0 (got {cfg.lr})" if not cfg.lr > 0 else None]
+                f"--lr must be > 0 (got {cfg.lr})" if not cfg.lr > 0 else None,
+                f"--max_steps and --save_every must be >= 0" if min(cfg.max_steps, cfg.save_every) < 0 else None]
     problems = [p for p in problems if p]
     if problems:
         parser.error("; ".join(problems))
@@ -106,7 +116,9 @@ def init_distributed():
     device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if "RANK" in os.environ:
+    if dist.is_initialized():  # e.g. a test that drives the passes in-process
+        pass
+    elif "RANK" in os.environ:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     else:
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
