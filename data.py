@@ -42,7 +42,8 @@ def fork_tokens(num_forks):
 # ----------------------------------------------------------------------------- reading files
 
 def parse_row(row, where):
-    """One JSON object -> {"prompt", "traces", "sources", "answer"}; raises DataError at `where`."""
+    """One JSON object -> {"prompt", "traces", "sources", "answer"}, or None for a sampled row with
+    no correct response; raises DataError at `where`."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     prompt = row.get("prompt", row.get("question"))
@@ -64,6 +65,8 @@ def parse_row(row, where):
             raise DataError(f"{where}: 'response' and 'score' must be lists of the same length")
         traces = [r for r, ok in zip(responses, scores) if ok]
         sources = None
+        if not traces:
+            return None  # no correct response: nothing to learn from, skipped by load_questions
     else:
         raise DataError(f"{where}: no traces (expected 'traces', '<teacher>_thinking_trajectory' "
                         "or 'response' + 'score')")
@@ -88,7 +91,7 @@ def load_questions(path):
             raw = f.read()
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    questions = []
+    questions, skipped = [], 0
     for n, line in enumerate(raw.split(b"\n"), start=1):
         where = f"{path}:{n}"
         try:
@@ -101,7 +104,11 @@ def load_questions(path):
             row = json.loads(text)
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
-        questions.append(parse_row(row, where))
+        q = parse_row(row, where)
+        skipped += q is None
+        questions += [q] if q else []
+    if skipped:
+        print(f"{path}: skipped {skipped} rows with no correct response")
     if not questions:
         raise DataError(f"{path}: no questions")
     return questions

@@ -122,3 +122,108 @@ def make_model(tokenizer, hidden=128, layers=2, spare_rows=16):
                          tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
     return Qwen2ForCausalLM(config)
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+@dataclass
+class CompareConfig:
+    out_dir: str = "out/toy_compare"  # summary.json, toy_compare.png and runs/<variant>_seed<s>/
+    variants: str = "hungarian,random,sft"  # train.py --matching modes, trained with the same seeds and data
+    seeds: int = 3  # seeds 0..seeds-1 (data, data order, init and random matchings)
+    toy_questions: int = 128  # training questions (train.py's default: 256)
+    epochs: int = 4  # the same step budget for every variant (train.py's default: 6)
+    eval_questions: int = 40  # held-out questions, none of them in any training set
+    samples: int = 2  # sampled generations per forking token and question, at temperature 0.7
+    max_new_tokens: int = 64  # the longest trace has ~50 tokens
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts, temperature, seed, max_new_tokens):
+    """Completions of `prompts` (full texts up to and including the forking token), decoded in one
+    left-padded batch: greedy at temperature 0, else nucleus sampling with the paper's top_p 0.95."""
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=0.95, top_k=0) if temperature else \
+        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **sampling)
+    return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def evaluate(model, tokenizer, questions, forks, sets, temperature, seed, max_new_tokens):
+    """One record per generation: `sets` rounds, each prompting every question once with every
+    token of `forks` (the N tokens; or one token repeated N times for a single-token view). A round
+    of one question is what Cons@N votes over."""
+    jobs = [(q, k, f) for q in range(len(questions)) for k in range(sets) for f in forks]
+    texts = generate(model, tokenizer, [data.build_text(tokenizer, questions[q]["prompt"], f) for q, _, f in jobs],
+                     temperature, seed, max_new_tokens)
+    return [{"question": q, "set": k, "fork": f, "style": recognise(t), "pred": answer_of(t),
+             "gold": questions[q]["answer"]} for (q, k, f), t in zip(jobs, texts)]
+
+
+def majority_correct(records):
+    """Whether the most frequent answer is right; ties go to the answer seen first, no answer is wrong."""
+    votes = Counter(r["pred"] for r in records if r["pred"] is not None).most_common(1)
+    return bool(votes) and votes[0][0] == records[0]["gold"]
+
+
+def summarise(records):
+    """The metrics of one evaluation. Per token: its style distribution, its majority style (one of
+    the four; "other" never counts) and Pass@1. Over tokens: purity (the mean fraction of a token's
+    generations in its majority style), distinct_styles (how many different majority styles the
+    tokens have), Pass@1 (mean) and Cons@N (majority vote of each round, mean over rounds)."""
+    per_fork = {}
+    for f in dict.fromkeys(r["fork"] for r in records):
+        mine = [r for r in records if r["fork"] == f]
+        counts = Counter(r["style"] for r in mine)
+        top = max(STYLES, key=lambda s: counts[s])
+        per_fork[f] = {"styles": {s: counts[s] / len(mine) for s in STYLES + ["other"]},
+                       "majority": top if counts[top] else None, "purity": counts[top] / len(mine),
+                       "pass@1": sum(r["pred"] == r["gold"] for r in mine) / len(mine)}
+    rounds = defaultdict(list)
+    for r in records:
+        rounds[r["question"], r["set"]].append(r)
+    return {"purity": mean(p["purity"] for p in per_fork.values()),
+            "distinct_styles": len({p["majority"] for p in per_fork.values()} - {None}),
+            "pass@1": mean(p["pass@1"] for p in per_fork.values()),
+            "cons@N": mean(majority_correct(r) for r in rounds.values()), "per_fork": per_fork}
+
+
+def configuration_counts(run_dir):
+    """Figure 7's view from matching.json: per epoch, the number of distinct optimal configurations
+    and the share of questions in the most common one. Under SSFT few configurations keep getting
+    mass; under random matching (whose statistics record the optimum too) they do not."""
+    with open(os.path.join(run_dir, "matching.json")) as f:
+        epochs = json.load(f)["epochs"]
+    return {"distinct": [len(e["configurations"]) for e in epochs],
+            "top_share": [e["configurations"][0]["count"] / e["questions"] for e in epochs]}
+
+
+def run_variant(variant, seed, cfg, held_out):
+    """Trains one variant through train.py's own code path, then evaluates it on `held_out`."""
+    import train  # here, not at the top: train.py imports this file
+    run_dir = os.path.join(cfg.out_dir, "runs", f"{variant}_seed{seed}")
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resumed one
+    os.makedirs(run_dir)
+    t0 = time.time()
+    with open(os.path.join(run_dir, "train.log"), "w") as log, contextlib.redirect_stdout(log):
+        train.main(train.parse_config(["--matching", variant, "--seed", str(seed), "--out_dir", run_dir,
+                                       "--toy_questions", str(cfg.toy_questions), "--epochs", str(cfg.epochs)]))
+    t1 = time.time()
+    final = os.path.join(run_dir, "final")
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    forks = data.fork_tokens(train.TOY_DEFAULTS["num_forks"])
+    views = {"greedy": (forks, 1, 0.0), "sampled": (forks, cfg.samples, 0.7)}
+    if variant == "sft":  # the one trained token, N generations per round, as the paper's baselines
+        views.update({"think1_greedy": (forks[:1] * len(forks), 1, 0.0),
+                      "think1_sampled": (forks[:1] * len(forks), cfg.samples, 0.7)})
+    result = {name: summarise(evaluate(model, tokenizer, held_out, f, k, temp, seed, cfg.max_new_tokens))
+              for name, (f, k, temp) in views.items()}
+    result["configurations"] = configuration_counts(run_dir) if variant != "sft" else None
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        result["loss"] = [json.loads(line)["loss"] for line in f]
+    result["time_s"] = {"train": t1 - t0, "evaluate": time.time() - t1}
+    return result

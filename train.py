@@ -35,7 +35,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_model_state_dict,
                                                      set_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 import data
 import match
@@ -63,6 +63,7 @@ class Config:
     weight_decay: float = 1e-4  # AdamW weight decay (betas 0.9, 0.95)
     grad_clip: float = 1.0  # clip the global gradient norm to this
     activation_checkpointing: bool = True  # recompute decoder layers in backward (toy: off)
+    cpu_offload: bool = False  # keep sharded params, grads and AdamW states in CPU memory (FSDP2)
     skip_nonfinite: bool = False  # skip a batch whose loss is not finite instead of stopping
     toy_questions: int = 256  # number of questions of the toy task
     trust_remote_code: bool = False  # let transformers run code shipped with the model
@@ -176,10 +177,11 @@ def load_model(cfg, tokenizer, rank, device):
     model = match.SequenceNLL(lm)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
     for layer in lm.model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)  # root: embeddings, final norm, lm_head
-    model.to_empty(device=device)
+        fully_shard(layer, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mp_policy=mp, offload_policy=offload)  # root: embeddings, final norm, lm_head
+    model.to_empty(device="cpu" if cfg.cpu_offload else device)
     set_model_state_dict(model, state if rank == 0 else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for name, buf in lm.named_buffers():  # non-persistent buffers (rotary inv_freq) are not in the state dict
@@ -336,6 +338,8 @@ def training_pass(model, seqs, cfg, pad_id, device):
 # ----------------------------------------------------------------------------- main
 
 def main(cfg):
+    if cfg.cpu_offload and not torch.cuda.is_available():
+        sys.exit("error: --cpu_offload offloads from GPU memory and needs CUDA devices")
     try:  # bad data stops here, before a model is loaded or anything is written
         questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" \
             else data.load_questions(cfg.data)
