@@ -19,15 +19,31 @@ downloaded and the same code path as Qwen2.5 (chat template, spare embedding row
 
     python train.py                        # SSFT on this task (train.py's defaults)
 """
+import contextlib
+import dataclasses
+import json
+import os
 import random
 import re
+import shutil
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from statistics import mean, pstdev
 
+import numpy as np
+import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+import data
 
 STYLES = ["left", "right", "place", "direct"]
 TRACES_PER_QUESTION = 4
 REPEAT_PROB = 0.25  # fraction of questions in which one style appears twice
+HELD_OUT_SEED = 10_000  # seed of the held-out questions of `python toy.py compare`
+METRICS = ["purity", "distinct_styles", "pass@1", "cons@N"]
 
 # Qwen2's pre-tokenizer regex: the reloaded Qwen2Tokenizer rebuilds exactly this split.
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -218,7 +234,7 @@ def run_variant(variant, seed, cfg, held_out):
     forks = data.fork_tokens(train.TOY_DEFAULTS["num_forks"])
     views = {"greedy": (forks, 1, 0.0), "sampled": (forks, cfg.samples, 0.7)}
     if variant == "sft":  # the one trained token, N generations per round, as the paper's baselines
-        views.update({"think1_greedy": (forks[:1] * len(forks), 1, 0.0),
+        views.update({"think1_greedy": (forks[:1], 1, 0.0),
                       "think1_sampled": (forks[:1] * len(forks), cfg.samples, 0.7)})
     result = {name: summarise(evaluate(model, tokenizer, held_out, f, k, temp, seed, cfg.max_new_tokens))
               for name, (f, k, temp) in views.items()}
@@ -227,3 +243,103 @@ def run_variant(variant, seed, cfg, held_out):
         result["loss"] = [json.loads(line)["loss"] for line in f]
     result["time_s"] = {"train": t1 - t0, "evaluate": time.time() - t1}
     return result
+
+
+def aggregate(runs, view):
+    """Mean, standard deviation and per-seed values of the headline metrics of one view."""
+    out = {"per_seed": {k: [r[view][k] for r in runs] for k in METRICS}}
+    out.update({k: mean(v) for k, v in out["per_seed"].items()})
+    out["std"] = {k: pstdev(v) for k, v in out["per_seed"].items()}
+    return out
+
+
+def compare(cfg):
+    """Trains every variant for every seed, evaluates them on the same held-out questions and
+    writes summary.json (headline metrics: sampled at temperature 0.7; "greedy" beside them)."""
+    t0 = time.time()
+    seen = {q["prompt"] for s in range(cfg.seeds) for q in make_questions(cfg.toy_questions, s)}
+    held_out = [q for q in make_questions(2 * cfg.eval_questions, seed=HELD_OUT_SEED)
+                if q["prompt"] not in seen][:cfg.eval_questions]
+    runs = defaultdict(list)
+    for seed in range(cfg.seeds):
+        for variant in cfg.variants.split(","):
+            runs[variant].append(run_variant(variant, seed, cfg, held_out))
+            r = runs[variant][-1]
+            print(f"seed {seed} {variant:9s} | purity {r['sampled']['purity']:.2f} | distinct "
+                  f"{r['sampled']['distinct_styles']} | pass@1 {r['sampled']['pass@1']:.3f} | cons@N "
+                  f"{r['sampled']['cons@N']:.3f} | train {r['time_s']['train']:.0f} s, evaluate "
+                  f"{r['time_s']['evaluate']:.0f} s", flush=True)
+    summary = {"config": dataclasses.asdict(cfg), "time_s": time.time() - t0, "load_average": os.getloadavg(),
+               "cpu_threads": torch.get_num_threads()}
+    for variant, rs in runs.items():
+        summary[variant] = {**aggregate(rs, "sampled"), "greedy": aggregate(rs, "greedy"), "runs": rs}
+        if variant == "sft":
+            summary[variant].update(think1=aggregate(rs, "think1_sampled"), think1_greedy=aggregate(rs, "think1_greedy"))
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"\n{'variant':<20}{'decoding':<10}" + "".join(f"{k:>16}" for k in METRICS))
+    for variant in runs:
+        views = [("sampled", summary[variant]), ("greedy", summary[variant]["greedy"])]
+        if variant == "sft":
+            views += [("sampled", summary[variant]["think1"]), ("greedy", summary[variant]["think1_greedy"])]
+        for i, (decoding, s) in enumerate(views):
+            name = variant if i < 2 else "sft (<think1> only)"
+            print(f"{name:<20}{decoding:<10}" + "".join(f"{s[k]:>10.2f} ± {s['std'][k]:.2f}" for k in METRICS))
+    print(f"{cfg.seeds} seeds, {time.time() - t0:.0f} s; summary in {cfg.out_dir}/summary.json")
+    plot(summary, os.path.join(cfg.out_dir, "toy_compare.png"))
+
+
+def plot(summary, path):
+    """Per-token style histograms of each variant (seed 0, sampled), as the paper's Figures 5-6, and
+    the configuration counts and loss over training (Figure 7)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no figure (pip install matplotlib)")
+        return
+    variants = [v for v in ("hungarian", "random", "sft") if v in summary]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
+    colours = dict(zip(STYLES + ["other"], ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:gray"]))
+    for ax, v in zip(axes[0], variants):
+        per_fork = summary[v]["runs"][0]["sampled"]["per_fork"]
+        bottom = np.zeros(len(per_fork))
+        for style, colour in colours.items():
+            share = np.array([p["styles"][style] for p in per_fork.values()])
+            ax.bar(list(per_fork), share, bottom=bottom, color=colour, label=style)
+            bottom += share
+        ax.set_title(f"{v}: purity {summary[v]['purity']:.2f}, distinct {summary[v]['distinct_styles']:.1f}")
+        ax.set_ylabel("share of generations (seed 0, T=0.7)")
+    axes[0][0].legend(loc="lower left", fontsize=8)
+    for ax, key, label in ((axes[1][0], "distinct", "distinct optimal configurations"),
+                           (axes[1][1], "top_share", "share of the top configuration")):
+        for v in variants:
+            if summary[v]["runs"][0]["configurations"] is not None:
+                curves = np.array([r["configurations"][key] for r in summary[v]["runs"]])
+                epochs = np.arange(1, curves.shape[1] + 1)
+                ax.plot(epochs, curves.mean(0), marker="o", label=v)
+                ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.legend()
+    for v in variants:
+        axes[1][2].plot(np.mean([r["loss"] for r in summary[v]["runs"]], 0), label=v)
+    axes[1][2].set_xlabel("step")
+    axes[1][2].set_ylabel("training loss (mean over seeds)")
+    axes[1][2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"figure: {path}")
+
+
+if __name__ == "__main__":
+    import sys
+    if sys.argv[1:2] != ["compare"]:
+        sys.exit("usage: python toy.py compare [--flag value ...]  (python toy.py compare --help)")
+    import train
+    parser, given = train.parse_flags(CompareConfig, __doc__, sys.argv[2:])
+    config = CompareConfig(**given)
+    os.makedirs(config.out_dir, exist_ok=True)
+    print(json.dumps(dataclasses.asdict(config)))
+    compare(config)

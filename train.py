@@ -172,15 +172,7 @@ def load_model(cfg, tokenizer, rank, device):
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32,
                                               trust_remote_code=cfg.trust_remote_code)
-    if cfg.activation_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = match.SequenceNLL(lm)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
-    for layer in lm.model.layers:
-        fully_shard(layer, mp_policy=mp, offload_policy=offload)
-    fully_shard(model, mp_policy=mp, offload_policy=offload)  # root: embeddings, final norm, lm_head
+    model = shard(lm, cfg, device)
     model.to_empty(device="cpu" if cfg.cpu_offload else device)
     set_model_state_dict(model, state if rank == 0 else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -189,6 +181,21 @@ def load_model(cfg, tokenizer, rank, device):
             buf.copy_(buffers[name])
         dist.broadcast(buf, src=0)
     return model, fork_ids, config
+
+
+def shard(lm, cfg, device):
+    """SequenceNLL(lm) under FSDP2, the canonical recipe: fully_shard each decoder layer, then the
+    root (embeddings, final norm, lm_head). bf16 compute with fp32 gradient reduction on GPU."""
+    if cfg.activation_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = match.SequenceNLL(lm)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
+    for layer in lm.model.layers:
+        fully_shard(layer, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mp_policy=mp, offload_policy=offload)
+    return model
 
 
 def save_final(model, tokenizer, config, path, rank):
