@@ -206,6 +206,57 @@ def collate(sequences, pad_id):
     return input_ids, labels, attention_mask
 
 
+# ----------------------------------------------------------------------------- concat layout (A.5)
+
+def make_branches(prompt_ids, branches):
+    """One row of the sequence-concatenation layout (Appendix A.5): the prompt once, then each
+    matched branch (fork_id, trace_ids). Returns (input_ids, labels, position_ids, branch_ids), each
+    a list of one length: branch 0 is the prompt, branch b >= 1 the b-th (forking token + trace).
+    Every branch's positions continue from the end of the prompt, as if it were alone."""
+    input_ids, labels = list(prompt_ids), [IGNORE] * len(prompt_ids)
+    position_ids, branch_ids = list(range(len(prompt_ids))), [0] * len(prompt_ids)
+    for b, (fork_id, trace_ids) in enumerate(branches, start=1):
+        ids, lab = make_sequence([], fork_id, trace_ids)
+        input_ids += ids
+        labels += lab
+        position_ids += range(len(prompt_ids), len(prompt_ids) + len(ids))
+        branch_ids += [b] * len(ids)
+    return input_ids, labels, position_ids, branch_ids
+
+
+def collate_branches(rows, pad_id):
+    """Rows of make_branches -> input_ids, labels, position_ids, branch_ids: [B, L], right-padded
+    (padding has branch id -1). A PAD row is ([pad_id], [IGNORE], [0], [-1])."""
+    width = max(len(r[0]) for r in rows)
+    out = [torch.full((len(rows), width), fill, dtype=torch.long) for fill in (pad_id, IGNORE, 0, -1)]
+    for b, row in enumerate(rows):
+        for tensor, values in zip(out, row):
+            tensor[b, :len(values)] = torch.tensor(values)
+    return out
+
+
+def tree_mask(branch_ids):
+    """The attention mask of the concat layout, [B, 1, L, L] bool (True = may attend): query q sees
+    key k <= q when k is in the prompt or in q's own branch, never another branch. Padding (-1)
+    sees earlier padding only, so no row of the mask is empty. For SDPA: the eager attention path
+    adds its mask to the scores, so a boolean mask there would be silently wrong."""
+    q, k = branch_ids[:, :, None], branch_ids[:, None, :]
+    length = branch_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=branch_ids.device).tril()
+    return (causal & ((k == q) | ((k == 0) & (q >= 0))))[:, None]
+
+
+def tree_block_mask(branch_ids):
+    """The same mask as a FlexAttention BlockMask (CUDA): built from the rule, never as an L x L tensor."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def rule(b, h, q, k):
+        bq, bk = branch_ids[b, q], branch_ids[b, k]
+        return (k <= q) & ((bk == bq) | ((bk == 0) & (bq >= 0)))
+    batch, length = branch_ids.shape
+    return create_block_mask(rule, batch, None, length, length, device=branch_ids.device)
+
+
 # ----------------------------------------------------------------------------- batching
 
 def split_over_ranks(sizes, world_size):
@@ -221,15 +272,18 @@ def split_over_ranks(sizes, world_size):
     return ranks
 
 
-def micro_batches(sequences, micro_batch, num_batches, pad_id):
+def pad_item(pad_id, layout="batch"):
+    """A PAD sequence (batch layout) or PAD row (concat layout): one token, no loss."""
+    return ([pad_id], [IGNORE]) if layout == "batch" else ([pad_id], [IGNORE], [0], [-1])
+
+
+def micro_batches(items, micro_batch, num_batches, pad):
     """Cuts a rank's queue of sequences (questions stitched together) into exactly `num_batches`
-    micro-batches of `micro_batch` sequences, filling the tail with PAD sequences. Every rank runs
-    the same number of forwards, which FSDP's collectives require. Returns (batches, num_pad)."""
-    assert len(sequences) <= micro_batch * num_batches
-    pad = ([pad_id], [IGNORE])
-    num_pad = micro_batch * num_batches - len(sequences)
-    padded = sequences + [pad] * num_pad
-    # drop all-PAD tail batches' width to one token; keep exactly `micro_batch` rows for equal shapes
+    micro-batches of `micro_batch` items, filling the tail with `pad` items. Every rank runs the
+    same number of forwards, which FSDP's collectives require. Returns (batches, num_pad)."""
+    assert len(items) <= micro_batch * num_batches
+    num_pad = micro_batch * num_batches - len(items)
+    padded = items + [pad] * num_pad
     return [padded[i * micro_batch:(i + 1) * micro_batch] for i in range(num_batches)], num_pad
 
 

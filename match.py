@@ -24,7 +24,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data import IGNORE, collate, make_sequence, micro_batches, num_micro_batches
+from data import IGNORE, collate, make_sequence, micro_batches, num_micro_batches, pad_item
 
 
 class SequenceNLL(nn.Module):
@@ -77,7 +77,7 @@ def sequence_costs(nll_model, sequences, batch_size, pad_id, device, num_batches
     `batch_size` sequences (bounds memory); `num_batches` >= what is needed pads the list with PAD
     sequences so that every rank runs the same number of forwards under FSDP."""
     num_batches = num_batches or num_micro_batches(len(sequences), batch_size)
-    batches, _ = micro_batches(sequences, batch_size, num_batches, pad_id)
+    batches, _ = micro_batches(sequences, batch_size, num_batches, pad_item(pad_id))
     was_training = nll_model.training
     nll_model.eval()
     costs = []

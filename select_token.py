@@ -20,14 +20,12 @@ bipartite graph (tokens left, traces or sources right, edge width = weight) when
     python select_token.py --out_dir out/ssft                # then: python infer.py --fork "<think3>" ...
     python select_token.py --out_dir out/ssft --min_share 0  # every configuration optimal in the last epoch
 """
-import argparse
-import dataclasses
-import inspect
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
+
+from train import parse_flags, write_json
 
 
 @dataclass
@@ -39,13 +37,8 @@ class Config:
 
 
 def parse_config(argv=None):
-    """One flag per Config field, its trailing comment as the help."""
-    comments = dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(Config):
-        parser.add_argument(f"--{f.name}", type=f.type, default=f.default,
-                            help=f"{comments[f.name]} (default: %(default)r)")
-    cfg = Config(**vars(parser.parse_args(argv)))
+    parser, given = parse_flags(Config, __doc__, argv)
+    cfg = Config(**given)
     if not 0 <= cfg.min_share < 1:
         parser.error(f"--min_share must be in [0, 1) (got {cfg.min_share})")
     return cfg
@@ -147,8 +140,7 @@ def main(cfg):
     result = {"token": tokens[chosen], "fork": chosen, "epoch": record.get("epoch"), "min_share": cfg.min_share,
               "forks": [{**r, "token": tokens[r["fork"]]} for r in rows],
               "edges": [[f, k, w] for (f, k), w in sorted(edges.items(), key=str)]}
-    with open(os.path.join(cfg.out_dir, "select_token.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(os.path.join(cfg.out_dir, "select_token.json"), result)
     png = cfg.png or os.path.join(cfg.out_dir, "learned_matchings.png")
     try:
         draw(edges, tokens, chosen, png)

@@ -1,5 +1,5 @@
-"""Tests of infer.py and select_token.py on the CPU: metrics on hand-built responses, shared-prefix
-decoding against independent decoding, resuming, scoring, and the Eq. 6 token choice.
+"""Tests of infer.py, score.py and select_token.py on the CPU: metrics on hand-built responses,
+shared-prefix decoding against independent decoding, resuming, scoring, and the Eq. 6 token choice.
 
     python -m pytest -q test_infer.py
 """
@@ -14,6 +14,7 @@ import torch
 
 import data
 import infer
+import score
 import select_token
 import toy
 
@@ -23,7 +24,7 @@ NUM_FORKS = 4
 @pytest.fixture(autouse=True)
 def builtin_equivalence(monkeypatch):
     """The expectations below are those of the built-in comparison, installed math-verify or not."""
-    monkeypatch.setattr(infer, "mv_verify", None)
+    monkeypatch.setattr(score, "mv_verify", None)
 
 
 @pytest.fixture(scope="module")
@@ -51,28 +52,28 @@ def model_dir(tiny, tmp_path_factory):
 
 
 def responses(preds, gold="7", forks=None):
-    return [{"pred": p, "correct": infer.is_equiv(p, gold), "fork": f, "text": f"\\boxed{{{p}}}" if p else "?"}
+    return [{"pred": p, "correct": score.is_equiv(p, gold), "fork": f, "text": f"\\boxed{{{p}}}" if p else "?"}
             for p, f in zip(preds, forks or [None] * len(preds))]
 
 
 # ----------------------------------------------------------------------------- answers
 
 def test_last_boxed_takes_the_last_balanced_answer():
-    assert infer.last_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
-    assert infer.last_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
-    assert infer.last_boxed(r"\boxed{3} and \boxed{4") == "3"  # unclosed last one: the one before
-    assert infer.last_boxed("no answer") is None
-    assert infer.gold_answer("She pays 3 * 6 = 18.\n#### 1,018") == "1018"
-    assert infer.gold_answer(r"so it is $\boxed{\pi}$") == r"\pi"
-    assert infer.gold_answer(204) == "204"
+    assert score.last_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert score.last_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
+    assert score.last_boxed(r"\boxed{3} and \boxed{4") == "3"  # unclosed last one: the one before
+    assert score.last_boxed("no answer") is None
+    assert score.gold_answer("She pays 3 * 6 = 18.\n#### 1,018") == "1018"
+    assert score.gold_answer(r"so it is $\boxed{\pi}$") == r"\pi"
+    assert score.gold_answer(204) == "204"
 
 
 def test_builtin_equivalence_normalises_numbers_and_latex():
-    assert infer.is_equiv("27", "27.0")
-    assert infer.is_equiv(r"\dfrac{1}{2}", "0.5")
-    assert infer.is_equiv(r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})")
-    assert infer.is_equiv(r"10\%", "10") and infer.is_equiv("1,000", "1000")
-    assert not infer.is_equiv("3", "4") and not infer.is_equiv(None, "4")
+    assert score.is_equiv("27", "27.0")
+    assert score.is_equiv(r"\dfrac{1}{2}", "0.5")
+    assert score.is_equiv(r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})")
+    assert score.is_equiv(r"10\%", "10") and score.is_equiv("1,000", "1000")
+    assert not score.is_equiv("3", "4") and not score.is_equiv(None, "4")
 
 
 def test_problems_load_from_every_layout(tmp_path):
@@ -96,22 +97,22 @@ def test_problems_load_from_every_layout(tmp_path):
 # ----------------------------------------------------------------------------- metrics
 
 def test_majority_vote_tie_goes_to_the_earliest_answer():
-    assert not infer.majority_vote(responses(["5", "7", "7", "5"]))  # 2-2 tie, 5 came first
-    assert infer.majority_vote(responses(["7", "5", "5", "7"]))
-    assert infer.majority_vote(responses(["7.0", "5", "7", "5"]))  # 7.0 and 7 are one answer: 2-2, 7 first
+    assert not score.majority_vote(responses(["5", "7", "7", "5"]))  # 2-2 tie, 5 came first
+    assert score.majority_vote(responses(["7", "5", "5", "7"]))
+    assert score.majority_vote(responses(["7.0", "5", "7", "5"]))  # 7.0 and 7 are one answer: 2-2, 7 first
 
 
 def test_unparseable_answers_never_vote_and_alone_are_wrong():
-    assert infer.majority_vote(responses([None, None, "7"]))
-    assert not infer.majority_vote(responses([None, None, None]))
-    m = infer.problem_metrics(responses([None, None, "7"]), set_size=3)
+    assert score.majority_vote(responses([None, None, "7"]))
+    assert not score.majority_vote(responses([None, None, None]))
+    m = score.problem_metrics(responses([None, None, "7"]), set_size=3)
     assert m["pass@1"] == pytest.approx(1 / 3) and m["cons@3"] == 1.0
 
 
 def test_all_wrong_scores_zero_and_k_equal_n():
-    m = infer.problem_metrics(responses(["1", "2", "3", "4"]), set_size=2)
+    m = score.problem_metrics(responses(["1", "2", "3", "4"]), set_size=2)
     assert all(v == 0 for v in m.values())
-    m = infer.problem_metrics(responses(["1", "2", "7", "4"]), set_size=2)
+    m = score.problem_metrics(responses(["1", "2", "7", "4"]), set_size=2)
     assert m["pass@4"] == 1.0 and m["pass@1"] == 0.25 and m["cons@4"] == 0.0  # 4-way tie, 1 first
     assert set(m) == {"pass@1", "pass@2", "pass@3", "pass@4", "cons@2", "cons@4", "native_cons@2"}
 
@@ -123,23 +124,23 @@ def test_unbiased_pass_at_k_equals_bruteforce_over_k_subsets():
             for k in range(1, n + 1):
                 subsets = list(itertools.combinations(outcomes, k))
                 brute = sum(any(s) for s in subsets) / len(subsets)
-                assert infer.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
+                assert score.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
 
 
 def test_native_sets_use_every_forking_token_once_whatever_the_row_order():
     forks = [f for _ in range(3) for f in data.fork_tokens(NUM_FORKS)][:10]  # 3, 3, 2, 2 per token
     rows = responses([str(i) for i in range(10)], forks=forks)
     random.Random(0).shuffle(rows)
-    sets = infer.native_sets(rows, set_size=6)
+    sets = score.native_sets(rows, set_size=6)
     assert len(sets) == 2 and all(sorted(c["fork"] for c in s) == data.fork_tokens(NUM_FORKS) for s in sets)
-    assert [len(s) for s in infer.native_sets(responses(["1"] * 13), set_size=6)] == [6, 6]  # baseline
+    assert [len(s) for s in score.native_sets(responses(["1"] * 13), set_size=6)] == [6, 6]  # baseline
 
 
 def test_aggregate_on_hand_built_problems():
     forks = data.fork_tokens(2) * 2  # <think1>, <think2>, <think1>, <think2>
     rows = [{"completions": responses(["7", "7", "3", None], forks=forks)},  # sets (7, 7) and (3, None)
             {"completions": responses(["1", "7", "2", "2"], forks=forks)}]   # sets (1, 7): 1 first; (2, 2)
-    m = infer.aggregate(rows, set_size=6)
+    m = score.aggregate(rows, set_size=6)
     assert m["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
     assert m["cons@2"] == 0.5 and m["cons@4"] == 0.5  # [7,7,3] -> 7; [1,7,2,2] -> 2
     assert m["native_cons@2"] == pytest.approx((1 / 2 + 0) / 2)

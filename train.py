@@ -50,11 +50,12 @@ class Config:
     num_forks: int = 6  # N, the number of global forking tokens <think1>..<thinkN> (toy: 4)
     match_tokens: int = 1000  # K: the matching cost uses the first K tokens of each trace (Eq. 4) (toy: 16)
     matching: str = "hungarian"  # hungarian (SSFT) | random (ablation) | sft (one token, SFT-mixed)
+    layout: str = "batch"  # batch: one row per (token, trace); concat: one row per question (A.5)
     epochs: int = 6  # passes over the questions (toy: 6)
     max_steps: int = 0  # stop after this many optimiser steps in all (0: run all epochs)
     lr: float = 1e-5  # peak learning rate, 5% linear warm-up then cosine to 0 (toy: 3e-3)
     batch_size: int = 32  # questions per optimiser step, over all ranks (toy: 16)
-    micro_batch: int = 1  # sequences per forward/backward in the training pass (toy: 64)
+    micro_batch: int = 1  # rows per forward/backward in the training pass (toy: 64)
     match_batch: int = 8  # sequences per no-grad forward in the matching pass (toy: 256)
     max_len: int = 32768  # tokens of prompt + forking token + trace; longer traces are cut (toy: 256)
     seed: int = 0  # data order, random matchings and new embedding rows all derive from it
@@ -89,12 +90,15 @@ def parse_flags(config_cls, doc, argv=None, defaults=None):
 def parse_config(argv=None):
     parser, given = parse_flags(Config, __doc__, argv)
     toy_defaults = TOY_DEFAULTS if given.get("model", Config.model) == "toy" else {}
+    if toy_defaults and given.get("layout") == "concat":  # a row is a whole question (4 traces)
+        toy_defaults = {**toy_defaults, "micro_batch": TOY_DEFAULTS["micro_batch"] // 4}
     cfg = Config(**{**toy_defaults, **given})
     problems = [f"--num_forks must be >= 1 (got {cfg.num_forks})" if cfg.num_forks < 1 else None,
                 f"--match_tokens must be >= 1 (got {cfg.match_tokens})" if cfg.match_tokens < 1 else None,
                 f"--max_len must be >= 2 (got {cfg.max_len})" if cfg.max_len < 2 else None,
                 f"--matching must be hungarian, random or sft (got {cfg.matching!r})"
                 if cfg.matching not in ("hungarian", "random", "sft") else None,
+                f"--layout must be batch or concat (got {cfg.layout!r})" if cfg.layout not in ("batch", "concat") else None,
                 *(f"--{k} must be >= 1 (got {getattr(cfg, k)})" for k in
                   ("epochs", "batch_size", "micro_batch", "match_batch") if getattr(cfg, k) < 1),
                 f"--lr must be > 0 (got {cfg.lr})" if not cfg.lr > 0 else None,
@@ -144,13 +148,7 @@ def load_model(cfg, tokenizer, rank, device):
     from transformers import AutoConfig, AutoModelForCausalLM
     num_trained = len(tokenizer)
     fork_ids = data.add_fork_tokens(tokenizer, cfg.num_forks)
-    attn = "sdpa"
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401  (optional, used when installed)
-            attn = "flash_attention_2"
-        except ImportError:
-            pass
+    attn = attention_backend(cfg, device)
     torch.manual_seed(cfg.seed)
     if cfg.model == "toy":
         full = toy.make_model(tokenizer) if rank == 0 else None
@@ -181,6 +179,21 @@ def load_model(cfg, tokenizer, rank, device):
             buf.copy_(buffers[name])
         dist.broadcast(buf, src=0)
     return model, fork_ids, config
+
+
+def attention_backend(cfg, device):
+    """batch layout: flash-attn when installed on CUDA, else PyTorch SDPA. concat layout: its tree
+    mask needs FlexAttention on CUDA (a BlockMask, no dense L x L mask) and SDPA with a dense boolean
+    mask on CPU, where FlexAttention has no backward."""
+    if device.type != "cuda":
+        return "sdpa"
+    if cfg.layout == "concat":
+        return "flex_attention"
+    try:
+        import flash_attn  # noqa: F401  (optional, used when installed)
+        return "flash_attention_2"
+    except ImportError:
+        return "sdpa"
 
 
 def shard(lm, cfg, device):
@@ -320,21 +333,41 @@ def matching_pass(model, encoded, mine, fork_ids, step, cfg, pad_id, device):
     return matched, pad_fraction
 
 
-def training_pass(model, seqs, cfg, pad_id, device):
-    """Eq. 5 over this rank's matched sequences, questions stitched together in one queue and cut
+def training_rows(encoded, mine, matched, fork_ids, layout):
+    """The rows to train: one per matched (token, trace) pair (batch layout), or one per question
+    with its matched branches after a single copy of the prompt (concat layout, Appendix A.5)."""
+    if layout == "batch":
+        return [data.make_sequence(encoded[q]["prompt_ids"], fork_ids[f], encoded[q]["trace_ids"][j])
+                for q in mine for f, j in zip(*matched[q][:2])]
+    return [data.make_branches(encoded[q]["prompt_ids"],
+                               [(fork_ids[f], encoded[q]["trace_ids"][j]) for f, j in zip(*matched[q][:2])])
+            for q in mine]
+
+
+def model_inputs(rows, layout, pad_id, device):
+    """A micro-batch as the keyword arguments of SequenceNLL.forward."""
+    if layout == "batch":
+        input_ids, labels, attention_mask = (t.to(device) for t in data.collate(rows, pad_id))
+        return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
+    input_ids, labels, position_ids, branch_ids = (t.to(device) for t in data.collate_branches(rows, pad_id))
+    mask = data.tree_block_mask(branch_ids) if device.type == "cuda" else data.tree_mask(branch_ids)
+    return dict(input_ids=input_ids, labels=labels, attention_mask=mask, position_ids=position_ids)
+
+
+def training_pass(model, rows, cfg, pad_id, device):
+    """Eq. 5 over this rank's rows (training_rows), questions stitched together in one queue and cut
     into micro-batches (the same number on every rank, PAD-filled). Gradients accumulate; the loss
     is the sum of token NLLs divided by the number of trace tokens over all ranks (not a mean of
     per-rank means). Returns (loss, global tokens, padding fraction, global input tokens)."""
     world = dist.get_world_size()
-    n_batches = all_max(data.num_micro_batches(len(seqs), cfg.micro_batch), device)
-    batches, num_pad = data.micro_batches(seqs, cfg.micro_batch, n_batches, pad_id)
-    local_tokens = sum(sum(label != data.IGNORE for label in labels) for _, labels in seqs)
-    global_tokens, global_pad, global_input = all_sum([local_tokens, num_pad, sum(len(ids) for ids, _ in seqs)], device)
+    n_batches = all_max(data.num_micro_batches(len(rows), cfg.micro_batch), device)
+    batches, num_pad = data.micro_batches(rows, cfg.micro_batch, n_batches, data.pad_item(pad_id, cfg.layout))
+    local_tokens = sum(sum(label != data.IGNORE for label in row[1]) for row in rows)
+    global_tokens, global_pad, global_input = all_sum([local_tokens, num_pad, sum(len(row[0]) for row in rows)], device)
     loss_sum = torch.zeros((), device=device)
     model.train()
     for mb in batches:
-        input_ids, labels, attention_mask = (t.to(device) for t in data.collate(mb, pad_id))
-        nll_sum, _ = model(input_ids, labels, attention_mask)
+        nll_sum, _ = model(**model_inputs(mb, cfg.layout, pad_id, device))
         # x world: FSDP averages gradients over ranks, and we want the global sum / global tokens
         (nll_sum.sum() / max(global_tokens, 1) * world).backward()
         loss_sum += nll_sum.sum().detach()
@@ -399,7 +432,9 @@ def main(cfg):
     print0(f"{len(questions)} questions, {sum(len(q['traces']) for q in questions)} traces "
            f"({truncated} truncated to --max_len {cfg.max_len}), {world} rank(s) on {device.type}, "
            f"steps {start}..{last_step} of {total_steps} ({steps_per_epoch} per epoch), "
-           f"forking tokens {fork_names[0]}..{fork_names[-1]} = ids {fork_ids[0]}..{fork_ids[-1]}")
+           f"forking tokens {fork_names[0]}..{fork_names[-1]} = ids {fork_ids[0]}..{fork_ids[-1]}, "
+           f"{cfg.layout} layout, attention {attention_backend(cfg, device)}"
+           + (" with a dense boolean tree mask" if cfg.layout == "concat" and device.type != "cuda" else ""))
     skipped = 0
 
     for step in range(start, last_step):
@@ -409,15 +444,14 @@ def main(cfg):
         mine = [batch[i] for i in mine]
 
         matched, matching_pad = matching_pass(model, encoded, mine, fork_ids, step, cfg, pad_id, device)
-        seqs = [data.make_sequence(encoded[q]["prompt_ids"], fork_ids[f], encoded[q]["trace_ids"][j])
-                for q in mine for f, j in zip(*matched[q][:2])]
+        rows = training_rows(encoded, mine, matched, fork_ids, cfg.layout)
         if step == start and any(len(encoded[q]["trace_ids"]) > cfg.num_forks for q in mine):
             print(f"warning: a question has more traces than --num_forks {cfg.num_forks}: only "
                   f"{cfg.num_forks} of its traces train in a step", flush=True)
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, global_tokens, pad_fraction, global_input = training_pass(model, seqs, cfg, pad_id, device)
+        loss, global_tokens, pad_fraction, global_input = training_pass(model, rows, cfg, pad_id, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
