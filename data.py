@@ -84,27 +84,36 @@ def parse_row(row, where):
             "answer": None if answer is None else str(answer)}
 
 
-def load_questions(path):
-    """All questions of a JSONL file. Any bad line raises DataError naming `path:line`."""
+def read_jsonl(path, drop_truncated_tail=False):
+    """[(line number, object)] of a JSONL file. A missing file, non-UTF-8 bytes or malformed JSON
+    raise DataError naming path:line, except, with drop_truncated_tail, an unterminated last line
+    (a run killed mid-write), which is dropped."""
     try:
         with open(path, "rb") as f:
-            raw = f.read()
+            lines = f.read().split(b"\n")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    questions, skipped = [], 0
-    for n, line in enumerate(raw.split(b"\n"), start=1):
-        where = f"{path}:{n}"
+    if drop_truncated_tail:
+        lines[-1] = b""  # after the last newline: empty, or the unfinished row of a killed run
+    rows = []
+    for n, line in enumerate(lines, start=1):
         try:
             text = line.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise DataError(f"{where}: not UTF-8 (byte {e.start})") from None
-        if not text.strip():
-            continue
-        try:
-            row = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: malformed JSON ({e.msg}, column {e.colno})") from None
-        q = parse_row(row, where)
+            raise DataError(f"{path}:{n}: not UTF-8 (byte {e.start})") from None
+        if text.strip():
+            try:
+                rows.append((n, json.loads(text)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
+    return rows
+
+
+def load_questions(path):
+    """All questions of a JSONL file. Any bad line raises DataError naming `path:line`."""
+    questions, skipped = [], 0
+    for n, row in read_jsonl(path):
+        q = parse_row(row, f"{path}:{n}")
         skipped += q is None
         questions += [q] if q else []
     if skipped:
@@ -176,8 +185,8 @@ def encode_question(tokenizer, q, max_len):
         raise DataError(f"a prompt of {len(prompt_ids)} tokens leaves no room for a trace under "
                         f"--max_len {max_len}: {q['prompt'][:60]!r}")
     trace_ids, truncated = [], 0
-    for t in q["traces"]:
-        ids = tokenizer.encode(t + tokenizer.eos_token, add_special_tokens=False)
+    for t in q["traces"]:  # a literal "<think1>" or "<|im_end|>" inside a trace stays plain text
+        ids = tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True) + [tokenizer.eos_token_id]
         truncated += len(ids) > room
         trace_ids.append(ids[:room])
     return {"prompt_ids": prompt_ids, "trace_ids": trace_ids, "truncated": truncated}

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 import data
 import toy
-from score import gold_answer, is_equiv, last_boxed, read_jsonl, read_rows, score_rows
+from score import gold_answer, is_equiv, last_boxed, read_rows, score_rows
 from train import init_distributed, parse_flags, print0, write_json
 
 
@@ -77,7 +77,7 @@ def load_problems(path, instruction, limit):
         return [{"id": i, "prompt": q["prompt"] + instruction, "gold": q["answer"]}
                 for i, q in enumerate(toy.make_questions(100, seed=1))][:limit or None]
     problems, seen = [], set()
-    for i, (n, row) in enumerate(read_jsonl(path)):
+    for i, (n, row) in enumerate(data.read_jsonl(path)):
         row = row if isinstance(row, dict) else {}
         prompt = next((row[k] for k in ("prompt", "problem", "question") if isinstance(row.get(k), str)), "")
         gold = next((row[k] for k in ("answer", "ground_truth", "gt", "solution") if row.get(k) is not None), None)

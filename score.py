@@ -175,30 +175,10 @@ def print_table(metrics, title):
 
 # ----------------------------------------------------------------------------- rows files
 
-def read_jsonl(path, drop_truncated_tail=False):
-    """[(line number, object)] of a JSONL file. A malformed line raises DataError naming path:line,
-    except, with drop_truncated_tail, an unterminated last line (a run killed mid-write): dropped."""
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
-    except OSError as e:
-        raise data.DataError(f"{path}: cannot read ({e.strerror})") from None
-    if drop_truncated_tail:
-        lines[-1] = b""  # after the last newline: empty, or the unfinished row of a killed run
-    out = []
-    for n, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                out.append((n, json.loads(line)))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise data.DataError(f"{path}:{n}: malformed JSON ({e})") from None
-    return out
-
-
 def read_rows(path):
     """Rows of an output file, with pred and correct filled in from text and gold where missing."""
     rows = []
-    for n, row in read_jsonl(path, drop_truncated_tail=True):
+    for n, row in data.read_jsonl(path, drop_truncated_tail=True):
         if not isinstance(row, dict) or "gold" not in row or not isinstance(row.get("completions"), list) \
                 or not row["completions"] or not all(isinstance(c, dict) and "text" in c for c in row["completions"]):
             raise data.DataError(f"{path}:{n}: a row needs 'gold' and 'completions': [{{'text', ...}}, ...]")

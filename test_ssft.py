@@ -302,8 +302,8 @@ def test_one_step_trains_exactly_the_documented_pairs(world_of_one, mode):
     """The gradient of train.py's step equals the gradient of Eq. 5 over the pairs documented for
     the mode, computed here with a plain forward of an unsharded copy of the same weights."""
     cfg = make_cfg(matching=mode, toy_questions=6, micro_batch=3, match_batch=5)
-    tok = train.load_tokenizer(cfg)
-    model, fork_ids, _ = train.load_model(cfg, tok, 0, torch.device("cpu"))
+    tok, fork_ids, num_trained = train.load_tokenizer(cfg)
+    model, _ = train.load_model(cfg, tok, fork_ids, num_trained, 0, torch.device("cpu"))
     questions = toy.make_questions(cfg.toy_questions, cfg.seed)
     questions[1]["traces"] = questions[1]["traces"][:2]  # M varies: 4, 2, 4, ...
     encoded = [data.encode_question(tok, q, cfg.max_len) for q in questions]
@@ -374,17 +374,72 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path):
     assert m1 == m2
 
 
-def test_stopped_run_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path):
+FAULT = """
+import os, signal, sys
+import match, train
+kind, when = sys.argv[1], int(sys.argv[2])
+calls = []
+
+def after(n):  # True on the n-th call
+    calls.append(1)
+    return len(calls) == n
+
+if kind == "kill_in_step":  # SIGKILL itself at the start of the training pass of step `when`
+    real_pass = train.training_pass
+    def training_pass(*args, **kwargs):
+        if after(when + 1):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_pass(*args, **kwargs)
+    train.training_pass = training_pass
+elif kind == "kill_in_checkpoint":  # SIGKILL after the `when`-th checkpoint's shards, before its rename
+    real_save = train.dcp.save
+    def save(*args, **kwargs):
+        real_save(*args, **kwargs)
+        if after(when):
+            os.kill(os.getpid(), signal.SIGKILL)
+    train.dcp.save = save
+elif kind == "nan_in_step":  # the loss of step `when` becomes NaN (and so do its gradients)
+    real_forward = match.SequenceNLL.forward
+    def forward(self, *args, **kwargs):
+        nll, n = real_forward(self, *args, **kwargs)
+        if self.training and train_steps() == when:
+            nll = nll * float("nan")
+        return nll, n
+    def train_steps():
+        return sum(1 for line in open(os.path.join(cfg.out_dir, "metrics.jsonl")))
+    match.SequenceNLL.forward = forward
+cfg = train.parse_config(sys.argv[3:])
+train.main(cfg)
+"""
+
+
+def faulty(kind, when, flags):
+    return run([sys.executable, "-c", FAULT, kind, str(when), *flags])
+
+
+def test_killed_runs_resume_from_the_last_complete_checkpoint_with_the_same_losses(tmp_path):
+    """kill -9 in the middle of the run (at half its steps) or during a checkpoint write: the same
+    command again continues exactly as the uninterrupted run (same data order, RNG and schedule)."""
     flags = ["--toy_questions", "32", "--batch_size", "8", "--epochs", "1", "--save_every", "2"]
     full = run([sys.executable, "train.py", "--out_dir", str(tmp_path / "full"), *flags])
     assert full.returncode == 0, full.stderr
-    half = run([sys.executable, "train.py", "--out_dir", str(tmp_path / "half"), *flags, "--max_steps", "2"])
-    assert half.returncode == 0, half.stderr
-    rest = run([sys.executable, "train.py", "--out_dir", str(tmp_path / "half"), *flags])
-    assert rest.returncode == 0 and "resumed from" in rest.stdout, rest.stderr
-    assert losses(tmp_path / "half") == losses(tmp_path / "full")
-    assert json.load(open(tmp_path / "half" / "matching.json")) == json.load(open(tmp_path / "full" / "matching.json"))
-    changed = run([sys.executable, "train.py", "--out_dir", str(tmp_path / "half"), *flags, "--lr", "0.1"])
+    expected = losses(tmp_path / "full")
+    assert len(expected) == 4
+
+    killed_step = faulty("kill_in_step", 2, ["--out_dir", str(tmp_path / "step"), *flags])  # at half the steps
+    assert killed_step.returncode == -9
+    killed_ckpt = faulty("kill_in_checkpoint", 2, ["--out_dir", str(tmp_path / "ckpt"), *flags])
+    assert killed_ckpt.returncode == -9
+    assert os.path.isdir(tmp_path / "ckpt" / "checkpoints" / "step_000004.tmp")  # half-written, not taken
+    for name in ("step", "ckpt"):
+        rest = run([sys.executable, "train.py", "--out_dir", str(tmp_path / name), *flags])
+        assert rest.returncode == 0, rest.stderr
+        assert "resumed from" in rest.stdout and "step_000002" in rest.stdout, rest.stdout
+        assert losses(tmp_path / name) == expected, name
+        full_matching = json.load(open(tmp_path / "full" / "matching.json"))
+        assert json.load(open(tmp_path / name / "matching.json")) == full_matching
+
+    changed = run([sys.executable, "train.py", "--out_dir", str(tmp_path / "step"), *flags, "--lr", "0.1"])
     assert changed.returncode != 0 and "other settings (lr)" in changed.stderr
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -397,6 +452,20 @@ def test_stopped_run_resumes_with_the_losses_of_an_uninterrupted_run(tmp_path):
                  add_special_tokens=False)
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape[1] > prompt["input_ids"].shape[1]
+
+
+def test_non_finite_loss_stops_with_the_step_or_is_skipped_and_counted(tmp_path):
+    flags = ["--toy_questions", "24", "--batch_size", "8", "--epochs", "1"]
+    stopped = faulty("nan_in_step", 1, ["--out_dir", str(tmp_path / "stop"), *flags])
+    assert stopped.returncode != 0 and "error: step 1: non-finite loss" in stopped.stderr, stopped.stderr
+    assert "--skip_nonfinite" in stopped.stderr
+    skipped = faulty("nan_in_step", 1, ["--out_dir", str(tmp_path / "skip"), *flags, "--skip_nonfinite", "true"])
+    assert skipped.returncode == 0, skipped.stderr
+    with open(tmp_path / "skip" / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["skipped"] for r in records] == [0, 1, 1]
+    weights = load_file(tmp_path / "skip" / "final" / "model.safetensors")
+    assert all(torch.isfinite(w.float()).all() for w in weights.values())
 
 
 # ----------------------------------------------------------------------------- concat layout (A.5)
@@ -480,8 +549,8 @@ def test_flex_attention_equals_sdpa_forward_and_backward_on_cuda():
 
 def test_concat_layout_loss_and_gradients_equal_batch_layout(world_of_one):
     cfg = make_cfg(toy_questions=4, micro_batch=2, match_batch=8, max_len=40)
-    tok = train.load_tokenizer(cfg)
-    model, fork_ids, _ = train.load_model(cfg, tok, 0, torch.device("cpu"))
+    tok, fork_ids, num_trained = train.load_tokenizer(cfg)
+    model, _ = train.load_model(cfg, tok, fork_ids, num_trained, 0, torch.device("cpu"))
     questions = toy.make_questions(4, seed=1)
     questions[0]["traces"] = questions[0]["traces"][:1]
     questions[1]["traces"] = questions[1]["traces"][:3]

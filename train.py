@@ -81,10 +81,17 @@ def parse_flags(config_cls, doc, argv=None, defaults=None):
     comments = dict(re.findall(r"^\s+(\w+): [\w.]+ = .*?  # (.*)$", inspect.getsource(config_cls), re.M))
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(config_cls):
-        kind = (lambda s: s.lower() in ("1", "true", "yes")) if f.type is bool else f.type
-        parser.add_argument(f"--{f.name}", type=kind, default=None, help=f"{comments[f.name]} (default {f.default})".replace("%", "%%"))
+        kind = boolean if f.type is bool else f.type
+        parser.add_argument(f"--{f.name}", type=kind, default=None,
+                            help=f"{comments[f.name]} (default {f.default!r})".replace("%", "%%"))
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return parser, given
+
+
+def boolean(text):
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
 
 
 def parse_config(argv=None):
@@ -133,21 +140,23 @@ def init_distributed():
 # ----------------------------------------------------------------------------- model
 
 def load_tokenizer(cfg):
+    """(tokenizer with the forking tokens, their ids, the vocabulary size before they were added)."""
     from transformers import AutoTokenizer
     if cfg.model == "toy":
-        return toy.make_tokenizer()
-    return AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = toy.make_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    num_trained = len(tokenizer)
+    return tokenizer, data.add_fork_tokens(tokenizer, cfg.num_forks), num_trained
 
 
-def load_model(cfg, tokenizer, rank, device):
-    """Adds the forking tokens and returns (SequenceNLL-wrapped FSDP2 model, fork_ids, hf_config).
+def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
+    """Returns (SequenceNLL-wrapped FSDP2 model, hf_config), the forking-token rows initialised.
 
     Only rank 0 reads the weights (a 32B model is not loaded as 8 CPU copies); the other ranks
     build the model on the meta device, and the full state dict is broadcast from rank 0 while
     each rank keeps its own shard (`broadcast_from_rank0`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    num_trained = len(tokenizer)
-    fork_ids = data.add_fork_tokens(tokenizer, cfg.num_forks)
     attn = attention_backend(cfg, device)
     torch.manual_seed(cfg.seed)
     if cfg.model == "toy":
@@ -178,7 +187,7 @@ def load_model(cfg, tokenizer, rank, device):
         if rank == 0:
             buf.copy_(buffers[name])
         dist.broadcast(buf, src=0)
-    return model, fork_ids, config
+    return model, config
 
 
 def attention_backend(cfg, device):
@@ -226,8 +235,10 @@ def save_final(model, tokenizer, config, path, rank):
         shutil.rmtree(tmp, ignore_errors=True)
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
+        if os.path.isdir(path):  # keep the previous final/ until the new one is complete
+            os.replace(path, path + ".old")
         os.replace(tmp, path)
+        shutil.rmtree(path + ".old", ignore_errors=True)
     dist.barrier()
 
 
@@ -244,6 +255,8 @@ def save_checkpoint(model, optimizer, step, stats, out_dir, rank):
     """Sharded model + optimiser (torch.distributed.checkpoint) and trainer state. The data order,
     random matchings and lr are pure functions of (seed, step), so `step` is all the RNG state."""
     path = os.path.join(out_dir, "checkpoints", f"step_{step:06d}")
+    if os.path.isdir(path):  # complete already (a rerun of a finished run)
+        return
     tmp = path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -394,17 +407,17 @@ def main(cfg):
             sys.exit(f"error: {cfg.out_dir} holds a run with other settings ({', '.join(changed)}); "
                      "resume with the same flags or choose another --out_dir")
     try:
-        tokenizer = load_tokenizer(cfg)
+        tokenizer, fork_ids, num_trained = load_tokenizer(cfg)
     except (OSError, ValueError) as e:
         sys.exit(f"error: --model {cfg.model}: cannot load a tokenizer ({str(e).splitlines()[0]})")
-
-    rank, world, device = init_distributed()
-    model, fork_ids, hf_config = load_model(cfg, tokenizer, rank, device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
         encoded = [data.encode_question(tokenizer, q, cfg.max_len) for q in questions]
     except data.DataError as e:
         sys.exit(f"error: {cfg.data}: {e}")
+
+    rank, world, device = init_distributed()
+    model, hf_config = load_model(cfg, tokenizer, fork_ids, num_trained, rank, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     fork_names = data.fork_tokens(cfg.num_forks)
     stats = match.MatchingStats(cfg.matching, fork_names)
@@ -423,8 +436,9 @@ def main(cfg):
         if start == 0:  # a fresh run: metrics from an earlier, non-checkpointed attempt are stale
             open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()
         else:  # drop lines logged after the checkpoint we resume from
-            lines = open(os.path.join(cfg.out_dir, "metrics.jsonl")).read().splitlines()
-            keep = [l for l in lines if l.strip() and json.loads(l)["step"] < start]
+            with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
+                lines = f.read().split("\n")[:-1]  # what follows the last newline is a killed write
+            keep = [line for line in lines if line.strip() and json.loads(line)["step"] < start]
             with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") as f:
                 f.write("".join(l + "\n" for l in keep))
     print0(json.dumps(dataclasses.asdict(cfg)))
