@@ -264,19 +264,47 @@ def test_non_utf8_and_missing_files_name_the_file(tmp_path):
         data.load_questions(str(tmp_path / "nothing.jsonl"))
 
 
-def test_bad_input_stops_before_training_and_leaves_out_dir_untouched(tmp_path):
+def test_bad_input_stops_before_training_and_leaves_out_dir_untouched(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text("earlier results\n")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "p", "traces": ["a"]}\n{oops\n')
+    long_prompt = tmp_path / "long.jsonl"
+    long_prompt.write_text(json.dumps({"prompt": "Add " + "1 + " * 50 + "1.", "traces": ["x"]}) + "\n")
     cases = [(["--data", str(bad)], "bad.jsonl:2: malformed JSON"),
              (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: cannot read"),
-             (["--matching", "greedy"], "--matching must be hungarian, random or sft")]
+             (["--model", str(tmp_path / "no_such_model")], "--model " + str(tmp_path / "no_such_model")),
+             (["--data", str(long_prompt), "--max_len", "20"], "leaves no room for a trace under --max_len 20"),
+             (["--matching", "greedy"], "--matching must be hungarian, random or sft"),
+             (["--num_forks", "0"], "--num_forks must be >= 1"),
+             (["--match_tokens", "0"], "--match_tokens must be >= 1"),
+             (["--max_len", "1"], "--max_len must be >= 2"),
+             (["--layout", "tree"], "--layout must be batch or concat")]
     for flags, message in cases:
-        result = run([sys.executable, "train.py", "--out_dir", str(out), *flags], timeout=60)
-        assert result.returncode != 0 and message in result.stderr, result.stderr
+        with pytest.raises(SystemExit) as stop:
+            train.main(train.parse_config(["--out_dir", str(out), *flags]))
+        said = str(stop.value.code) + capsys.readouterr().err
+        assert stop.value.code != 0 and message in said, said
     assert sorted(os.listdir(out)) == ["metrics.jsonl"] and (out / "metrics.jsonl").read_text() == "earlier results\n"
+
+
+def test_fork_strings_already_in_the_vocabulary_become_single_special_ids():
+    tok = toy.make_tokenizer()
+    tok.add_tokens(["<think2>"])  # an ordinary-text token before SSFT claims the string
+    before = tok.convert_tokens_to_ids("<think2>")
+    ids = data.add_fork_tokens(tok, 3)
+    assert ids[1] == before and len(set(ids)) == 3  # kept its id, now special
+    assert all(tok.encode(name, add_special_tokens=False) == [i] for name, i in zip(data.fork_tokens(3), ids))
+    q = {"prompt": "p", "traces": ["see <think2> here"]}  # inside a trace it is text, not the fork token
+    assert ids[1] not in data.encode_question(tok, q, 256)["trace_ids"][0]
+
+
+def test_tokenizer_without_chat_template_uses_the_documented_fallback():
+    tok = toy.make_tokenizer()
+    tok.chat_template = None
+    data.add_fork_tokens(tok, 2)
+    assert data.build_text(tok, "What is 2+2?", "<think1>", "4") == "Question: What is 2+2?\nAnswer: <think1>4" + tok.eos_token
 
 
 def test_micro_batches_pad_every_rank_to_the_same_number_of_forwards():

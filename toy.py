@@ -163,7 +163,8 @@ def generate(model, tokenizer, prompts, temperature, seed, max_new_tokens):
     torch.manual_seed(seed)
     sampling = dict(do_sample=True, temperature=temperature, top_p=0.95, top_k=0) if temperature else \
         dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+    # use_cache explicitly: final/'s generation_config.json inherits the training config's use_cache=False
+    out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, **sampling)
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
