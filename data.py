@@ -287,13 +287,15 @@ def pad_item(pad_id, layout="batch"):
 
 
 def micro_batches(items, micro_batch, num_batches, pad):
-    """Cuts a rank's queue of sequences (questions stitched together) into exactly `num_batches`
-    micro-batches of `micro_batch` items, filling the tail with `pad` items. Every rank runs the
-    same number of forwards, which FSDP's collectives require. Returns (batches, num_pad)."""
-    assert len(items) <= micro_batch * num_batches
-    num_pad = micro_batch * num_batches - len(items)
-    padded = items + [pad] * num_pad
-    return [padded[i * micro_batch:(i + 1) * micro_batch] for i in range(num_batches)], num_pad
+    """Cuts a rank's queue (questions stitched together) into `num_batches` micro-batches: longest
+    items first, so that items of similar length share a batch and little width is padded, at most
+    `micro_batch` per batch, then batches of one PAD item (one token, no loss) up to `num_batches`.
+    Every rank runs the same number of forwards, which FSDP's collectives require (the shapes may
+    differ). Returns (batches, order): batches[k][i] is items[order[k * micro_batch + i]]."""
+    order = sorted(range(len(items)), key=lambda i: -len(items[i][0]))
+    batches = [[items[i] for i in order[s:s + micro_batch]] for s in range(0, len(items), micro_batch)]
+    assert len(batches) <= num_batches
+    return batches + [[pad]] * (num_batches - len(batches)), order
 
 
 def num_micro_batches(num_sequences, micro_batch):

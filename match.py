@@ -77,7 +77,7 @@ def sequence_costs(nll_model, sequences, batch_size, pad_id, device, num_batches
     `batch_size` sequences (bounds memory); `num_batches` >= what is needed pads the list with PAD
     sequences so that every rank runs the same number of forwards under FSDP."""
     num_batches = num_batches or num_micro_batches(len(sequences), batch_size)
-    batches, _ = micro_batches(sequences, batch_size, num_batches, pad_item(pad_id))
+    batches, order = micro_batches(sequences, batch_size, num_batches, pad_item(pad_id))
     was_training = nll_model.training
     nll_model.eval()
     costs = []
@@ -86,7 +86,8 @@ def sequence_costs(nll_model, sequences, batch_size, pad_id, device, num_batches
         nll_sum, n = nll_model(input_ids, labels, attention_mask)
         costs.append((nll_sum / n.clamp(min=1)).cpu())
     nll_model.train(was_training)
-    return torch.cat(costs)[:len(sequences)]
+    costs = torch.cat(costs)[:len(sequences)]
+    return torch.empty_like(costs).index_copy_(0, torch.tensor(order, dtype=torch.long), costs)
 
 
 def cost_matrix(nll_model, prompt_ids, fork_ids, trace_ids, match_tokens, batch_size, pad_id, device="cpu"):

@@ -308,11 +308,13 @@ def test_tokenizer_without_chat_template_uses_the_documented_fallback():
 
 
 def test_micro_batches_pad_every_rank_to_the_same_number_of_forwards():
-    seqs = [([1, 2, 3], [data.IGNORE, 2, 3])] * 5
-    batches, num_pad = data.micro_batches(seqs, micro_batch=2, num_batches=4, pad=data.pad_item(0))
-    assert len(batches) == 4 and all(len(b) == 2 for b in batches) and num_pad == 3
+    seqs = [([1] * n, [data.IGNORE] + [1] * (n - 1)) for n in (3, 9, 4, 8, 5)]
+    batches, order = data.micro_batches(seqs, micro_batch=2, num_batches=5, pad=data.pad_item(0))
+    assert len(batches) == 5 and [len(b) for b in batches] == [2, 2, 1, 1, 1]
+    assert [len(s[0]) for b in batches[:3] for s in b] == [9, 8, 5, 4, 3]  # similar lengths share a batch
+    assert [seqs[i] for i in order] == [s for b in batches[:3] for s in b]
     _, labels, _ = data.collate(batches[-1], pad_id=0)
-    assert (labels == data.IGNORE).all()  # PAD sequences carry no loss
+    assert labels.shape == (1, 1) and (labels == data.IGNORE).all()  # PAD: one token, no loss
     ranks = data.split_over_ranks([1, 8, 4, 4, 2, 1], 2)
     assert sorted(sum(ranks, [])) == list(range(6))
     loads = [sum([1, 8, 4, 4, 2, 1][i] for i in r) for r in ranks]
@@ -336,7 +338,7 @@ def test_one_step_trains_exactly_the_documented_pairs(world_of_one, mode):
     questions[1]["traces"] = questions[1]["traces"][:2]  # M varies: 4, 2, 4, ...
     encoded = [data.encode_question(tok, q, cfg.max_len) for q in questions]
     mine = [0, 1, 2]
-    matched, _ = train.matching_pass(model, encoded, mine, fork_ids, step=3, cfg=cfg, pad_id=tok.pad_token_id,
+    matched = train.matching_pass(model, encoded, mine, fork_ids, step=3, cfg=cfg, pad_id=tok.pad_token_id,
                                      device=torch.device("cpu"))
     plain = toy.make_model(tok)
     plain.config.vocab_size = model.lm.config.vocab_size
@@ -586,7 +588,7 @@ def test_concat_layout_loss_and_gradients_equal_batch_layout(world_of_one):
     encoded = [data.encode_question(tok, q, cfg.max_len) for q in questions]
     assert sum(e["truncated"] for e in encoded) >= 1
     mine = [0, 1, 2, 3]
-    matched, _ = train.matching_pass(model, encoded, mine, fork_ids, 0, cfg, tok.pad_token_id, torch.device("cpu"))
+    matched = train.matching_pass(model, encoded, mine, fork_ids, 0, cfg, tok.pad_token_id, torch.device("cpu"))
     results = []
     for layout in ("batch", "concat"):
         cfg.layout = layout

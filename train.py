@@ -75,9 +75,9 @@ TOY_DEFAULTS = dict(num_forks=4, match_tokens=16, epochs=6, lr=3e-3, batch_size=
 RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir"}  # may change on resume
 
 
-def parse_flags(config_cls, doc, argv=None, defaults=None):
+def parse_flags(config_cls, doc, argv=None):
     """One --flag per field of a config dataclass, its trailing comment as the help (so --help
-    documents every field). `defaults` override the dataclass defaults for flags not given."""
+    documents every field). Returns (parser, {field: value} of the flags given)."""
     comments = dict(re.findall(r"^\s+(\w+): [\w.]+ = .*?  # (.*)$", inspect.getsource(config_cls), re.M))
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(config_cls):
@@ -172,7 +172,7 @@ def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
         config.vocab_size = full.get_input_embeddings().weight.shape[0]
         state = {"lm." + k: v for k, v in full.state_dict().items()}
         buffers = {k: v for k, v in full.named_buffers()}
-    rows = torch.tensor([config.vocab_size if rank == 0 else 0])
+    rows = torch.tensor([config.vocab_size if rank == 0 else 0], device=device)
     dist.broadcast(rows, src=0)  # all ranks agree on the (possibly resized) vocabulary
     config.vocab_size = int(rows)
     config.use_cache = False
@@ -183,10 +183,12 @@ def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
     model.to_empty(device="cpu" if cfg.cpu_offload else device)
     set_model_state_dict(model, state if rank == 0 else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for name, buf in lm.named_buffers():  # non-persistent buffers (rotary inv_freq) are not in the state dict
-        if rank == 0:
-            buf.copy_(buffers[name])
-        dist.broadcast(buf, src=0)
+    for prefix, module in lm.named_modules():  # non-persistent buffers (rotary inv_freq) are not in
+        for name, buf in list(module.named_buffers(recurse=False)):  # the state dict: broadcast them
+            value = buffers[f"{prefix}.{name}" if prefix else name].to(device) if rank == 0 \
+                else torch.empty(buf.shape, dtype=buf.dtype, device=device)
+            dist.broadcast(value, src=0)
+            setattr(module, name, value)  # on the GPU even when parameters are offloaded
     return model, config
 
 
@@ -322,17 +324,16 @@ def all_sum(values, device):
 def matching_pass(model, encoded, mine, fork_ids, step, cfg, pad_id, device):
     """Eq. 3-4 for this rank's questions `mine`: all their N x M cost sequences in one queue, in
     no-grad forwards of `match_batch` sequences (the same number on every rank), then one matching
-    per question. Returns ({q: (forks, traces, stat_forks, stat_traces, gap)}, padding fraction):
+    per question. Returns {q: (forks, traces, stat_forks, stat_traces, gap)}:
     (forks, traces) are the pairs to train; the stat_ pairs are the optimal matching, which the
     statistics track in every mode (Figure 7a tracks the optimum under random matching too)."""
     num_traces = {q: len(encoded[q]["trace_ids"]) for q in mine}
-    costs, pad_fraction = None, 0.0
+    costs = None
     if cfg.matching != "sft":  # the SFT baseline needs no cost matrix
         seqs = [s for q in mine for s in match.cost_sequences(
             encoded[q]["prompt_ids"], fork_ids, encoded[q]["trace_ids"], cfg.match_tokens)]
         n_batches = all_max(data.num_micro_batches(len(seqs), cfg.match_batch), device)
         costs = match.sequence_costs(model, seqs, cfg.match_batch, pad_id, device, n_batches)
-        pad_fraction = 1 - all_sum([len(seqs)], device)[0] / (dist.get_world_size() * n_batches * cfg.match_batch)
     matched, offset = {}, 0
     for q in mine:
         m, cost = num_traces[q], None
@@ -343,7 +344,7 @@ def matching_pass(model, encoded, mine, fork_ids, step, cfg, pad_id, device):
         stat_forks, stat_traces = match.hungarian(cost) if cfg.matching == "random" else (forks, traces)
         gap = match.matching_gap(cost, stat_forks, stat_traces) if cost is not None else None
         matched[q] = (forks, traces, [int(f) for f in stat_forks], [int(j) for j in stat_traces], gap)
-    return matched, pad_fraction
+    return matched
 
 
 def training_rows(encoded, mine, matched, fork_ids, layout):
@@ -371,12 +372,15 @@ def training_pass(model, rows, cfg, pad_id, device):
     """Eq. 5 over this rank's rows (training_rows), questions stitched together in one queue and cut
     into micro-batches (the same number on every rank, PAD-filled). Gradients accumulate; the loss
     is the sum of token NLLs divided by the number of trace tokens over all ranks (not a mean of
-    per-rank means). Returns (loss, global tokens, padding fraction, global input tokens)."""
+    per-rank means). Returns (loss, global trace tokens, global input tokens, padding fraction: the
+    share of the computed positions that are padding)."""
     world = dist.get_world_size()
     n_batches = all_max(data.num_micro_batches(len(rows), cfg.micro_batch), device)
-    batches, num_pad = data.micro_batches(rows, cfg.micro_batch, n_batches, data.pad_item(pad_id, cfg.layout))
+    batches, _ = data.micro_batches(rows, cfg.micro_batch, n_batches, data.pad_item(pad_id, cfg.layout))
     local_tokens = sum(sum(label != data.IGNORE for label in row[1]) for row in rows)
-    global_tokens, global_pad, global_input = all_sum([local_tokens, num_pad, sum(len(row[0]) for row in rows)], device)
+    computed = sum(len(mb) * max(len(row[0]) for row in mb) for mb in batches)
+    global_tokens, global_input, global_computed = all_sum(
+        [local_tokens, sum(len(row[0]) for row in rows), computed], device)
     loss_sum = torch.zeros((), device=device)
     model.train()
     for mb in batches:
@@ -385,7 +389,7 @@ def training_pass(model, rows, cfg, pad_id, device):
         (nll_sum.sum() / max(global_tokens, 1) * world).backward()
         loss_sum += nll_sum.sum().detach()
     loss = all_sum([loss_sum.item()], device)[0] / max(global_tokens, 1)
-    return loss, global_tokens, global_pad / (world * n_batches * cfg.micro_batch), global_input
+    return loss, global_tokens, global_input, 1 - global_input / global_computed
 
 
 # ----------------------------------------------------------------------------- main
@@ -457,7 +461,7 @@ def main(cfg):
         mine = data.split_over_ranks([len(questions[i]["traces"]) for i in batch], world)[rank]
         mine = [batch[i] for i in mine]
 
-        matched, matching_pad = matching_pass(model, encoded, mine, fork_ids, step, cfg, pad_id, device)
+        matched = matching_pass(model, encoded, mine, fork_ids, step, cfg, pad_id, device)
         rows = training_rows(encoded, mine, matched, fork_ids, cfg.layout)
         if step == start and any(len(encoded[q]["trace_ids"]) > cfg.num_forks for q in mine):
             print(f"warning: a question has more traces than --num_forks {cfg.num_forks}: only "
@@ -465,7 +469,7 @@ def main(cfg):
         lr = lr_at(step, total_steps, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, global_tokens, pad_fraction, global_input = training_pass(model, rows, cfg, pad_id, device)
+        loss, global_tokens, global_input, pad_fraction = training_pass(model, rows, cfg, pad_id, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -491,8 +495,7 @@ def main(cfg):
         dt = time.time() - t0
         record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "gap": float(np.mean(gaps)) if gaps else None, "tokens_per_s": global_input / dt,
-                  "pad_fraction": pad_fraction,
-                  "matching_pad_fraction": matching_pad, "skipped": skipped, "time_s": dt}
+                  "pad_fraction": pad_fraction, "skipped": skipped, "time_s": dt}
         if rank == 0:
             with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(record) + "\n")

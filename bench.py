@@ -1,0 +1,381 @@
+"""Speed of SSFT's code paths on one device (Appendix A.1's overhead claim, measured), issue 7.
+
+Random-init models of Qwen2.5 shapes (no downloads) and random token ids; one table, saved as JSON:
+
+  1. train      train.py's own optimiser step (SequenceNLL under FSDP2: chunked cross-entropy, bf16
+                compute on fp32 weights) against a plain Hugging Face step, `lm(ids, labels=labels)
+                .loss.backward()` under bf16 autocast on fp32 weights, same attention, recompute, clip
+                and AdamW: tokens/s, MFU and peak memory, for the 1.5B and 7B shapes at 8k and 16k tokens.
+  2. ssft/sft   the SSFT step (cost matrices, Hungarian, training) over the SFT step on the same data
+                (N=6, M=4, K=1000), beside its FLOP floor 1 + N*K / (c*L): matching is a forward over
+                N*M*K tokens, training c forwards' worth over M*L tokens (c = 3, 4 with activation
+                recompute), L the trace length; prompt tokens are left out of the floor.
+  3. cost       seconds per question of match.cost_matrix (N*M rows, each with the whole prompt)
+                against shared_prefix_cost_matrix below (the prompt run once): a CANDIDATE for match.py.
+  4. decode     infer.generate (prompt prefilled once, its KV cache shared by all streams) against
+                model.generate on the same prompt and forking tokens, greedy: tokens/s at 6 and 32 streams.
+
+Each number is the median of --iters runs after --warmup untimed ones, timed between device
+synchronisations. MFU counts model FLOPs of a T-token sequence the same way for both steps,
+    6 * P * T + 6 * layers * hidden * T^2
+(P: the matmul parameters, lm_head included, input embedding not; the second term is attention,
+12 * layers * hidden * T^2 for QK^T and AV forward and backward, halved by the causal mask; recompute
+not counted), over the dense bf16 peak of the GPU (datasheet, or --peak_tflops); n/a on the CPU.
+Models above --adamw_max_params skip the AdamW step in both steps (the row says so): the 7B shape's
+fp32 weights, grads and two Adam states are 122 GB, more than one 80 GB GPU holds.
+
+    python bench.py --quick                             # tiny shapes on the CPU, < 1 minute (CI)
+    torchrun --standalone --nproc_per_node 1 bench.py   # one H100/H200, about 6 minutes
+"""
+import copy
+import dataclasses
+import gc
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import infer
+import match
+import toy
+import train
+
+
+@dataclass
+class Config:
+    quick: bool = False  # tiny shapes, few runs, on the CPU: checks the code paths, the numbers mean nothing
+    out: str = "out/bench.json"  # the table as JSON, with the config, device, versions and every run's time
+    shapes: str = "1.5b,7b"  # model shapes of the train bench, from SHAPES (quick: tiny)
+    seq_lens: str = "8192,16384"  # tokens of the one sequence of a train-bench step (quick: 128,256)
+    shape: str = "1.5b"  # model shape of the ssft/sft, cost and decode benches (quick: tiny)
+    num_forks: int = 6  # N, forking tokens
+    num_traces: int = 4  # M, traces per question
+    match_tokens: int = 1000  # K, trace tokens in the matching cost (quick: 16)
+    match_batch: int = 8  # rows per no-grad forward of the cost matrix (train.py's default)
+    prompt_len: int = 256  # prompt tokens of every question (quick: 32)
+    trace_len: int = 4096  # L, tokens of every trace in the ssft/sft and cost benches (quick: 64)
+    questions: int = 2  # questions per optimiser step in the ssft/sft bench
+    streams: str = "6,32"  # parallel responses to one prompt in the decode bench
+    new_tokens: int = 128  # tokens decoded per stream; no stop token, so every stream decodes all (quick: 8)
+    activation_checkpointing: bool = True  # recompute decoder layers in backward, in both steps (c = 4)
+    adamw_max_params: float = 4e9  # larger models time forward + backward + clip without the AdamW step
+    warmup: int = 2  # untimed runs before each measurement (quick: 1)
+    iters: int = 5  # timed runs per measurement; the table shows their median (quick: 3)
+    peak_tflops: float = 0.0  # dense bf16 TFLOP/s of the GPU for MFU (0: datasheet value of a known GPU)
+    device: str = ""  # cuda or cpu ('' = cuda when available; quick: cpu)
+
+
+QUICK = dict(shapes="tiny", seq_lens="128,256", shape="tiny", match_tokens=16, prompt_len=32, trace_len=64,
+             new_tokens=8, warmup=1, iters=3, device="cpu")
+SHAPES = {  # the Hugging Face config.json of Qwen2.5-1.5B and -7B; tiny for --quick
+    "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                 intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+               intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=256, vocab_size=512, tie_word_embeddings=True),
+}
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "B200": 2250, "A100": 312}  # dense bf16 datasheet
+
+
+def parse_config(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    # a bare --quick means --quick=true (parse_flags' booleans otherwise take a value)
+    argv = [a + "=true" if a == "--quick" and argv[i + 1:i + 2] in ([], ["--"]) or a == "--quick"
+            and argv[i + 1].startswith("--") else a for i, a in enumerate(argv)]
+    parser, given = train.parse_flags(Config, __doc__, argv)
+    cfg = Config(**{**(QUICK if given.get("quick") else {}), **given})
+    unknown = [s for s in cfg.shapes.split(",") + [cfg.shape] if s not in SHAPES]
+    if unknown or cfg.iters < 1 or cfg.warmup < 0 or min(ints(cfg.seq_lens)) < cfg.prompt_len + 2:
+        parser.error(f"need shapes from {list(SHAPES)} (got {unknown}), --iters >= 1, --warmup >= 0 and "
+                     f"--seq_lens > --prompt_len + 1")
+    return cfg
+
+
+def ints(text):
+    return [int(x) for x in text.split(",")]
+
+
+# ----------------------------------------------------------------------------- timing and models
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn, cfg, device):
+    """{"s": median seconds, "times": every timed run, "peak_gib", "value": fn's last result} of
+    cfg.iters runs after cfg.warmup; None when the device runs out of memory."""
+    free_memory(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, value = [], None
+    try:
+        for i in range(cfg.warmup + cfg.iters):
+            sync(device)
+            t0 = time.perf_counter()
+            value = fn()
+            sync(device)  # CUDA kernels are asynchronous: time them, not their launch
+            times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        times = None
+    free_memory(device)
+    if times is None:
+        return None
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    return {"s": statistics.median(times[cfg.warmup:]), "times": times[cfg.warmup:], "peak_gib": peak, "value": value}
+
+
+def free_memory(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def build_lm(shape, device, dtype, attn):
+    """A random-init Qwen2 causal LM of one of SHAPES, built directly on `device`."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+    config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, use_cache=False,
+                         bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+
+
+def model_flops(shape, tokens):
+    """Model FLOPs of forward + backward of one causal sequence (the module docstring's formula)."""
+    s = SHAPES[shape]
+    h, layers, vocab = s["hidden_size"], s["num_hidden_layers"], s["vocab_size"]
+    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
+    per_layer = h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * s["intermediate_size"] + 2 * h  # attn, MLP, norms
+    matmul_params = layers * per_layer + vocab * h  # + lm_head; the input embedding is a lookup
+    return 6 * matmul_params * tokens + 6 * layers * h * tokens ** 2
+
+
+def num_params(shape):
+    s = SHAPES[shape]
+    return model_flops(shape, 1) // 6 - s["num_hidden_layers"] * s["hidden_size"] + \
+        s["hidden_size"] * (1 + (0 if s["tie_word_embeddings"] else s["vocab_size"]))
+
+
+def random_question(rng, prompt_len, trace_lens, low, high):
+    """An encoded question as data.encode_question returns it, with random ids in [low, high)."""
+    ids = lambda n: rng.integers(low, high, n).tolist()
+    return {"prompt_ids": ids(prompt_len), "trace_ids": [ids(n) for n in trace_lens], "truncated": 0}
+
+
+# ----------------------------------------------------------------------------- the steps
+
+def train_config(cfg, matching, max_len):
+    return train.parse_config(["--model", "bench", "--matching", matching, "--num_forks", str(cfg.num_forks),
+                               "--match_tokens", str(cfg.match_tokens), "--match_batch", str(cfg.match_batch),
+                               "--micro_batch", "1", "--max_len", str(max_len),
+                               f"--activation_checkpointing={cfg.activation_checkpointing}"])
+
+
+def train_py_step(model, optimizer, encoded, fork_ids, tcfg, pad_id, device):
+    """train.py's optimiser step (its main loop without the logging): matching pass (Eq. 3-4),
+    training pass (Eq. 5), gradient clipping, AdamW."""
+    mine = list(range(len(encoded)))
+    matched, _ = train.matching_pass(model, encoded, mine, fork_ids, 0, tcfg, pad_id, device)
+    rows = train.training_rows(encoded, mine, matched, fork_ids, tcfg.layout)
+    train.training_pass(model, rows, tcfg, pad_id, device)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+    if optimizer is not None:
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+
+
+def hf_step(lm, optimizer, input_ids, labels, grad_clip, device):
+    """The plain Hugging Face step: fp32 weights, bf16 autocast on CUDA, full-vocabulary logits."""
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        loss = lm(input_ids=input_ids, labels=labels).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(lm.parameters(), grad_clip)
+    if optimizer is not None:
+        optimizer.step()
+    lm.zero_grad(set_to_none=True)
+
+
+def adamw(model, tcfg, shape, cfg):
+    if num_params(shape) > cfg.adamw_max_params:
+        return None
+    return torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(0.9, 0.95), weight_decay=tcfg.weight_decay)
+
+
+@torch.no_grad()
+def shared_prefix_cost_matrix(lm, prompt_ids, fork_ids, trace_ids, match_tokens, batch_size, pad_id, device="cpu"):
+    """CANDIDATE for match.py: match.cost_matrix's C [num_forks, num_traces] (Eq. 4) with the prompt
+    run once. Its KV cache is copied to every batch of `batch_size` continuations (g_i, first K
+    tokens of y_j), fork-major as match.cost_sequences, which attend to it from positions P, P+1, ...
+    The forward falls from N*M*(P+1+K) tokens to P + N*M*(1+K). test_bench proves it equal."""
+    lm.eval()
+    P, weight = len(prompt_ids), lm.get_output_embeddings().weight
+    prefix = lm.model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True).cache
+    conts = [[f] + t[:match_tokens] for f in fork_ids for t in trace_ids]
+    costs = []
+    for s in range(0, len(conts), batch_size):
+        batch = conts[s:s + batch_size]
+        width = max(map(len, batch))
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), data.IGNORE, dtype=torch.long)
+        mask = torch.zeros(len(batch), P + width, dtype=torch.long)
+        mask[:, :P] = 1
+        for b, c in enumerate(batch):
+            ids[b, :len(c)], labels[b, 1:len(c)], mask[b, P:P + len(c)] = torch.tensor(c), torch.tensor(c[1:]), 1
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(len(batch))  # [1, heads, P, dim] -> [batch, heads, P, dim]
+        hidden = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, cache=cache,
+                          position_ids=torch.arange(P, P + width, device=device).expand(len(batch), -1)).last_hidden_state
+        # as in match.SequenceNLL: position t predicts token t+1 (g_i predicts y_1), logits in chunks
+        rows, cols = (labels[:, 1:] != data.IGNORE).nonzero(as_tuple=True)
+        h, y = hidden[rows.to(device), cols.to(device)], labels[:, 1:][rows, cols].to(device)
+        nll = torch.cat([match._chunk_nll(h[i:i + 1024], weight, y[i:i + 1024]) for i in range(0, len(y), 1024)])
+        costs.append(torch.zeros(len(batch)).index_add(0, rows, nll.cpu()) / torch.bincount(rows, minlength=len(batch)))
+    return torch.cat(costs).view(len(fork_ids), len(trace_ids))
+
+
+# ----------------------------------------------------------------------------- the four benches
+
+def bench_train(cfg, shape, device, fork_ids, pad_id, low, peak):
+    """Rows of bench 1: train.py's step against the plain HF step, one model of `shape` at a time."""
+    lens, rng = ints(cfg.seq_lens), np.random.default_rng(0)
+    tcfg = train_config(cfg, "sft", max(lens))  # sft: a one-trace question trains one row, no matching
+    questions = {t: [random_question(rng, cfg.prompt_len, [t - cfg.prompt_len - 1], low, SHAPES[shape]["vocab_size"])]
+                 for t in lens}
+    res = {}
+    for path in ("train.py", "HF"):
+        lm = build_lm(shape, device, torch.float32, train.attention_backend(tcfg, device))
+        if path == "train.py":
+            model = train.shard(lm, tcfg, device)
+        elif cfg.activation_checkpointing:  # the same call as train.shard's
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = model if path == "train.py" else lm.train()
+        optimizer = adamw(model, tcfg, shape, cfg)
+        for t, enc in questions.items():
+            if path == "train.py":
+                res[path, t] = measure(lambda: train_py_step(model, optimizer, enc, fork_ids, tcfg, pad_id, device), cfg, device)
+            else:
+                seq = data.make_sequence(enc[0]["prompt_ids"], fork_ids[0], enc[0]["trace_ids"][0])
+                ids, labels, _ = (x.to(device) for x in data.collate([seq], pad_id))
+                res[path, t] = measure(lambda: hf_step(lm, optimizer, ids, labels, tcfg.grad_clip, device), cfg, device)
+        del lm, model, optimizer
+        free_memory(device)
+    what = "fwd+bwd+clip+AdamW" if num_params(shape) <= cfg.adamw_max_params else "fwd+bwd+clip, no AdamW (memory)"
+    return [row("train tok/s: train.py | HF", f"{shape} {t} tok", res["train.py", t], res["HF", t],
+                lambda r, t=t: t / r["s"], what, mfu=lambda r, t=t: model_flops(shape, t) / r["s"] / peak if peak else None)
+            for t in lens]
+
+
+def bench_ssft(cfg, device, fork_ids, pad_id, low):
+    """Bench 2: the SSFT step over the SFT step, both train.py's, on the same questions and model."""
+    rng, L = np.random.default_rng(1), cfg.trace_len
+    encoded = [random_question(rng, cfg.prompt_len, [L] * cfg.num_traces, low, SHAPES[cfg.shape]["vocab_size"])
+               for _ in range(cfg.questions)]
+    tcfg = {m: train_config(cfg, m, cfg.prompt_len + 1 + L) for m in ("hungarian", "sft")}
+    model = train.shard(build_lm(cfg.shape, device, torch.float32, train.attention_backend(tcfg["sft"], device)),
+                        tcfg["sft"], device)
+    optimizer = adamw(model, tcfg["sft"], cfg.shape, cfg)
+    res = {m: measure(lambda: train_py_step(model, optimizer, encoded, fork_ids, tcfg[m], pad_id, device), cfg, device)
+           for m in tcfg}
+    del model, optimizer
+    c = 4 if cfg.activation_checkpointing else 3
+    floor = 1 + cfg.num_forks * min(cfg.match_tokens, L) / (c * L)
+    return [row("ssft/sft step s: SSFT | SFT", f"{cfg.shape} N{cfg.num_forks} M{cfg.num_traces} K{cfg.match_tokens} L{L}",
+                res["hungarian"], res["sft"], lambda r: r["s"], f"FLOP floor 1+NK/(cL) = {floor:.3f} (c={c})")]
+
+
+def bench_cost(cfg, device, fork_ids, pad_id, low):
+    """Bench 3: seconds per question of the cost matrix, shared prefix against match.cost_matrix."""
+    rng = np.random.default_rng(2)
+    q = random_question(rng, cfg.prompt_len, [cfg.trace_len] * cfg.num_traces, low, SHAPES[cfg.shape]["vocab_size"])
+    lm = build_lm(cfg.shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32, "sdpa").eval()
+    args = (q["prompt_ids"], fork_ids, q["trace_ids"], cfg.match_tokens, cfg.match_batch, pad_id, device)
+    shared = measure(lambda: shared_prefix_cost_matrix(lm, *args), cfg, device)
+    full = measure(lambda: match.cost_matrix(match.SequenceNLL(lm), *args), cfg, device)
+    k, nm, p = min(cfg.match_tokens, cfg.trace_len), cfg.num_forks * cfg.num_traces, cfg.prompt_len
+    return [row("cost s/question: shared | match", f"{cfg.shape} P{p} N{cfg.num_forks} M{cfg.num_traces} K{k}",
+                shared, full, lambda r: r["s"], f"candidate; tokens {(p + nm * (1 + k)) / (nm * (p + 1 + k)):.3f}x")]
+
+
+def bench_decode(cfg, device, fork_ids, pad_id, low):
+    """Bench 4: tokens/s of infer.generate against model.generate, one prompt, S greedy streams."""
+    rng = np.random.default_rng(3)
+    prompt = random_question(rng, cfg.prompt_len, [], low, SHAPES[cfg.shape]["vocab_size"])["prompt_ids"]
+    lm = build_lm(cfg.shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32, "sdpa").eval()
+    icfg = infer.Config(temperature=0.0, max_new_tokens=cfg.new_tokens, batch_size=0)
+    rows = []
+    for s in ints(cfg.streams):
+        firsts = [fork_ids[i % len(fork_ids)] for i in range(s)]  # --fork cycle
+        batch = torch.tensor([prompt + [f] for f in firsts], device=device)
+
+        def hf_generate():
+            out = lm.generate(input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=False, top_p=None,
+                              top_k=None, temperature=None, max_new_tokens=cfg.new_tokens, eos_token_id=None,
+                              pad_token_id=pad_id, use_cache=True)
+            return (out.shape[1] - batch.shape[1]) * s
+        ours = measure(lambda: sum(len(ids) for ids, _ in infer.generate(
+            lm, prompt, firsts, icfg, set(), torch.Generator(device))), cfg, device)
+        rows.append(row("decode tok/s: infer | HF", f"{cfg.shape} {s} streams P{len(prompt)}", ours,
+                        measure(hf_generate, cfg, device), lambda r: r["value"] / r["s"],
+                        f"greedy, {cfg.new_tokens} new tokens per stream"))
+    return rows
+
+
+def row(bench, case, a, b, metric, note, mfu=lambda r: None):
+    """One table row: A and B as `metric` of their measurements (None: out of memory)."""
+    value = lambda r: metric(r) if r else None
+    return {"bench": bench, "case": case, "a": value(a), "b": value(b),
+            "ratio": value(a) / value(b) if a and b else None, "note": note,
+            "mfu": [mfu(r) if r else None for r in (a, b)], "peak_gib": [r["peak_gib"] if r else None for r in (a, b)],
+            "times_s": [r["times"] if r else None for r in (a, b)]}
+
+
+def fmt(x, spec):
+    return "n/a" if x is None else format(x, spec)
+
+
+def main(cfg):
+    rank, world, _ = train.init_distributed()  # plain python: a world of one; torchrun: NCCL
+    if world != 1:
+        sys.exit("error: bench.py measures one device: run it with python, or torchrun --nproc_per_node 1")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    peak = 1e12 * (cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0)) \
+        if device.type == "cuda" else 0
+    import transformers
+    env = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
+           "cuda": torch.version.cuda, "backend": dist.get_backend(), "peak_tflops": peak / 1e12 or None,
+           "load_average": os.getloadavg()}
+    print(json.dumps(dataclasses.asdict(cfg)))
+    print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
+    tokenizer = toy.make_tokenizer()  # only for a PAD id and N forking-token ids; all text is random ids
+    fork_ids = data.add_fork_tokens(tokenizer, cfg.num_forks)
+    pad_id, low = tokenizer.pad_token_id, len(tokenizer)  # random ids start above the forking tokens
+    t0 = time.time()
+    rows = [r for shape in cfg.shapes.split(",") for r in bench_train(cfg, shape, device, fork_ids, pad_id, low, peak)]
+    for bench in (bench_ssft, bench_cost, bench_decode):
+        rows += bench(cfg, device, fork_ids, pad_id, low)
+        free_memory(device)
+    print(f"\n{'bench':<32}{'case':<30}{'A':>11}{'B':>11}{'A/B':>7}{'MFU A|B':>14}{'peak GiB A|B':>15}  note")
+    for r in rows:
+        mfu, mem = (" | ".join(fmt(x, s) for x in r[k]) for k, s in (("mfu", ".1%"), ("peak_gib", ".1f")))
+        print(f"{r['bench']:<32}{r['case']:<30}{fmt(r['a'], '11.4g')}{fmt(r['b'], '11.4g')}"
+              f"{fmt(r['ratio'], '7.3f')}{mfu:>14}{mem:>15}  {r['note']}")
+    print(f"A, B: n/a where out of memory (or MFU/memory on the CPU); {time.time() - t0:.0f} s; {cfg.out}")
+    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    train.write_json(cfg.out, {"config": dataclasses.asdict(cfg), "env": env, "rows": rows})
+    dist.destroy_process_group()
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_config())
