@@ -55,8 +55,8 @@ class SequenceNLL(nn.Module):
                              if torch.is_grad_enabled() else _chunk_nll(*args))
         token_nll = torch.cat(token_nll) if token_nll else hidden.new_zeros(0, dtype=torch.float32)
         nll_sum = torch.zeros(len(input_ids), device=hidden.device).index_add(0, rows, token_nll)
-        # keep the graph connected to every parameter even for an all-PAD micro-batch
-        nll_sum = nll_sum + 0.0 * hidden.sum()
+        if len(y) == 0:  # an all-PAD micro-batch: still give every parameter a (zero) gradient, so
+            nll_sum = nll_sum + 0.0 * (hidden.sum() + weight.sum())  # every rank reduces the same ones
         return nll_sum, torch.bincount(rows, minlength=len(input_ids))
 
 
