@@ -89,8 +89,8 @@ PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "B200": 2250, "A100":
 def parse_config(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # a bare --quick means --quick=true (parse_flags' booleans otherwise take a value)
-    argv = [a + "=true" if a == "--quick" and argv[i + 1:i + 2] in ([], ["--"]) or a == "--quick"
-            and argv[i + 1].startswith("--") else a for i, a in enumerate(argv)]
+    argv = [a + "=true" if a == "--quick" and (argv[i + 1:] or ["--"])[0].startswith("--") else a
+            for i, a in enumerate(argv)]
     parser, given = train.parse_flags(Config, __doc__, argv)
     cfg = Config(**{**(QUICK if given.get("quick") else {}), **given})
     unknown = [s for s in cfg.shapes.split(",") + [cfg.shape] if s not in SHAPES]
@@ -150,20 +150,20 @@ def build_lm(shape, device, dtype, attn):
         return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
 
 
+def param_counts(shape):
+    """(parameters, matmul parameters) of a Qwen2 shape: the second counts lm_head (a matmul even when
+    tied) and not the input embedding (a lookup); it is the P of the MFU formula."""
+    s = SHAPES[shape]
+    h, inter, layers, vocab = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
+    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
+    layer = 2 * h * h + 2 * h * kv + h + 2 * kv + 3 * h * inter + 2 * h  # q, k, v (with biases), o, MLP, 2 norms
+    return layers * layer + h + vocab * h * (1 if s["tie_word_embeddings"] else 2), layers * layer + vocab * h
+
+
 def model_flops(shape, tokens):
     """Model FLOPs of forward + backward of one causal sequence (the module docstring's formula)."""
     s = SHAPES[shape]
-    h, layers, vocab = s["hidden_size"], s["num_hidden_layers"], s["vocab_size"]
-    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
-    per_layer = h * (h + 2 * kv) + (h + 2 * kv) + h * h + 3 * h * s["intermediate_size"] + 2 * h  # attn, MLP, norms
-    matmul_params = layers * per_layer + vocab * h  # + lm_head; the input embedding is a lookup
-    return 6 * matmul_params * tokens + 6 * layers * h * tokens ** 2
-
-
-def num_params(shape):
-    s = SHAPES[shape]
-    return model_flops(shape, 1) // 6 - s["num_hidden_layers"] * s["hidden_size"] + \
-        s["hidden_size"] * (1 + (0 if s["tie_word_embeddings"] else s["vocab_size"]))
+    return 6 * param_counts(shape)[1] * tokens + 6 * s["num_hidden_layers"] * s["hidden_size"] * tokens ** 2
 
 
 def random_question(rng, prompt_len, trace_lens, low, high):
@@ -185,7 +185,7 @@ def train_py_step(model, optimizer, encoded, fork_ids, tcfg, pad_id, device):
     """train.py's optimiser step (its main loop without the logging): matching pass (Eq. 3-4),
     training pass (Eq. 5), gradient clipping, AdamW."""
     mine = list(range(len(encoded)))
-    matched, _ = train.matching_pass(model, encoded, mine, fork_ids, 0, tcfg, pad_id, device)
+    matched = train.matching_pass(model, encoded, mine, fork_ids, 0, tcfg, pad_id, device)
     rows = train.training_rows(encoded, mine, matched, fork_ids, tcfg.layout)
     train.training_pass(model, rows, tcfg, pad_id, device)
     torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
@@ -206,7 +206,7 @@ def hf_step(lm, optimizer, input_ids, labels, grad_clip, device):
 
 
 def adamw(model, tcfg, shape, cfg):
-    if num_params(shape) > cfg.adamw_max_params:
+    if param_counts(shape)[0] > cfg.adamw_max_params:
         return None
     return torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(0.9, 0.95), weight_decay=tcfg.weight_decay)
 
@@ -256,9 +256,10 @@ def bench_train(cfg, shape, device, fork_ids, pad_id, low, peak):
         lm = build_lm(shape, device, torch.float32, train.attention_backend(tcfg, device))
         if path == "train.py":
             model = train.shard(lm, tcfg, device)
-        elif cfg.activation_checkpointing:  # the same call as train.shard's
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model = model if path == "train.py" else lm.train()
+        else:
+            if cfg.activation_checkpointing:  # the same call as train.shard's
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = lm.train()
         optimizer = adamw(model, tcfg, shape, cfg)
         for t, enc in questions.items():
             if path == "train.py":
@@ -269,7 +270,7 @@ def bench_train(cfg, shape, device, fork_ids, pad_id, low, peak):
                 res[path, t] = measure(lambda: hf_step(lm, optimizer, ids, labels, tcfg.grad_clip, device), cfg, device)
         del lm, model, optimizer
         free_memory(device)
-    what = "fwd+bwd+clip+AdamW" if num_params(shape) <= cfg.adamw_max_params else "fwd+bwd+clip, no AdamW (memory)"
+    what = "fwd+bwd+clip+AdamW" if param_counts(shape)[0] <= cfg.adamw_max_params else "fwd+bwd+clip, no AdamW (memory)"
     return [row("train tok/s: train.py | HF", f"{shape} {t} tok", res["train.py", t], res["HF", t],
                 lambda r, t=t: t / r["s"], what, mfu=lambda r, t=t: model_flops(shape, t) / r["s"] / peak if peak else None)
             for t in lens]
@@ -300,7 +301,8 @@ def bench_cost(cfg, device, fork_ids, pad_id, low):
     lm = build_lm(cfg.shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32, "sdpa").eval()
     args = (q["prompt_ids"], fork_ids, q["trace_ids"], cfg.match_tokens, cfg.match_batch, pad_id, device)
     shared = measure(lambda: shared_prefix_cost_matrix(lm, *args), cfg, device)
-    full = measure(lambda: match.cost_matrix(match.SequenceNLL(lm), *args), cfg, device)
+    nll_model = match.SequenceNLL(lm)
+    full = measure(lambda: match.cost_matrix(nll_model, *args), cfg, device)
     k, nm, p = min(cfg.match_tokens, cfg.trace_len), cfg.num_forks * cfg.num_traces, cfg.prompt_len
     return [row("cost s/question: shared | match", f"{cfg.shape} P{p} N{cfg.num_forks} M{cfg.num_traces} K{k}",
                 shared, full, lambda r: r["s"], f"candidate; tokens {(p + nm * (1 + k)) / (nm * (p + 1 + k)):.3f}x")]
@@ -344,7 +346,7 @@ def fmt(x, spec):
 
 
 def main(cfg):
-    rank, world, _ = train.init_distributed()  # plain python: a world of one; torchrun: NCCL
+    _, world, _ = train.init_distributed()  # plain python: a world of one; torchrun: NCCL
     if world != 1:
         sys.exit("error: bench.py measures one device: run it with python, or torchrun --nproc_per_node 1")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))

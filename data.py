@@ -150,7 +150,8 @@ def init_fork_rows(model, fork_ids, num_trained, seed):
         model.resize_token_embeddings(max(fork_ids) + 1, pad_to_multiple_of=64, mean_resizing=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for emb in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+        inputs, outputs = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        for emb in [inputs] if outputs is inputs else [inputs, outputs]:  # tied: one matrix
             trained = emb[:num_trained].float()
             noise = torch.randn(len(fork_ids), emb.shape[1], generator=g) * trained.std() * 1e-2
             emb[fork_ids] = (trained.mean(0) + noise).to(emb.dtype)
