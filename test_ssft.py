@@ -536,15 +536,20 @@ def test_concat_branches_are_isolated(tiny):
         torch.testing.assert_close(model(alone).logits[0, 4:], logits[0][branch_ids[0] >= 0][-3:], rtol=1e-5, atol=1e-5)
 
 
-def test_flex_attention_block_mask_equals_dense_mask_forward():
-    """FlexAttention (the CUDA path) against SDPA with the dense mask, forward on the CPU."""
-    tok = toy.make_tokenizer()
+def sdpa_and_flex_models(hidden, device):
+    """Two tiny Qwen2 models with the same weights: SDPA attention and FlexAttention."""
     torch.manual_seed(0)
-    sdpa = toy.make_model(tok, hidden=32).eval()
+    sdpa = toy.make_model(toy.make_tokenizer(), hidden=hidden).to(device)
     flex_cfg = sdpa.config.__class__(**sdpa.config.to_dict())
     flex_cfg._attn_implementation = "flex_attention"
-    flex = type(sdpa)(flex_cfg).eval()
+    flex = type(sdpa)(flex_cfg).to(device)
     flex.load_state_dict(sdpa.state_dict())
+    return sdpa, flex
+
+
+def test_flex_attention_block_mask_equals_dense_mask_forward():
+    """FlexAttention (the CUDA path) against SDPA with the dense mask, forward on the CPU."""
+    sdpa, flex = sdpa_and_flex_models(32, "cpu")
     rows = [data.make_branches([1, 2, 3], [(7, list(range(20, 40))), (8, list(range(50, 61)))]),
             data.make_branches([1, 2], [(9, [4, 5, 6])])]
     input_ids, _, position_ids, branch_ids = data.collate_branches(rows, pad_id=0)
@@ -558,13 +563,7 @@ def test_flex_attention_block_mask_equals_dense_mask_forward():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_flex_attention_equals_sdpa_forward_and_backward_on_cuda():
-    tok = toy.make_tokenizer()
-    torch.manual_seed(0)
-    sdpa = toy.make_model(tok, hidden=64).cuda()
-    flex_cfg = sdpa.config.__class__(**sdpa.config.to_dict())
-    flex_cfg._attn_implementation = "flex_attention"
-    flex = type(sdpa)(flex_cfg).cuda()
-    flex.load_state_dict(sdpa.state_dict())
+    sdpa, flex = sdpa_and_flex_models(64, "cuda")
     rows = [data.make_branches(list(range(1, 40)), [(7, list(range(20, 200))), (8, list(range(50, 130)))])]
     input_ids, labels, position_ids, branch_ids = (t.cuda() for t in data.collate_branches(rows, pad_id=0))
     out = []
