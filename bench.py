@@ -1,37 +1,33 @@
-"""Speed of SSFT's code paths on one device (Appendix A.1's overhead claim, measured), issue 7.
+"""How fast SSFT's code paths run on one device (the overhead claim of Appendix A.1, measured).
 
-Random-init models of Qwen2.5 shapes (no downloads) and random token ids; one table, saved as JSON:
-
-  1. train      train.py's own optimiser step (SequenceNLL under FSDP2: chunked cross-entropy, bf16
-                compute on fp32 weights) against a plain Hugging Face step, `lm(ids, labels=labels)
-                .loss.backward()` under bf16 autocast on fp32 weights, same attention, recompute, clip
-                and AdamW: tokens/s, MFU and peak memory, for the 1.5B and 7B shapes at 8k and 16k tokens.
-  2. ssft/sft   the SSFT step (cost matrices, Hungarian, training) over the SFT step on the same data
-                (N=6, M=4, K=1000), beside its FLOP floor 1 + N*K / (c*L): matching is a forward over
-                N*M*K tokens, training c forwards' worth over M*L tokens (c = 3, 4 with activation
-                recompute), L the trace length; prompt tokens are left out of the floor.
-  3. cost       seconds per question of match.cost_matrix (N*M rows, each with the whole prompt)
-                against shared_prefix_cost_matrix below (the prompt run once): a CANDIDATE for match.py.
-  4. decode     infer.generate (prompt prefilled once, its KV cache shared by all streams) against
-                model.generate on the same prompt and forking tokens, greedy: tokens/s at 6 and 32 streams.
-
-Each number is the median of --iters runs after --warmup untimed ones, timed between device
-synchronisations. MFU counts model FLOPs of a T-token sequence the same way for both steps,
+Random-init models of Qwen2.5 shapes (no downloads), random token ids; one table, also saved as JSON:
+  1. train     train.py's own optimiser step (SequenceNLL under FSDP2: bf16 compute on fp32 weights,
+               chunked cross-entropy) against a plain Hugging Face step, `lm(ids, labels=labels).loss
+               .backward()` under bf16 autocast on fp32 weights, same attention, recompute, clipping and
+               AdamW: tokens/s, MFU and peak memory for the 1.5B and 7B shapes at 8k and 16k tokens.
+  2. ssft/sft  the SSFT step (cost matrices, Hungarian, training) over the SFT step on the same data
+               (N=6, M=4, K=1000), beside its FLOP floor 1 + N*K / (c*L): matching is one forward over
+               N*M*K tokens, training costs c forwards over M*L (c = 3, or 4 with activation recompute;
+               L the trace length; prompt tokens left out).
+  3. cost      seconds per question of match.cost_matrix (N*M rows, each with the whole prompt) against
+               shared_prefix_cost_matrix below (the prompt once): a CANDIDATE for match.py.
+  4. decode    infer.generate (prompt prefilled once, its KV cache shared by the streams) against
+               model.generate on the same prompt and forking tokens, greedy: tokens/s, 6 and 32 streams.
+Each number is the median of --iters runs after --warmup, timed between device synchronisations.
+MFU = model FLOPs / time / the GPU's dense bf16 peak (n/a on the CPU); a T-token sequence costs
     6 * P * T + 6 * layers * hidden * T^2
-(P: the matmul parameters, lm_head included, input embedding not; the second term is attention,
-12 * layers * hidden * T^2 for QK^T and AV forward and backward, halved by the causal mask; recompute
-not counted), over the dense bf16 peak of the GPU (datasheet, or --peak_tflops); n/a on the CPU.
-Models above --adamw_max_params skip the AdamW step in both steps (the row says so): the 7B shape's
-fp32 weights, grads and two Adam states are 122 GB, more than one 80 GB GPU holds.
+in both steps (P: every parameter but the input embedding, lm_head counted even when tied; the second
+term is attention's QK^T and AV, 12 * layers * hidden * T^2 forward and backward, halved by the causal
+mask; recompute is not counted). Models over --adamw_max_params time both steps without AdamW (the row
+says so): 7B's fp32 weights, gradients and two Adam states are 122 GB, more than an 80 GB GPU holds.
 
-    python bench.py --quick                             # tiny shapes on the CPU, < 1 minute (CI)
+    python bench.py --quick                             # tiny shapes on the CPU, ~20 s (what CI runs)
     torchrun --standalone --nproc_per_node 1 bench.py   # one H100/H200, about 6 minutes
 """
 import copy
 import dataclasses
 import gc
 import json
-import math
 import os
 import statistics
 import sys
@@ -71,11 +67,12 @@ class Config:
     iters: int = 5  # timed runs per measurement; the table shows their median (quick: 3)
     peak_tflops: float = 0.0  # dense bf16 TFLOP/s of the GPU for MFU (0: datasheet value of a known GPU)
     device: str = ""  # cuda or cpu ('' = cuda when available; quick: cpu)
+    cpu_threads: int = 0  # torch's CPU threads (0: its default; quick: 1, steady on a shared machine)
 
 
 QUICK = dict(shapes="tiny", seq_lens="128,256", shape="tiny", match_tokens=16, prompt_len=32, trace_len=64,
-             new_tokens=8, warmup=1, iters=3, device="cpu")
-SHAPES = {  # the Hugging Face config.json of Qwen2.5-1.5B and -7B; tiny for --quick
+             new_tokens=8, warmup=1, iters=3, device="cpu", cpu_threads=1)
+SHAPES = {  # as in the config.json of Qwen2.5-1.5B and -7B; tiny for --quick
     "1.5b": dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                  intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True),
     "7b": dict(hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
@@ -83,20 +80,16 @@ SHAPES = {  # the Hugging Face config.json of Qwen2.5-1.5B and -7B; tiny for --q
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=256, vocab_size=512, tie_word_embeddings=True),
 }
-PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "B200": 2250, "A100": 312}  # dense bf16 datasheet
+PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "B200": 2250, "A100": 312}  # dense bf16, datasheets
 
 
 def parse_config(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    # a bare --quick means --quick=true (parse_flags' booleans otherwise take a value)
-    argv = [a + "=true" if a == "--quick" and (argv[i + 1:] or ["--"])[0].startswith("--") else a
-            for i, a in enumerate(argv)]
     parser, given = train.parse_flags(Config, __doc__, argv)
     cfg = Config(**{**(QUICK if given.get("quick") else {}), **given})
     unknown = [s for s in cfg.shapes.split(",") + [cfg.shape] if s not in SHAPES]
     if unknown or cfg.iters < 1 or cfg.warmup < 0 or min(ints(cfg.seq_lens)) < cfg.prompt_len + 2:
         parser.error(f"need shapes from {list(SHAPES)} (got {unknown}), --iters >= 1, --warmup >= 0 and "
-                     f"--seq_lens > --prompt_len + 1")
+                     "--seq_lens > --prompt_len + 1")
     return cfg
 
 
@@ -106,32 +99,31 @@ def ints(text):
 
 # ----------------------------------------------------------------------------- timing and models
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def measure(fn, cfg, device):
-    """{"s": median seconds, "times": every timed run, "peak_gib", "value": fn's last result} of
-    cfg.iters runs after cfg.warmup; None when the device runs out of memory."""
+def measure(label, fn, cfg, device):
+    """{"s": median seconds, "times", "peak_gib", "value": fn's last result} of cfg.iters runs of fn
+    after cfg.warmup untimed ones, each between device synchronisations (CUDA kernels run
+    asynchronously: time them, not their launch); None when the device runs out of memory."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, value = [], None
     try:
-        for i in range(cfg.warmup + cfg.iters):
-            sync(device)
+        for _ in range(cfg.warmup + cfg.iters):
+            sync()
             t0 = time.perf_counter()
             value = fn()
-            sync(device)  # CUDA kernels are asynchronous: time them, not their launch
+            sync()
             times.append(time.perf_counter() - t0)
     except torch.OutOfMemoryError:
         times = None
     free_memory(device)
+    median = statistics.median(times[cfg.warmup:]) if times else None
+    print(f"  {label}: " + (f"median {median:.4g} s" if times else "out of memory"), file=sys.stderr, flush=True)
     if times is None:
         return None
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"s": statistics.median(times[cfg.warmup:]), "times": times[cfg.warmup:], "peak_gib": peak, "value": value}
+    return {"s": median, "times": times[cfg.warmup:], "peak_gib": peak, "value": value}
 
 
 def free_memory(device):
@@ -141,29 +133,16 @@ def free_memory(device):
 
 
 def build_lm(shape, device, dtype, attn):
-    """A random-init Qwen2 causal LM of one of SHAPES, built directly on `device`."""
+    """A random-init Qwen2 causal LM of one of SHAPES, built directly on `device`, and its
+    (parameter count, P of the MFU formula)."""
     from transformers import AutoModelForCausalLM, Qwen2Config
     config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, use_cache=False,
                          bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(0)
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
-
-
-def param_counts(shape):
-    """(parameters, matmul parameters) of a Qwen2 shape: the second counts lm_head (a matmul even when
-    tied) and not the input embedding (a lookup); it is the P of the MFU formula."""
-    s = SHAPES[shape]
-    h, inter, layers, vocab = s["hidden_size"], s["intermediate_size"], s["num_hidden_layers"], s["vocab_size"]
-    kv = h // s["num_attention_heads"] * s["num_key_value_heads"]
-    layer = 2 * h * h + 2 * h * kv + h + 2 * kv + 3 * h * inter + 2 * h  # q, k, v (with biases), o, MLP, 2 norms
-    return layers * layer + h + vocab * h * (1 if s["tie_word_embeddings"] else 2), layers * layer + vocab * h
-
-
-def model_flops(shape, tokens):
-    """Model FLOPs of forward + backward of one causal sequence (the module docstring's formula)."""
-    s = SHAPES[shape]
-    return 6 * param_counts(shape)[1] * tokens + 6 * s["num_hidden_layers"] * s["hidden_size"] * tokens ** 2
+        lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+    params = sum(p.numel() for p in lm.parameters())  # a tied lm_head is counted once here
+    return lm, params, params if config.tie_word_embeddings else params - lm.get_input_embeddings().weight.numel()
 
 
 def random_question(rng, prompt_len, trace_lens, low, high):
@@ -205,8 +184,9 @@ def hf_step(lm, optimizer, input_ids, labels, grad_clip, device):
     lm.zero_grad(set_to_none=True)
 
 
-def adamw(model, tcfg, shape, cfg):
-    if param_counts(shape)[0] > cfg.adamw_max_params:
+def adamw(model, params, tcfg, cfg):
+    """train.py's optimiser, or None above --adamw_max_params."""
+    if params > cfg.adamw_max_params:
         return None
     return torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(0.9, 0.95), weight_decay=tcfg.weight_decay)
 
@@ -227,7 +207,7 @@ def shared_prefix_cost_matrix(lm, prompt_ids, fork_ids, trace_ids, match_tokens,
         width = max(map(len, batch))
         ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
         labels = torch.full((len(batch), width), data.IGNORE, dtype=torch.long)
-        mask = torch.zeros(len(batch), P + width, dtype=torch.long)
+        mask = torch.zeros(len(batch), P + width, dtype=torch.long)  # keys: the prompt, then the row's own
         mask[:, :P] = 1
         for b, c in enumerate(batch):
             ids[b, :len(c)], labels[b, 1:len(c)], mask[b, P:P + len(c)] = torch.tensor(c), torch.tensor(c[1:]), 1
@@ -246,33 +226,36 @@ def shared_prefix_cost_matrix(lm, prompt_ids, fork_ids, trace_ids, match_tokens,
 # ----------------------------------------------------------------------------- the four benches
 
 def bench_train(cfg, shape, device, fork_ids, pad_id, low, peak):
-    """Rows of bench 1: train.py's step against the plain HF step, one model of `shape` at a time."""
-    lens, rng = ints(cfg.seq_lens), np.random.default_rng(0)
-    tcfg = train_config(cfg, "sft", max(lens))  # sft: a one-trace question trains one row, no matching
+    """Rows of bench 1: train.py's step against the plain HF step, one model in memory at a time."""
+    lens, rng, res = ints(cfg.seq_lens), np.random.default_rng(0), {}
+    tcfg = train_config(cfg, "sft", max(lens))  # sft: no cost matrix, a one-trace question is one row
     questions = {t: [random_question(rng, cfg.prompt_len, [t - cfg.prompt_len - 1], low, SHAPES[shape]["vocab_size"])]
                  for t in lens}
-    res = {}
     for path in ("train.py", "HF"):
-        lm = build_lm(shape, device, torch.float32, train.attention_backend(tcfg, device))
+        lm, params, matmul_params = build_lm(shape, device, torch.float32, train.attention_backend(tcfg, device))
         if path == "train.py":
             model = train.shard(lm, tcfg, device)
         else:
             if cfg.activation_checkpointing:  # the same call as train.shard's
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model = lm.train()
-        optimizer = adamw(model, tcfg, shape, cfg)
+        optimizer = adamw(model, params, tcfg, cfg)
         for t, enc in questions.items():
             if path == "train.py":
-                res[path, t] = measure(lambda: train_py_step(model, optimizer, enc, fork_ids, tcfg, pad_id, device), cfg, device)
+                res[path, t] = measure(f"train {path} {shape} {t}", lambda: train_py_step(
+                    model, optimizer, enc, fork_ids, tcfg, pad_id, device), cfg, device)
             else:
                 seq = data.make_sequence(enc[0]["prompt_ids"], fork_ids[0], enc[0]["trace_ids"][0])
                 ids, labels, _ = (x.to(device) for x in data.collate([seq], pad_id))
-                res[path, t] = measure(lambda: hf_step(lm, optimizer, ids, labels, tcfg.grad_clip, device), cfg, device)
+                res[path, t] = measure(f"train {path} {shape} {t}", lambda: hf_step(
+                    lm, optimizer, ids, labels, tcfg.grad_clip, device), cfg, device)
         del lm, model, optimizer
         free_memory(device)
-    what = "fwd+bwd+clip+AdamW" if param_counts(shape)[0] <= cfg.adamw_max_params else "fwd+bwd+clip, no AdamW (memory)"
+    what = "fwd+bwd+clip+AdamW" if params <= cfg.adamw_max_params else "fwd+bwd+clip, no AdamW (memory)"
+    s = SHAPES[shape]
+    flops = lambda t: 6 * matmul_params * t + 6 * s["num_hidden_layers"] * s["hidden_size"] * t ** 2
     return [row("train tok/s: train.py | HF", f"{shape} {t} tok", res["train.py", t], res["HF", t],
-                lambda r, t=t: t / r["s"], what, mfu=lambda r, t=t: model_flops(shape, t) / r["s"] / peak if peak else None)
+                lambda r, t=t: t / r["s"], what, mfu=lambda r, t=t: flops(t) / r["s"] / peak if peak else None)
             for t in lens]
 
 
@@ -282,12 +265,12 @@ def bench_ssft(cfg, device, fork_ids, pad_id, low):
     encoded = [random_question(rng, cfg.prompt_len, [L] * cfg.num_traces, low, SHAPES[cfg.shape]["vocab_size"])
                for _ in range(cfg.questions)]
     tcfg = {m: train_config(cfg, m, cfg.prompt_len + 1 + L) for m in ("hungarian", "sft")}
-    model = train.shard(build_lm(cfg.shape, device, torch.float32, train.attention_backend(tcfg["sft"], device)),
-                        tcfg["sft"], device)
-    optimizer = adamw(model, tcfg["sft"], cfg.shape, cfg)
-    res = {m: measure(lambda: train_py_step(model, optimizer, encoded, fork_ids, tcfg[m], pad_id, device), cfg, device)
-           for m in tcfg}
-    del model, optimizer
+    lm, params, _ = build_lm(cfg.shape, device, torch.float32, train.attention_backend(tcfg["sft"], device))
+    model = train.shard(lm, tcfg["sft"], device)
+    optimizer = adamw(model, params, tcfg["sft"], cfg)
+    res = {m: measure(f"step {m}", lambda: train_py_step(model, optimizer, encoded, fork_ids, tcfg[m], pad_id, device),
+                      cfg, device) for m in tcfg}
+    del lm, model, optimizer
     c = 4 if cfg.activation_checkpointing else 3
     floor = 1 + cfg.num_forks * min(cfg.match_tokens, L) / (c * L)
     return [row("ssft/sft step s: SSFT | SFT", f"{cfg.shape} N{cfg.num_forks} M{cfg.num_traces} K{cfg.match_tokens} L{L}",
@@ -295,14 +278,15 @@ def bench_ssft(cfg, device, fork_ids, pad_id, low):
 
 
 def bench_cost(cfg, device, fork_ids, pad_id, low):
-    """Bench 3: seconds per question of the cost matrix, shared prefix against match.cost_matrix."""
+    """Bench 3: seconds per question of the cost matrix, shared prefix against match.cost_matrix,
+    on one plain (unsharded) model in the dtype the matching pass computes in."""
     rng = np.random.default_rng(2)
     q = random_question(rng, cfg.prompt_len, [cfg.trace_len] * cfg.num_traces, low, SHAPES[cfg.shape]["vocab_size"])
-    lm = build_lm(cfg.shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32, "sdpa").eval()
+    lm = build_lm(cfg.shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32, "sdpa")[0].eval()
     args = (q["prompt_ids"], fork_ids, q["trace_ids"], cfg.match_tokens, cfg.match_batch, pad_id, device)
-    shared = measure(lambda: shared_prefix_cost_matrix(lm, *args), cfg, device)
+    shared = measure("cost shared prefix", lambda: shared_prefix_cost_matrix(lm, *args), cfg, device)
     nll_model = match.SequenceNLL(lm)
-    full = measure(lambda: match.cost_matrix(nll_model, *args), cfg, device)
+    full = measure("cost match.cost_matrix", lambda: match.cost_matrix(nll_model, *args), cfg, device)
     k, nm, p = min(cfg.match_tokens, cfg.trace_len), cfg.num_forks * cfg.num_traces, cfg.prompt_len
     return [row("cost s/question: shared | match", f"{cfg.shape} P{p} N{cfg.num_forks} M{cfg.num_traces} K{k}",
                 shared, full, lambda r: r["s"], f"candidate; tokens {(p + nm * (1 + k)) / (nm * (p + 1 + k)):.3f}x")]
@@ -312,11 +296,11 @@ def bench_decode(cfg, device, fork_ids, pad_id, low):
     """Bench 4: tokens/s of infer.generate against model.generate, one prompt, S greedy streams."""
     rng = np.random.default_rng(3)
     prompt = random_question(rng, cfg.prompt_len, [], low, SHAPES[cfg.shape]["vocab_size"])["prompt_ids"]
-    lm = build_lm(cfg.shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32, "sdpa").eval()
+    lm = build_lm(cfg.shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32, "sdpa")[0].eval()
     icfg = infer.Config(temperature=0.0, max_new_tokens=cfg.new_tokens, batch_size=0)
     rows = []
     for s in ints(cfg.streams):
-        firsts = [fork_ids[i % len(fork_ids)] for i in range(s)]  # --fork cycle
+        firsts = [fork_ids[i % len(fork_ids)] for i in range(s)]  # infer.py's --fork cycle
         batch = torch.tensor([prompt + [f] for f in firsts], device=device)
 
         def hf_generate():
@@ -324,10 +308,10 @@ def bench_decode(cfg, device, fork_ids, pad_id, low):
                               top_k=None, temperature=None, max_new_tokens=cfg.new_tokens, eos_token_id=None,
                               pad_token_id=pad_id, use_cache=True)
             return (out.shape[1] - batch.shape[1]) * s
-        ours = measure(lambda: sum(len(ids) for ids, _ in infer.generate(
+        ours = measure(f"decode infer {s}", lambda: sum(len(ids) for ids, _ in infer.generate(
             lm, prompt, firsts, icfg, set(), torch.Generator(device))), cfg, device)
         rows.append(row("decode tok/s: infer | HF", f"{cfg.shape} {s} streams P{len(prompt)}", ours,
-                        measure(hf_generate, cfg, device), lambda r: r["value"] / r["s"],
+                        measure(f"decode HF {s}", hf_generate, cfg, device), lambda r: r["value"] / r["s"],
                         f"greedy, {cfg.new_tokens} new tokens per stream"))
     return rows
 
@@ -350,6 +334,8 @@ def main(cfg):
     if world != 1:
         sys.exit("error: bench.py measures one device: run it with python, or torchrun --nproc_per_node 1")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     peak = 1e12 * (cfg.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), 0)) \
         if device.type == "cuda" else 0
@@ -361,7 +347,7 @@ def main(cfg):
     print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     tokenizer = toy.make_tokenizer()  # only for a PAD id and N forking-token ids; all text is random ids
     fork_ids = data.add_fork_tokens(tokenizer, cfg.num_forks)
-    pad_id, low = tokenizer.pad_token_id, len(tokenizer)  # random ids start above the forking tokens
+    pad_id, low = tokenizer.pad_token_id, len(tokenizer)  # random ids lie above the forking tokens
     t0 = time.time()
     rows = [r for shape in cfg.shapes.split(",") for r in bench_train(cfg, shape, device, fork_ids, pad_id, low, peak)]
     for bench in (bench_ssft, bench_cost, bench_decode):
@@ -372,7 +358,7 @@ def main(cfg):
         mfu, mem = (" | ".join(fmt(x, s) for x in r[k]) for k, s in (("mfu", ".1%"), ("peak_gib", ".1f")))
         print(f"{r['bench']:<32}{r['case']:<30}{fmt(r['a'], '11.4g')}{fmt(r['b'], '11.4g')}"
               f"{fmt(r['ratio'], '7.3f')}{mfu:>14}{mem:>15}  {r['note']}")
-    print(f"A, B: n/a where out of memory (or MFU/memory on the CPU); {time.time() - t0:.0f} s; {cfg.out}")
+    print(f"A, B: medians; n/a: out of memory, or MFU and memory on the CPU. {time.time() - t0:.0f} s, {cfg.out}")
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     train.write_json(cfg.out, {"config": dataclasses.asdict(cfg), "env": env, "rows": rows})
     dist.destroy_process_group()

@@ -81,8 +81,8 @@ def parse_flags(config_cls, doc, argv=None):
     comments = dict(re.findall(r"^\s+(\w+): [\w.]+ = .*?  # (.*)$", inspect.getsource(config_cls), re.M))
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(config_cls):
-        kind = boolean if f.type is bool else f.type
-        parser.add_argument(f"--{f.name}", type=kind, default=None,
+        extra = dict(type=boolean, nargs="?", const=True) if f.type is bool else dict(type=f.type)
+        parser.add_argument(f"--{f.name}", default=None, **extra,
                             help=f"{comments[f.name]} (default {f.default!r})".replace("%", "%%"))
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return parser, given

@@ -1,0 +1,87 @@
+"""Tests of bench.py: the --quick run CI covers, the shared-prefix cost matrix (the precondition for
+moving it into match.py) and the parameter counts behind MFU.
+
+    python -m pytest -q test_bench.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench
+import data
+import match
+import toy
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_quick_run_prints_and_saves_every_row_with_positive_finite_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=HERE,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    expected = [("train tok/s: train.py | HF", "tiny 128 tok"), ("train tok/s: train.py | HF", "tiny 256 tok"),
+                ("ssft/sft step s: SSFT | SFT", "tiny N6 M4 K16 L64"),
+                ("cost s/question: shared | match", "tiny P32 N6 M4 K16"),
+                ("decode tok/s: infer | HF", "tiny 6 streams P32"), ("decode tok/s: infer | HF", "tiny 32 streams P32")]
+    assert [(r["bench"], r["case"]) for r in rows] == expected
+    for r in rows:
+        for key in ("a", "b", "ratio"):
+            assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (r["case"], key, r[key])
+        assert all(len(times) == 3 for times in r["times_s"])  # --quick: 3 timed runs, medians of them
+        assert f"{r['bench']:<32}{r['case']:<30}" in run.stdout  # the printed table has the row
+    assert "torch " + torch.__version__ in run.stdout  # the device and versions are printed
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """fp32 tiny Qwen2 with 6 forking tokens whose embeddings differ, so cost rows differ."""
+    torch.manual_seed(0)
+    tok = toy.make_tokenizer()
+    model = toy.make_model(tok, hidden=32)
+    num_trained = len(tok)
+    fork_ids = data.add_fork_tokens(tok, 6)
+    data.init_fork_rows(model, fork_ids, num_trained, seed=0)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[fork_ids] += torch.randn(6, 32)
+    return tok, model.eval(), fork_ids
+
+
+def test_shared_prefix_cost_matrix_equals_match_cost_matrix(tiny):
+    """Prompt run once with its KV cache shared == every (fork, trace) row with the whole prompt,
+    for traces shorter and longer than K (one of a single token), any batching, N != M."""
+    tok, model, fork_ids = tiny
+    q = {"prompt": "Add 12 + 34 + 56.", "traces": [toy.solve([12, 34, 56], s) for s in toy.STYLES]}
+    enc = data.encode_question(tok, q, max_len=256)
+    traces = enc["trace_ids"] + [enc["trace_ids"][0][:1]]  # M = 5, the last one token long
+    for k in (1000, 5):
+        ref = match.cost_matrix(match.SequenceNLL(model), enc["prompt_ids"], fork_ids, traces, k, 16, tok.pad_token_id)
+        for batch in (30, 7, 1):
+            got = bench.shared_prefix_cost_matrix(model, enc["prompt_ids"], fork_ids, traces, k, batch, tok.pad_token_id)
+            assert got.shape == (6, 5)
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert ref.std(0).min() > 1e-3 and ref.std(1).min() > 1e-3  # rows and columns differ: a swap would show
+
+
+def test_shapes_have_the_published_qwen25_parameter_counts():
+    """1.54B (1.31B non-embedding) and 7.61B (6.53B), as the model cards give them; the MFU's P is all
+    but the input embedding."""
+    for shape, total, non_embedding in (("1.5b", 1.54e9, 1.31e9), ("7b", 7.61e9, 6.53e9)):
+        lm, params, matmul_params = bench.build_lm(shape, "meta", torch.float32, "sdpa")
+        embedding = lm.get_input_embeddings().weight.numel()
+        non_embedding_params = params - embedding * (2 if shape == "7b" else 1)
+        assert abs(params - total) < 1e7 and abs(non_embedding_params - non_embedding) < 1e7
+        assert matmul_params == params - embedding * (shape == "7b")  # 1.5B ties lm_head to the embedding
+
+
+def test_bare_quick_flag_selects_the_tiny_cpu_defaults():
+    assert bench.parse_config(["--quick"]).shapes == "tiny"
+    cfg = bench.parse_config(["--quick", "--iters", "2"])
+    assert (cfg.quick, cfg.iters, cfg.device) == (True, 2, "cpu")
+    assert bench.parse_config(["--quick", "false"]).shapes == "1.5b,7b"
