@@ -15,7 +15,7 @@ algorithm), and the training loss is the NTP loss of every trace under its match
     python -m pytest -q test_ssft.py -k "hungarian or cost_matrix"
 """
 import math
-from collections import Counter, defaultdict
+from collections import Counter
 
 import numpy as np
 import torch
@@ -187,10 +187,3 @@ class MatchingStats:
                            "gap_sum": e["mean_gap"] * e["questions"], "configurations": configs, "edges": edges})
         return cls(obj["matching"], obj["fork_tokens"], epochs)
 
-
-def count_by_fork(stats_epoch, num_forks):
-    """Edge counts per fork token for one epoch: {fork: {key: count}} (for logs and plots)."""
-    table = defaultdict(Counter)
-    for (f, j, s), n in stats_epoch["edges"].items():
-        table[f][s if s is not None else j] += n
-    return {f: dict(table[f]) for f in range(num_forks)}

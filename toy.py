@@ -36,6 +36,7 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config,
                           Qwen2ForCausalLM)
+from transformers.utils import logging as hf_logging
 
 import data
 
@@ -146,9 +147,10 @@ def make_model(tokenizer, hidden=128, layers=2, spare_rows=16):
 class CompareConfig:
     out_dir: str = "out/toy_compare"  # summary.json, toy_compare.png and runs/<variant>_seed<s>/
     variants: str = "hungarian,random,sft"  # train.py --matching modes, trained with the same seeds and data
-    seeds: int = 3  # seeds 0..seeds-1 (data, data order, init and random matchings)
-    toy_questions: int = 128  # training questions (train.py's default: 256)
-    epochs: int = 4  # the same step budget for every variant (train.py's default: 6)
+    seeds: int = 3  # seeds 0..seeds-1 (data, data order, initialisation, random matchings)
+    toy_questions: int = 64  # training questions (train.py's default: 256)
+    epochs: int = 12  # passes over them: the same step budget for every variant
+    batch_size: int = 4  # questions per step (train.py's: 16): many small steps learn the trace format sooner
     eval_questions: int = 40  # held-out questions, none of them in any training set
     samples: int = 2  # sampled generations per forking token and question, at temperature 0.7
     max_new_tokens: int = 64  # the longest trace has ~50 tokens
@@ -156,42 +158,41 @@ class CompareConfig:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompts, temperature, seed, max_new_tokens):
-    """Completions of `prompts` (full texts up to and including the forking token), decoded in one
-    left-padded batch: greedy at temperature 0, else nucleus sampling with the paper's top_p 0.95."""
+    """Completions of `prompts` (texts ending in the forking token), in one left-padded batch:
+    greedy at temperature 0, else nucleus sampling with the paper's top_p 0.95."""
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
     torch.manual_seed(seed)
-    sampling = dict(do_sample=True, temperature=temperature, top_p=0.95, top_k=0) if temperature else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    # use_cache explicitly: final/'s generation_config.json inherits the training config's use_cache=False
+    sampling = dict(do_sample=True, temperature=temperature, top_p=0.95, top_k=0) if temperature \
+        else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    # use_cache explicitly: final/'s generation_config.json keeps training's use_cache=False
     out = model.generate(**enc, max_new_tokens=max_new_tokens, use_cache=True, pad_token_id=tokenizer.pad_token_id,
                          eos_token_id=tokenizer.eos_token_id, **sampling)
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def evaluate(model, tokenizer, questions, forks, sets, temperature, seed, max_new_tokens):
-    """One record per generation: `sets` rounds, each prompting every question once with every
-    token of `forks` (the N tokens; or one token repeated N times for a single-token view). A round
-    of one question is what Cons@N votes over."""
-    jobs = [(q, k, f) for q in range(len(questions)) for k in range(sets) for f in forks]
+def evaluate(model, tokenizer, questions, forks, rounds, temperature, seed, max_new_tokens):
+    """One record per generation: `rounds` rounds, each prompting every question once with every
+    token in `forks`. Cons@N votes within a (question, round)."""
+    jobs = [(q, k, f) for q in range(len(questions)) for k in range(rounds) for f in forks]
     texts = generate(model, tokenizer, [data.build_text(tokenizer, questions[q]["prompt"], f) for q, _, f in jobs],
                      temperature, seed, max_new_tokens)
-    return [{"question": q, "set": k, "fork": f, "style": recognise(t), "pred": answer_of(t),
+    return [{"question": q, "round": k, "fork": f, "style": recognise(t), "pred": answer_of(t),
              "gold": questions[q]["answer"]} for (q, k, f), t in zip(jobs, texts)]
 
 
 def majority_correct(records):
-    """Whether the most frequent answer is right; ties go to the answer seen first, no answer is wrong."""
+    """Whether the most frequent answer is right; a tie goes to the answer seen first, no answer is wrong."""
     votes = Counter(r["pred"] for r in records if r["pred"] is not None).most_common(1)
     return bool(votes) and votes[0][0] == records[0]["gold"]
 
 
 def summarise(records):
-    """The metrics of one evaluation. Per token: its style distribution, its majority style (one of
-    the four; "other" never counts) and Pass@1. Over tokens: purity (the mean fraction of a token's
-    generations in its majority style), distinct_styles (how many different majority styles the
-    tokens have), Pass@1 (mean) and Cons@N (majority vote of each round, mean over rounds)."""
-    per_fork = {}
+    """Per token: the style distribution of its generations, its majority style (one of the four:
+    "other" never counts) and Pass@1. Over tokens: purity (the fraction of a token's generations in
+    its majority style, averaged over tokens), distinct_styles (the number of different majority
+    styles), Pass@1 (mean over tokens) and Cons@N (mean over rounds of the round's majority vote)."""
+    per_fork, rounds = {}, defaultdict(list)
     for f in dict.fromkeys(r["fork"] for r in records):
         mine = [r for r in records if r["fork"] == f]
         counts = Counter(r["style"] for r in mine)
@@ -199,19 +200,18 @@ def summarise(records):
         per_fork[f] = {"styles": {s: counts[s] / len(mine) for s in STYLES + ["other"]},
                        "majority": top if counts[top] else None, "purity": counts[top] / len(mine),
                        "pass@1": sum(r["pred"] == r["gold"] for r in mine) / len(mine)}
-    rounds = defaultdict(list)
     for r in records:
-        rounds[r["question"], r["set"]].append(r)
+        rounds[r["question"], r["round"]].append(r)
     return {"purity": mean(p["purity"] for p in per_fork.values()),
             "distinct_styles": len({p["majority"] for p in per_fork.values()} - {None}),
             "pass@1": mean(p["pass@1"] for p in per_fork.values()),
-            "cons@N": mean(majority_correct(r) for r in rounds.values()), "per_fork": per_fork}
+            "cons@N": float(mean(majority_correct(r) for r in rounds.values())), "per_fork": per_fork}
 
 
 def configuration_counts(run_dir):
     """Figure 7's view from matching.json: per epoch, the number of distinct optimal configurations
-    and the share of questions in the most common one. Under SSFT few configurations keep getting
-    mass; under random matching (whose statistics record the optimum too) they do not."""
+    and the share of the questions in the most common one. Under random matching the statistics
+    record the optimal configuration too, as in Figure 7(a)."""
     with open(os.path.join(run_dir, "matching.json")) as f:
         epochs = json.load(f)["epochs"]
     return {"distinct": [len(e["configurations"]) for e in epochs],
@@ -219,27 +219,28 @@ def configuration_counts(run_dir):
 
 
 def run_variant(variant, seed, cfg, held_out):
-    """Trains one variant through train.py's own code path, then evaluates it on `held_out`."""
+    """Trains one variant with train.py's own main(), then evaluates its final/ model on `held_out`.
+    Views: all N tokens, greedy and sampled; for sft also its one trained token, <think1>, with N
+    generations per round (the paper's protocol for single-token baselines)."""
     import train  # here, not at the top: train.py imports this file
     run_dir = os.path.join(cfg.out_dir, "runs", f"{variant}_seed{seed}")
-    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resumed one
+    shutil.rmtree(run_dir, ignore_errors=True)  # always a fresh run, never a resumed one
     os.makedirs(run_dir)
     t0 = time.time()
     with open(os.path.join(run_dir, "train.log"), "w") as log, contextlib.redirect_stdout(log):
-        train.main(train.parse_config(["--matching", variant, "--seed", str(seed), "--out_dir", run_dir,
-                                       "--toy_questions", str(cfg.toy_questions), "--epochs", str(cfg.epochs)]))
+        train.main(train.parse_config([f"--{k}={v}" for k, v in dict(
+            matching=variant, seed=seed, out_dir=run_dir, toy_questions=cfg.toy_questions, epochs=cfg.epochs,
+            batch_size=cfg.batch_size).items()]))
     t1 = time.time()
-    final = os.path.join(run_dir, "final")
-    tokenizer = AutoTokenizer.from_pretrained(final)
-    model = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(run_dir, "final"))
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(run_dir, "final"), dtype=torch.float32).eval()
     forks = data.fork_tokens(train.TOY_DEFAULTS["num_forks"])
     views = {"greedy": (forks, 1, 0.0), "sampled": (forks, cfg.samples, 0.7)}
-    if variant == "sft":  # the one trained token, N generations per round, as the paper's baselines
-        views.update({"think1_greedy": (forks[:1], 1, 0.0),
-                      "think1_sampled": (forks[:1] * len(forks), cfg.samples, 0.7)})
+    if variant == "sft":
+        views.update(think1_greedy=(forks[:1], 1, 0.0), think1_sampled=(forks[:1] * len(forks), cfg.samples, 0.7))
     result = {name: summarise(evaluate(model, tokenizer, held_out, f, k, temp, seed, cfg.max_new_tokens))
               for name, (f, k, temp) in views.items()}
-    result["configurations"] = configuration_counts(run_dir) if variant != "sft" else None
+    result["configurations"] = configuration_counts(run_dir) if variant != "sft" else None  # sft: no matching
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         result["loss"] = [json.loads(line)["loss"] for line in f]
     result["time_s"] = {"train": t1 - t0, "evaluate": time.time() - t1}
@@ -247,58 +248,63 @@ def run_variant(variant, seed, cfg, held_out):
 
 
 def aggregate(runs, view):
-    """Mean, standard deviation and per-seed values of the headline metrics of one view."""
-    out = {"per_seed": {k: [r[view][k] for r in runs] for k in METRICS}}
-    out.update({k: mean(v) for k, v in out["per_seed"].items()})
-    out["std"] = {k: pstdev(v) for k, v in out["per_seed"].items()}
-    return out
+    """Mean over seeds, standard deviation over seeds and per-seed values of the metrics of a view."""
+    per_seed = {k: [r[view][k] for r in runs] for k in METRICS}
+    return {**{k: mean(v) for k, v in per_seed.items()}, "std": {k: pstdev(v) for k, v in per_seed.items()},
+            "per_seed": per_seed}
 
 
 def compare(cfg):
-    """Trains every variant for every seed, evaluates them on the same held-out questions and
-    writes summary.json (headline metrics: sampled at temperature 0.7; "greedy" beside them)."""
-    t0 = time.time()
+    """Every variant for every seed on the same held-out questions -> summary.json: per variant the
+    sampled (T=0.7) metrics over the N tokens, then "greedy", and for sft "think1"/"think1_greedy"."""
+    hf_logging.disable_progress_bar()
+    t0, load = time.time(), os.getloadavg()
     seen = {q["prompt"] for s in range(cfg.seeds) for q in make_questions(cfg.toy_questions, s)}
-    held_out = [q for q in make_questions(2 * cfg.eval_questions, seed=HELD_OUT_SEED)
-                if q["prompt"] not in seen][:cfg.eval_questions]
+    held_out = [q for q in make_questions(2 * cfg.eval_questions, HELD_OUT_SEED) if q["prompt"] not in seen]
+    held_out = held_out[:cfg.eval_questions]
     runs = defaultdict(list)
     for seed in range(cfg.seeds):
         for variant in cfg.variants.split(","):
-            runs[variant].append(run_variant(variant, seed, cfg, held_out))
-            r = runs[variant][-1]
-            print(f"seed {seed} {variant:9s} | purity {r['sampled']['purity']:.2f} | distinct "
-                  f"{r['sampled']['distinct_styles']} | pass@1 {r['sampled']['pass@1']:.3f} | cons@N "
-                  f"{r['sampled']['cons@N']:.3f} | train {r['time_s']['train']:.0f} s, evaluate "
-                  f"{r['time_s']['evaluate']:.0f} s", flush=True)
-    summary = {"config": dataclasses.asdict(cfg), "time_s": time.time() - t0, "load_average": os.getloadavg(),
-               "cpu_threads": torch.get_num_threads()}
+            r = run_variant(variant, seed, cfg, held_out)
+            runs[variant].append(r)
+            s = r["sampled"]
+            print(f"seed {seed} {variant:<9} | purity {s['purity']:.2f} | distinct {s['distinct_styles']} | "
+                  f"pass@1 {s['pass@1']:.3f} | cons@N {s['cons@N']:.3f} | train {r['time_s']['train']:.0f} s | "
+                  + " ".join(f"{f} {p['majority']} {p['purity']:.2f}" for f, p in s["per_fork"].items()), flush=True)
+    summary = {"config": dataclasses.asdict(cfg), "time_s": time.time() - t0, "cpus": os.cpu_count(),
+               "torch_threads": torch.get_num_threads(), "load_average_before": load}
+    rows = []
     for variant, rs in runs.items():
         summary[variant] = {**aggregate(rs, "sampled"), "greedy": aggregate(rs, "greedy"), "runs": rs}
+        rows += [(variant, "T=0.7", summary[variant]), (variant, "greedy", summary[variant]["greedy"])]
         if variant == "sft":
             summary[variant].update(think1=aggregate(rs, "think1_sampled"), think1_greedy=aggregate(rs, "think1_greedy"))
+            rows += [("sft, <think1> only", "T=0.7", summary[variant]["think1"]),
+                     ("sft, <think1> only", "greedy", summary[variant]["think1_greedy"])]
     with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
-    print(f"\n{'variant':<20}{'decoding':<10}" + "".join(f"{k:>16}" for k in METRICS))
-    for variant in runs:
-        views = [("sampled", summary[variant]), ("greedy", summary[variant]["greedy"])]
-        if variant == "sft":
-            views += [("sampled", summary[variant]["think1"]), ("greedy", summary[variant]["think1_greedy"])]
-        for i, (decoding, s) in enumerate(views):
-            name = variant if i < 2 else "sft (<think1> only)"
-            print(f"{name:<20}{decoding:<10}" + "".join(f"{s[k]:>10.2f} ± {s['std'][k]:.2f}" for k in METRICS))
-    print(f"{cfg.seeds} seeds, {time.time() - t0:.0f} s; summary in {cfg.out_dir}/summary.json")
+    print(f"\n| variant | decoding | {' | '.join(METRICS)} |\n|---|---|" + "---:|" * len(METRICS))
+    for name, decoding, s in rows:
+        print(f"| {name} | {decoding} | " + " | ".join(f"{s[k]:.2f} ± {s['std'][k]:.2f}" for k in METRICS) + " |")
+    for variant, rs in runs.items():
+        if rs[0]["configurations"]:
+            print(f"{variant}: distinct optimal configurations per epoch (mean over seeds): "
+                  f"{np.mean([r['configurations']['distinct'] for r in rs], 0).round(1).tolist()}")
+    print(f"{cfg.seeds} seed(s), {summary['time_s']:.0f} s, {os.cpu_count()} CPUs, load average before "
+          f"{load[0]:.2f}; summary in {cfg.out_dir}/summary.json")
     plot(summary, os.path.join(cfg.out_dir, "toy_compare.png"))
+    return summary
 
 
 def plot(summary, path):
-    """Per-token style histograms of each variant (seed 0, sampled), as the paper's Figures 5-6, and
-    the configuration counts and loss over training (Figure 7)."""
+    """Per-token style histograms (seed 0, T=0.7) of each variant side by side, as the paper's Figures
+    5-6, and over training the configuration counts (Figure 7) and the loss. Needs matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib is not installed: no figure (pip install matplotlib)")
+        print("matplotlib is not installed (pip install matplotlib): no figure")
         return
     variants = [v for v in ("hungarian", "random", "sft") if v in summary]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
@@ -311,23 +317,21 @@ def plot(summary, path):
             ax.bar(list(per_fork), share, bottom=bottom, color=colour, label=style)
             bottom += share
         ax.set_title(f"{v}: purity {summary[v]['purity']:.2f}, distinct {summary[v]['distinct_styles']:.1f}")
-        ax.set_ylabel("share of generations (seed 0, T=0.7)")
+    axes[0][0].set_ylabel("styles of the generations (seed 0, T=0.7)")
     axes[0][0].legend(loc="lower left", fontsize=8)
     for ax, key, label in ((axes[1][0], "distinct", "distinct optimal configurations"),
-                           (axes[1][1], "top_share", "share of the top configuration")):
+                           (axes[1][1], "top_share", "share of the most common configuration")):
         for v in variants:
-            if summary[v]["runs"][0]["configurations"] is not None:
+            if summary[v]["runs"][0]["configurations"]:
                 curves = np.array([r["configurations"][key] for r in summary[v]["runs"]])
                 epochs = np.arange(1, curves.shape[1] + 1)
                 ax.plot(epochs, curves.mean(0), marker="o", label=v)
-                ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.2)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
+                ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.2)  # over seeds
+        ax.set(xlabel="epoch", ylabel=label)
         ax.legend()
     for v in variants:
         axes[1][2].plot(np.mean([r["loss"] for r in summary[v]["runs"]], 0), label=v)
-    axes[1][2].set_xlabel("step")
-    axes[1][2].set_ylabel("training loss (mean over seeds)")
+    axes[1][2].set(xlabel="step", ylabel="training loss (mean over seeds)")
     axes[1][2].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -336,10 +340,10 @@ def plot(summary, path):
 
 if __name__ == "__main__":
     import sys
-    if sys.argv[1:2] != ["compare"]:
-        sys.exit("usage: python toy.py compare [--flag value ...]  (python toy.py compare --help)")
     import train
-    parser, given = train.parse_flags(CompareConfig, __doc__, sys.argv[2:])
+    if sys.argv[1:2] != ["compare"]:
+        sys.exit("usage: python toy.py compare [--flag value ...]   (flags: python toy.py compare --help)")
+    _, given = train.parse_flags(CompareConfig, __doc__, sys.argv[2:])
     config = CompareConfig(**given)
     os.makedirs(config.out_dir, exist_ok=True)
     print(json.dumps(dataclasses.asdict(config)))
