@@ -172,7 +172,7 @@ class MatchingStats:
             edges = [{"fork": f, "trace": j, "source": s, "count": n} for (f, j, s), n in
                      sorted(e["edges"].items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2])))]
             epochs.append({"epoch": e["epoch"], "steps": e["steps"], "questions": e["questions"],
-                           "mean_gap": e["gap_sum"] / max(e["questions"], 1),
+                           "mean_gap": e["gap_sum"] / max(e["questions"], 1), "gap_sum": e["gap_sum"],
                            "configurations": configs, "edges": edges})
         return {"matching": self.matching, "num_forks": len(self.fork_names),
                 "fork_tokens": self.fork_names, "epochs": epochs}
@@ -184,6 +184,6 @@ class MatchingStats:
             configs = Counter({tuple(tuple(edge) for edge in c["edges"]): c["count"] for c in e["configurations"]})
             edges = Counter({(d["fork"], d["trace"], d["source"]): d["count"] for d in e["edges"]})
             epochs.append({"epoch": e["epoch"], "steps": e["steps"], "questions": e["questions"],
-                           "gap_sum": e["mean_gap"] * e["questions"], "configurations": configs, "edges": edges})
+                           "gap_sum": e["gap_sum"], "configurations": configs, "edges": edges})
         return cls(obj["matching"], obj["fork_tokens"], epochs)
 
