@@ -1,4 +1,6 @@
-"""The built-in synthetic task and tiny model: SSFT you can watch on a laptop.
+"""The built-in synthetic task and tiny model, and the experiment that shows SSFT's mechanism on them
+(Section 3.3, Figures 5-7): forking tokens specialise under Hungarian matching and do not under
+random matching or plain SFT.
 
 Each question asks for the sum of three two-digit numbers. Four "teachers" solve it in four styles
 that differ in length and are recognisable from their first tokens, like the distinct reasoning
@@ -11,13 +13,20 @@ modes of the paper's teachers (Section 3.3):
 
 Every question gets 4 traces: one per style in a random order, and in a quarter of the questions
 one style repeated in place of another (the paper's mixed data also repeats teachers). `recognise`
-maps any generated text back to its style, or "other"; `answer_of` reads the boxed answer.
+maps any generated text to the style whose whole structure it follows, or to "other" (a blend such
+as "Left to left: ..." or a malformed step); `answer_of` reads the boxed answer.
 
 The model is a tiny Qwen2 built from a config, with a byte-level BPE tokenizer trained in-process
 on the task text with Qwen's own pre-tokenizer regex (digits split one by one), so nothing is
 downloaded and the same code path as Qwen2.5 (chat template, spare embedding rows) is exercised.
 
+`python toy.py compare` trains --matching hungarian, random and sft with train.py's main() on the
+same seeds, data and step budget, generates from every forking token on held-out questions (greedy,
+and sampled at the paper's temperature 0.7) and writes out/toy_compare/summary.json and a figure.
+
     python train.py                        # SSFT on this task (train.py's defaults)
+    python toy.py compare                  # the three variants x 3 seeds, ~5 minutes on 2 CPU cores
+    python toy.py compare --seeds 1 --variants hungarian,random   # ~1 minute
 """
 import contextlib
 import dataclasses
@@ -121,7 +130,7 @@ def make_tokenizer(vocab_size=320):
     tok.decoder = decoders.ByteLevel()
     corpus = [r["prompt"] + " " + " ".join(r["traces"]) for r in make_questions(2000, seed=12345)]
     corpus += ["user assistant system\n"]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus, trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
@@ -240,11 +249,11 @@ def run_variant(variant, seed, cfg, held_out):
         views.update(think1_greedy=(forks[:1], 1, 0.0), think1_sampled=(forks[:1] * len(forks), cfg.samples, 0.7))
     result = {name: summarise(evaluate(model, tokenizer, held_out, f, k, temp, seed, cfg.max_new_tokens))
               for name, (f, k, temp) in views.items()}
-    result["configurations"] = configuration_counts(run_dir) if variant != "sft" else None  # sft: no matching
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        result["loss"] = [json.loads(line)["loss"] for line in f]
-    result["time_s"] = {"train": t1 - t0, "evaluate": time.time() - t1}
-    return result
+        steps = [json.loads(line) for line in f]
+    return {**result, "configurations": configuration_counts(run_dir) if variant != "sft" else None,  # no costs
+            "loss": [m["loss"] for m in steps], "gap": [m["gap"] for m in steps],
+            "time_s": {"train": t1 - t0, "evaluate": time.time() - t1}}
 
 
 def aggregate(runs, view):
@@ -258,10 +267,11 @@ def compare(cfg):
     """Every variant for every seed on the same held-out questions -> summary.json: per variant the
     sampled (T=0.7) metrics over the N tokens, then "greedy", and for sft "think1"/"think1_greedy"."""
     hf_logging.disable_progress_bar()
+    os.makedirs(cfg.out_dir, exist_ok=True)
     t0, load = time.time(), os.getloadavg()
     seen = {q["prompt"] for s in range(cfg.seeds) for q in make_questions(cfg.toy_questions, s)}
-    held_out = [q for q in make_questions(2 * cfg.eval_questions, HELD_OUT_SEED) if q["prompt"] not in seen]
-    held_out = held_out[:cfg.eval_questions]
+    held_out = [q for q in make_questions(2 * cfg.eval_questions, HELD_OUT_SEED) if q["prompt"] not in seen][
+        :cfg.eval_questions]
     runs = defaultdict(list)
     for seed in range(cfg.seeds):
         for variant in cfg.variants.split(","):
@@ -285,7 +295,7 @@ def compare(cfg):
         json.dump(summary, f, indent=1)
     print(f"\n| variant | decoding | {' | '.join(METRICS)} |\n|---|---|" + "---:|" * len(METRICS))
     for name, decoding, s in rows:
-        print(f"| {name} | {decoding} | " + " | ".join(f"{s[k]:.2f} ± {s['std'][k]:.2f}" for k in METRICS) + " |")
+        print(f"| {name} | {decoding} | " + " | ".join(f"{s[k]:.3f} ± {s['std'][k]:.3f}" for k in METRICS) + " |")
     for variant, rs in runs.items():
         if rs[0]["configurations"]:
             print(f"{variant}: distinct optimal configurations per epoch (mean over seeds): "
@@ -298,7 +308,7 @@ def compare(cfg):
 
 def plot(summary, path):
     """Per-token style histograms (seed 0, T=0.7) of each variant side by side, as the paper's Figures
-    5-6, and over training the configuration counts (Figure 7) and the loss. Needs matplotlib."""
+    5-6, and over training the configuration counts (Figure 7) and the matching gap (Figure 10)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -328,11 +338,13 @@ def plot(summary, path):
                 ax.plot(epochs, curves.mean(0), marker="o", label=v)
                 ax.fill_between(epochs, curves.min(0), curves.max(0), alpha=0.2)  # over seeds
         ax.set(xlabel="epoch", ylabel=label)
-        ax.legend()
     for v in variants:
-        axes[1][2].plot(np.mean([r["loss"] for r in summary[v]["runs"]], 0), label=v)
-    axes[1][2].set(xlabel="step", ylabel="training loss (mean over seeds)")
-    axes[1][2].legend()
+        if summary[v]["runs"][0]["configurations"]:  # sft computes no costs, hence no gap
+            axes[1][2].plot(np.mean([r["gap"] for r in summary[v]["runs"]], 0), label=v)
+    axes[1][2].set(xlabel="step", ylabel="matching gap: other matchings - optimal")
+    for ax in axes[1]:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"figure: {path}")
@@ -344,7 +356,5 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["compare"]:
         sys.exit("usage: python toy.py compare [--flag value ...]   (flags: python toy.py compare --help)")
     _, given = train.parse_flags(CompareConfig, __doc__, sys.argv[2:])
-    config = CompareConfig(**given)
-    os.makedirs(config.out_dir, exist_ok=True)
-    print(json.dumps(dataclasses.asdict(config)))
-    compare(config)
+    print(json.dumps(dataclasses.asdict(CompareConfig(**given))))
+    compare(CompareConfig(**given))

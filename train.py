@@ -231,7 +231,7 @@ def save_final(model, tokenizer, config, path, rank):
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(config)
         lm.load_state_dict({k[3:]: v.to(torch.bfloat16) for k, v in full.items()}, assign=True)
-        lm.config.use_cache = True
+        lm.config.use_cache = lm.generation_config.use_cache = True  # training turned the KV cache off
         lm.config.dtype = torch.bfloat16
         tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
