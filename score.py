@@ -18,7 +18,6 @@ with only "gold" and each completion's "text" and "fork") is scored without a mo
 
     python infer.py --score eval/aime24.cycle.jsonl --set_size 6   # -> eval/aime24.cycle.metrics.json
 """
-import json
 import math
 import re
 

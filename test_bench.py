@@ -16,6 +16,7 @@ import bench
 import data
 import match
 import toy
+from test_ssft import tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -41,16 +42,7 @@ def test_quick_run_prints_and_saves_every_row_with_positive_finite_numbers(tmp_p
 
 @pytest.fixture(scope="module")
 def tiny():
-    """fp32 tiny Qwen2 with 6 forking tokens whose embeddings differ, so cost rows differ."""
-    torch.manual_seed(0)
-    tok = toy.make_tokenizer()
-    model = toy.make_model(tok, hidden=32)
-    num_trained = len(tok)
-    fork_ids = data.add_fork_tokens(tok, 6)
-    data.init_fork_rows(model, fork_ids, num_trained, seed=0)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[fork_ids] += torch.randn(6, 32)
-    return tok, model.eval(), fork_ids
+    return tiny_model(6)
 
 
 def test_shared_prefix_cost_matrix_equals_match_cost_matrix(tiny):

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import data
@@ -34,18 +33,23 @@ def world_of_one():
     yield
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """Toy tokenizer + fp32 tiny Qwen2 with 4 forking tokens, and a few encoded questions."""
+def tiny_model(num_forks):
+    """Toy tokenizer + fp32 tiny Qwen2 (eval mode) with forking tokens whose embeddings differ
+    markedly, so that the rows of a cost matrix differ. Returns (tokenizer, model, fork_ids)."""
     torch.manual_seed(0)
     tok = toy.make_tokenizer()
     model = toy.make_model(tok, hidden=32)
     num_trained = len(tok)
-    fork_ids = data.add_fork_tokens(tok, 4)
+    fork_ids = data.add_fork_tokens(tok, num_forks)
     data.init_fork_rows(model, fork_ids, num_trained, seed=0)
-    with torch.no_grad():  # make the forking tokens matter, so that costs differ by row
-        model.get_input_embeddings().weight[fork_ids] += torch.randn(4, 32)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[fork_ids] += torch.randn(num_forks, 32)
     return tok, model.eval(), fork_ids
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(4)
 
 
 def run(cmd, timeout=240, **kw):

@@ -109,7 +109,7 @@ def parse_config(argv=None):
                 *(f"--{k} must be >= 1 (got {getattr(cfg, k)})" for k in
                   ("epochs", "batch_size", "micro_batch", "match_batch") if getattr(cfg, k) < 1),
                 f"--lr must be > 0 (got {cfg.lr})" if not cfg.lr > 0 else None,
-                f"--max_steps and --save_every must be >= 0" if min(cfg.max_steps, cfg.save_every) < 0 else None]
+                "--max_steps and --save_every must be >= 0" if min(cfg.max_steps, cfg.save_every) < 0 else None]
     problems = [p for p in problems if p]
     if problems:
         parser.error("; ".join(problems))
