@@ -635,7 +635,8 @@ def test_recognise_calls_broken_traces_other(text):
 
 
 def record(fork, style, pred, question=0, rnd=0, gold="7"):
-    return {"question": question, "round": rnd, "fork": fork, "style": style, "pred": pred, "gold": gold}
+    return {"question": question, "round": rnd, "fork": fork, "style": style, "pred": pred, "gold": gold,
+            "correct": pred == gold}
 
 
 def test_summarise_purity_distinct_styles_and_votes():

@@ -187,20 +187,17 @@ def evaluate(model, tokenizer, questions, forks, rounds, temperature, seed, max_
     texts = generate(model, tokenizer, [data.build_text(tokenizer, questions[q]["prompt"], f) for q, _, f in jobs],
                      temperature, seed, max_new_tokens)
     return [{"question": q, "round": k, "fork": f, "style": recognise(t), "pred": answer_of(t),
-             "gold": questions[q]["answer"]} for (q, k, f), t in zip(jobs, texts)]
-
-
-def majority_correct(records):
-    """Whether the most frequent answer is right; a tie goes to the answer seen first, no answer is wrong."""
-    votes = Counter(r["pred"] for r in records if r["pred"] is not None).most_common(1)
-    return bool(votes) and votes[0][0] == records[0]["gold"]
+             "gold": questions[q]["answer"], "correct": answer_of(t) == questions[q]["answer"]}
+            for (q, k, f), t in zip(jobs, texts)]
 
 
 def summarise(records):
     """Per token: the style distribution of its generations, its majority style (one of the four:
     "other" never counts) and Pass@1. Over tokens: purity (the fraction of a token's generations in
     its majority style, averaged over tokens), distinct_styles (the number of different majority
-    styles), Pass@1 (mean over tokens) and Cons@N (mean over rounds of the round's majority vote)."""
+    styles), Pass@1 (mean over tokens) and Cons@N (mean over rounds of the round's majority vote,
+    infer.py's rule: a tie goes to the answer seen first, no answer is wrong)."""
+    from score import majority_vote  # here, not at the top: score.py imports train.py, which imports this file
     per_fork, rounds = {}, defaultdict(list)
     for f in dict.fromkeys(r["fork"] for r in records):
         mine = [r for r in records if r["fork"] == f]
@@ -208,13 +205,13 @@ def summarise(records):
         top = max(STYLES, key=lambda s: counts[s])
         per_fork[f] = {"styles": {s: counts[s] / len(mine) for s in STYLES + ["other"]},
                        "majority": top if counts[top] else None, "purity": counts[top] / len(mine),
-                       "pass@1": sum(r["pred"] == r["gold"] for r in mine) / len(mine)}
+                       "pass@1": sum(r["correct"] for r in mine) / len(mine)}
     for r in records:
         rounds[r["question"], r["round"]].append(r)
     return {"purity": mean(p["purity"] for p in per_fork.values()),
             "distinct_styles": len({p["majority"] for p in per_fork.values()} - {None}),
             "pass@1": mean(p["pass@1"] for p in per_fork.values()),
-            "cons@N": float(mean(majority_correct(r) for r in rounds.values())), "per_fork": per_fork}
+            "cons@N": float(mean(majority_vote(r) for r in rounds.values())), "per_fork": per_fork}
 
 
 def configuration_counts(run_dir):
