@@ -115,7 +115,7 @@ def load_questions(path):
     for n, row in read_jsonl(path):
         q = parse_row(row, f"{path}:{n}")
         skipped += q is None
-        questions += [q] if q else []
+        questions += [{**q, "where": f"{path}:{n}"}] if q else []  # for errors found later
     if skipped:
         print(f"{path}: skipped {skipped} rows with no correct response")
     if not questions:
@@ -183,8 +183,8 @@ def encode_question(tokenizer, q, max_len):
     prompt_ids = tokenizer.encode(prompt_text(tokenizer, q["prompt"]), add_special_tokens=False)
     room = max_len - len(prompt_ids) - 1
     if room < 1:
-        raise DataError(f"a prompt of {len(prompt_ids)} tokens leaves no room for a trace under "
-                        f"--max_len {max_len}: {q['prompt'][:60]!r}")
+        raise DataError(f"{q.get('where', 'a question')}: a prompt of {len(prompt_ids)} tokens leaves no room "
+                        f"for a trace under --max_len {max_len}: {q['prompt'][:60]!r}")
     trace_ids, truncated = [], 0
     for t in q["traces"]:  # a literal "<think1>" or "<|im_end|>" inside a trace stays plain text
         ids = tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True) + [tokenizer.eos_token_id]

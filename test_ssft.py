@@ -224,7 +224,7 @@ def test_layouts_canonical_s1k_and_sampled_are_read(tmp_path):
             {"question": "r", "response": ["good", "bad", "good 2"], "score": [True, False, True], "gt": "3"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     qs = data.load_questions(str(path))
-    assert qs[0] == {"prompt": "p", "traces": ["a", "b"], "sources": ["x", "y"], "answer": "1"}
+    assert qs[0] == {"prompt": "p", "traces": ["a", "b"], "sources": ["x", "y"], "answer": "1", "where": f"{path}:1"}
     assert qs[1]["sources"] == ["deepseek", "gemini"]
     assert qs[1]["traces"][0] == "think d\n</think>\n\nattempt d" and qs[1]["answer"] == "2"
     assert qs[2]["traces"] == ["good", "good 2"] and qs[2]["answer"] == "3"
@@ -279,7 +279,7 @@ def test_bad_input_stops_before_training_and_leaves_out_dir_untouched(tmp_path, 
     cases = [(["--data", str(bad)], "bad.jsonl:2: malformed JSON"),
              (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl: cannot read"),
              (["--model", str(tmp_path / "no_such_model")], "--model " + str(tmp_path / "no_such_model")),
-             (["--data", str(long_prompt), "--max_len", "20"], "leaves no room for a trace under --max_len 20"),
+             (["--data", str(long_prompt), "--max_len", "20"], "long.jsonl:1: a prompt of"),
              (["--matching", "greedy"], "--matching must be hungarian, random or sft"),
              (["--num_forks", "0"], "--num_forks must be >= 1"),
              (["--match_tokens", "0"], "--match_tokens must be >= 1"),

@@ -418,7 +418,7 @@ def main(cfg):
     try:
         encoded = [data.encode_question(tokenizer, q, cfg.max_len) for q in questions]
     except data.DataError as e:
-        sys.exit(f"error: {cfg.data}: {e}")
+        sys.exit(f"error: {e}")
 
     rank, world, device = init_distributed()
     model, hf_config = load_model(cfg, tokenizer, fork_ids, num_trained, rank, device)
