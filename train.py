@@ -7,7 +7,7 @@ Each optimiser step takes `batch_size` questions, split over the ranks, and runs
      micro-batches of `micro_batch` sequences with gradient accumulation, normalised by the number
      of trace tokens over all ranks and micro-batches.
 
-    python train.py                                     # toy task, tiny model, CPU, ~2 minutes
+    python train.py                                     # toy task, tiny model, CPU, ~1 minute
     python train.py --matching random                   # the random-matching ablation
     torchrun --standalone --nproc_per_node 8 train.py --model Qwen/Qwen2.5-32B-Instruct \\
         --data s1k_4mixed.jsonl --out_dir out/ssft-32b   # Appendix A.3.2 defaults
