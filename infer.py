@@ -31,7 +31,7 @@ import torch.distributed as dist
 import data
 import toy
 from score import gold_answer, is_equiv, last_boxed, read_rows, score_rows
-from train import init_distributed, parse_flags, print0, write_json
+from train import append_jsonl, changed_settings, init_distributed, parse_flags, print0, write_json
 
 
 @dataclass
@@ -100,14 +100,6 @@ def drop_partial_line(path):
         text = f.read()
         if text and not text.endswith(b"\n"):
             f.truncate(text.rfind(b"\n") + 1)
-
-
-def append_row(path, row):
-    """One row, synced to disk before the next problem starts, so a kill loses at most this row."""
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------- generation
@@ -206,13 +198,11 @@ def main(cfg):
     name = os.path.splitext(os.path.basename(cfg.data))[0]
     output = cfg.output or os.path.join("eval", f"{name}.{cfg.fork.strip('<>')}.jsonl")
     base = output.removesuffix(".jsonl")
-    if os.path.exists(base + ".config.json"):
-        with open(base + ".config.json") as f:
-            old = json.load(f)
-        changed = [f"--{k} {old.get(k)!r}" for k in SAME_ON_RESUME if old.get(k) != getattr(cfg, k)]
-        if changed:
-            raise SystemExit(f"error: {output} holds rows made with {', '.join(changed)}: "
-                             "pass the same values to resume, or a new --output")
+    changed = changed_settings(base + ".config.json", cfg, SAME_ON_RESUME)
+    if changed:
+        raise SystemExit(f"error: {output} holds rows made with "
+                         f"{', '.join(f'--{k} {v!r}' for k, v in changed.items())}: "
+                         "pass the same values to resume, or a new --output")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     forks = response_forks(tokenizer, cfg)
 
@@ -243,7 +233,7 @@ def main(cfg):
         dist.gather_object(row, rows, dst=0)
         if rank == 0:
             for r in filter(None, rows):
-                append_row(output, r)
+                append_jsonl(output, r)
             bar.update(sum(r is not None for r in rows))
     bar.close()
 

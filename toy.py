@@ -246,8 +246,7 @@ def run_variant(variant, seed, cfg, held_out):
         views.update(think1_greedy=(forks[:1], 1, 0.0), think1_sampled=(forks[:1] * len(forks), cfg.samples, 0.7))
     result = {name: summarise(evaluate(model, tokenizer, held_out, f, k, temp, seed, cfg.max_new_tokens))
               for name, (f, k, temp) in views.items()}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        steps = [json.loads(line) for line in f]
+    steps = [m for _, m in data.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
     return {**result, "configurations": configuration_counts(run_dir) if variant != "sft" else None,  # no costs
             "loss": [m["loss"] for m in steps], "gap": [m["gap"] for m in steps],
             "time_s": {"train": t1 - t0, "evaluate": time.time() - t1}}
@@ -263,6 +262,7 @@ def aggregate(runs, view):
 def compare(cfg):
     """Every variant for every seed on the same held-out questions -> summary.json: per variant the
     sampled (T=0.7) metrics over the N tokens, then "greedy", and for sft "think1"/"think1_greedy"."""
+    import train  # here, not at the top: train.py imports this file
     hf_logging.disable_progress_bar()
     os.makedirs(cfg.out_dir, exist_ok=True)
     t0, load = time.time(), os.getloadavg()
@@ -288,8 +288,7 @@ def compare(cfg):
             summary[variant].update(think1=aggregate(rs, "think1_sampled"), think1_greedy=aggregate(rs, "think1_greedy"))
             rows += [("sft, <think1> only", "T=0.7", summary[variant]["think1"]),
                      ("sft, <think1> only", "greedy", summary[variant]["think1_greedy"])]
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    train.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     print(f"\n| variant | decoding | {' | '.join(METRICS)} |\n|---|---|" + "---:|" * len(METRICS))
     for name, decoding, s in rows:
         print(f"| {name} | {decoding} | " + " | ".join(f"{s[k]:.3f} ± {s['std'][k]:.3f}" for k in METRICS) + " |")

@@ -282,11 +282,30 @@ def load_checkpoint(model, optimizer, path):
 
 
 def write_json(path, obj):
+    """Written to a temporary name and renamed: a kill never leaves a half-written file."""
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
     os.replace(path + ".tmp", path)
+
+
+def append_jsonl(path, obj):
+    """One JSON line, synced to disk: a kill loses at most this line (read_jsonl drops its tail)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def changed_settings(saved_path, cfg, keys):
+    """{field: saved value} of the fields in `keys` whose value in cfg differs from the config saved
+    at `saved_path` ({} when nothing is saved there)."""
+    if not os.path.exists(saved_path):
+        return {}
+    with open(saved_path) as f:
+        old = json.load(f)
+    return {k: old.get(k) for k in keys if old.get(k) != getattr(cfg, k)}
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -327,7 +346,6 @@ def matching_pass(model, encoded, mine, fork_ids, step, cfg, pad_id, device):
     per question. Returns {q: (forks, traces, stat_forks, stat_traces, gap)}:
     (forks, traces) are the pairs to train; the stat_ pairs are the optimal matching, which the
     statistics track in every mode (Figure 7a tracks the optimum under random matching too)."""
-    num_traces = {q: len(encoded[q]["trace_ids"]) for q in mine}
     costs = None
     if cfg.matching != "sft":  # the SFT baseline needs no cost matrix
         seqs = [s for q in mine for s in match.cost_sequences(
@@ -336,7 +354,7 @@ def matching_pass(model, encoded, mine, fork_ids, step, cfg, pad_id, device):
         costs = match.sequence_costs(model, seqs, cfg.match_batch, pad_id, device, n_batches)
     matched, offset = {}, 0
     for q in mine:
-        m, cost = num_traces[q], None
+        m, cost = len(encoded[q]["trace_ids"]), None
         if costs is not None:
             cost = costs[offset:offset + cfg.num_forks * m].view(cfg.num_forks, m).numpy()
             offset += cfg.num_forks * m
@@ -403,13 +421,10 @@ def main(cfg):
     except data.DataError as e:
         sys.exit(f"error: {e}")
     saved_cfg = os.path.join(cfg.out_dir, "config.json")
-    if os.path.exists(saved_cfg):
-        with open(saved_cfg) as f:
-            old = json.load(f)
-        changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUME_FREE and old.get(k) != v]
-        if changed:
-            sys.exit(f"error: {cfg.out_dir} holds a run with other settings ({', '.join(changed)}); "
-                     "resume with the same flags or choose another --out_dir")
+    changed = changed_settings(saved_cfg, cfg, [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_FREE])
+    if changed:
+        sys.exit(f"error: {cfg.out_dir} holds a run with other settings ({', '.join(changed)}); "
+                 "resume with the same flags or choose another --out_dir")
     try:
         tokenizer, fork_ids, num_trained = load_tokenizer(cfg)
     except (OSError, ValueError) as e:
@@ -434,17 +449,16 @@ def main(cfg):
     if ckpt:
         start, stats = load_checkpoint(model, optimizer, ckpt)
         print0(f"resumed from {ckpt} at step {start}")
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
         write_json(saved_cfg, dataclasses.asdict(cfg))
-        if start == 0:  # a fresh run: metrics from an earlier, non-checkpointed attempt are stale
-            open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w").close()
-        else:  # drop lines logged after the checkpoint we resume from
-            with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
-                lines = f.read().split("\n")[:-1]  # what follows the last newline is a killed write
-            keep = [line for line in lines if line.strip() and json.loads(line)["step"] < start]
-            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") as f:
-                f.write("".join(l + "\n" for l in keep))
+        # keep the lines logged before the checkpoint we resume from (none for a fresh run), and
+        # not a line cut by a kill
+        keep = [r for _, r in data.read_jsonl(metrics_path, drop_truncated_tail=True) if r["step"] < start] \
+            if start else []
+        with open(metrics_path, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in keep))
     print0(json.dumps(dataclasses.asdict(cfg)))
     truncated = sum(e["truncated"] for e in encoded)
     print0(f"{len(questions)} questions, {sum(len(q['traces']) for q in questions)} traces "
@@ -497,8 +511,7 @@ def main(cfg):
                   "gap": float(np.mean(gaps)) if gaps else None, "tokens_per_s": global_input / dt,
                   "pad_fraction": pad_fraction, "skipped": skipped, "time_s": dt}
         if rank == 0:
-            with open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(metrics_path, record)
             write_json(os.path.join(cfg.out_dir, "matching.json"), stats.to_json())
             print(f"step {step + 1:5d}/{last_step} | loss {loss:.4f} | lr {lr:.2e} | gap "
                   f"{record['gap'] if record['gap'] is not None else float('nan'):.4f} | "
