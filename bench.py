@@ -9,9 +9,7 @@ Random-init models of Qwen2.5 shapes (no downloads), random token ids; one table
                (N=6, M=4, K=1000), beside its FLOP floor 1 + N*K / (c*L): matching is one forward over
                N*M*K tokens, training costs c forwards over M*L (c = 3, or 4 with activation recompute;
                L the trace length; prompt tokens left out).
-  3. cost      seconds per question of match.cost_matrix (N*M rows, each with the whole prompt) against
-               shared_prefix_cost_matrix below (the prompt once): a CANDIDATE for match.py.
-  4. decode    infer.generate (prompt prefilled once, its KV cache shared by the streams) against
+  3. decode    infer.generate (prompt prefilled once, its KV cache shared by the streams) against
                model.generate on the same prompt and forking tokens, greedy: tokens/s, 6 and 32 streams.
 Each number is the median of --iters runs after --warmup, timed between device synchronisations.
 MFU = model FLOPs / time / the GPU's dense bf16 peak (n/a on the CPU); a T-token sequence costs
@@ -24,7 +22,6 @@ says so): 7B's fp32 weights, gradients and two Adam states are 122 GB, more than
     python bench.py --quick                             # tiny shapes on the CPU, ~20 s (what CI runs)
     torchrun --standalone --nproc_per_node 1 bench.py   # one H100/H200, about 6 minutes
 """
-import copy
 import dataclasses
 import gc
 import json
@@ -43,6 +40,7 @@ import infer
 import match
 import toy
 import train
+from common import close_distributed, init_distributed, parse_flags, write_json
 
 
 @dataclass
@@ -51,13 +49,13 @@ class Config:
     out: str = "out/bench.json"  # the table as JSON, with the config, device, versions and every run's time
     shapes: str = "1.5b,7b"  # model shapes of the train bench, from SHAPES (quick: tiny)
     seq_lens: str = "8192,16384"  # tokens of the one sequence of a train-bench step (quick: 128,256)
-    shape: str = "1.5b"  # model shape of the ssft/sft, cost and decode benches (quick: tiny)
+    shape: str = "1.5b"  # model shape of the ssft/sft and decode benches (quick: tiny)
     num_forks: int = 6  # N, forking tokens
     num_traces: int = 4  # M, traces per question
     match_tokens: int = 1000  # K, trace tokens in the matching cost (quick: 16)
     match_batch: int = 8  # rows per no-grad forward of the cost matrix (train.py's default)
     prompt_len: int = 256  # prompt tokens of every question (quick: 32)
-    trace_len: int = 4096  # L, tokens of every trace in the ssft/sft and cost benches (quick: 64)
+    trace_len: int = 4096  # L, tokens of every trace in the ssft/sft bench (quick: 64)
     questions: int = 2  # questions per optimiser step in the ssft/sft bench
     streams: str = "6,32"  # parallel responses to one prompt in the decode bench
     new_tokens: int = 128  # tokens decoded per stream; no stop token, so every stream decodes all (quick: 8)
@@ -84,7 +82,7 @@ PEAK_TFLOPS = {"H100 PCIe": 756, "H100": 989, "H200": 989, "B200": 2250, "A100":
 
 
 def parse_config(argv=None):
-    parser, given = train.parse_flags(Config, __doc__, argv)
+    parser, given = parse_flags(Config, __doc__, argv)
     cfg = Config(**{**(QUICK if given.get("quick") else {}), **given})
     unknown = [s for s in cfg.shapes.split(",") + [cfg.shape] if s not in SHAPES]
     if unknown or cfg.iters < 1 or cfg.warmup < 0 or min(ints(cfg.seq_lens)) < cfg.prompt_len + 2:
@@ -153,21 +151,18 @@ def random_question(rng, prompt_len, trace_lens, low, high):
 
 # ----------------------------------------------------------------------------- the steps
 
-def train_config(cfg, matching, max_len):
-    return train.parse_config(["--model", "bench", "--matching", matching, "--num_forks", str(cfg.num_forks),
-                               "--match_tokens", str(cfg.match_tokens), "--match_batch", str(cfg.match_batch),
-                               "--micro_batch", "1", "--max_len", str(max_len),
-                               f"--activation_checkpointing={cfg.activation_checkpointing}"])
+TRAIN = train.Config()  # the trainer's defaults: micro-batch, clipping, AdamW settings
 
 
-def train_py_step(model, optimizer, encoded, fork_ids, tcfg, pad_id, device):
+def train_py_step(model, optimizer, encoded, fork_ids, matching, cfg, pad_id, device):
     """train.py's optimiser step (its main loop without the logging): matching pass (Eq. 3-4),
     training pass (Eq. 5), gradient clipping, AdamW."""
-    mine = list(range(len(encoded)))
-    matched = train.matching_pass(model, encoded, mine, fork_ids, 0, tcfg, pad_id, device)
-    rows = train.training_rows(encoded, mine, matched, fork_ids, tcfg.layout)
-    train.training_pass(model, rows, tcfg, pad_id, device)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+    rngs = [np.random.default_rng([0, i]) for i in range(len(encoded))]
+    matched = match.match_questions(model, encoded, fork_ids, matching, cfg.match_tokens, cfg.match_batch, pad_id,
+                                    device, rngs)
+    rows = train.training_rows(encoded, matched, fork_ids, "batch")
+    train.training_pass(model, rows, TRAIN.micro_batch, "batch", pad_id, device)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN.grad_clip)
     if optimizer is not None:
         optimizer.step()
     model.zero_grad(set_to_none=True)
@@ -184,71 +179,38 @@ def hf_step(lm, optimizer, input_ids, labels, grad_clip, device):
     lm.zero_grad(set_to_none=True)
 
 
-def adamw(model, params, tcfg, cfg):
+def adamw(model, params, cfg):
     """train.py's optimiser, or None above --adamw_max_params."""
     if params > cfg.adamw_max_params:
         return None
-    return torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=(0.9, 0.95), weight_decay=tcfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=TRAIN.lr, betas=(0.9, 0.95), weight_decay=TRAIN.weight_decay)
 
 
-@torch.no_grad()
-def shared_prefix_cost_matrix(lm, prompt_ids, fork_ids, trace_ids, match_tokens, batch_size, pad_id, device="cpu"):
-    """CANDIDATE for match.py: match.cost_matrix's C [num_forks, num_traces] (Eq. 4) with the prompt
-    run once. Its KV cache is copied to every batch of `batch_size` continuations (g_i, first K
-    tokens of y_j), fork-major as match.cost_sequences, which attend to it from positions P, P+1, ...
-    The forward falls from N*M*(P+1+K) tokens to P + N*M*(1+K). test_bench proves it equal."""
-    lm.eval()
-    P, weight = len(prompt_ids), lm.get_output_embeddings().weight
-    prefix = lm.model(input_ids=torch.tensor([prompt_ids], device=device), use_cache=True).cache
-    conts = [[f] + t[:match_tokens] for f in fork_ids for t in trace_ids]
-    costs = []
-    for s in range(0, len(conts), batch_size):
-        batch = conts[s:s + batch_size]
-        width = max(map(len, batch))
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        labels = torch.full((len(batch), width), data.IGNORE, dtype=torch.long)
-        mask = torch.zeros(len(batch), P + width, dtype=torch.long)  # keys: the prompt, then the row's own
-        mask[:, :P] = 1
-        for b, c in enumerate(batch):
-            ids[b, :len(c)], labels[b, 1:len(c)], mask[b, P:P + len(c)] = torch.tensor(c), torch.tensor(c[1:]), 1
-        cache = copy.deepcopy(prefix)
-        cache.batch_repeat_interleave(len(batch))  # [1, heads, P, dim] -> [batch, heads, P, dim]
-        hidden = lm.model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=True, cache=cache,
-                          position_ids=torch.arange(P, P + width, device=device).expand(len(batch), -1)).last_hidden_state
-        # as in match.SequenceNLL: position t predicts token t+1 (g_i predicts y_1), logits in chunks
-        rows, cols = (labels[:, 1:] != data.IGNORE).nonzero(as_tuple=True)
-        h, y = hidden[rows.to(device), cols.to(device)], labels[:, 1:][rows, cols].to(device)
-        nll = torch.cat([match._chunk_nll(h[i:i + 1024], weight, y[i:i + 1024]) for i in range(0, len(y), 1024)])
-        costs.append(torch.zeros(len(batch)).index_add(0, rows, nll.cpu()) / torch.bincount(rows, minlength=len(batch)))
-    return torch.cat(costs).view(len(fork_ids), len(trace_ids))
-
-
-# ----------------------------------------------------------------------------- the four benches
+# ----------------------------------------------------------------------------- the benches
 
 def bench_train(cfg, shape, device, fork_ids, pad_id, low, peak):
     """Rows of bench 1: train.py's step against the plain HF step, one model in memory at a time."""
     lens, rng, res = ints(cfg.seq_lens), np.random.default_rng(0), {}
-    tcfg = train_config(cfg, "sft", max(lens))  # sft: no cost matrix, a one-trace question is one row
     questions = {t: [random_question(rng, cfg.prompt_len, [t - cfg.prompt_len - 1], low, SHAPES[shape]["vocab_size"])]
                  for t in lens}
     for path in ("train.py", "HF"):
-        lm, params, matmul_params = build_lm(shape, device, torch.float32, train.attention_backend(tcfg, device))
+        lm, params, matmul_params = build_lm(shape, device, torch.float32, train.attention_backend("batch", device))
         if path == "train.py":
-            model = train.shard(lm, tcfg, device)
+            model = train.shard(lm, device, cfg.activation_checkpointing)
         else:
             if cfg.activation_checkpointing:  # the same call as train.shard's
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model = lm.train()
-        optimizer = adamw(model, params, tcfg, cfg)
+        optimizer = adamw(model, params, cfg)
         for t, enc in questions.items():
-            if path == "train.py":
+            if path == "train.py":  # sft: no cost matrix, a one-trace question is one row
                 res[path, t] = measure(f"train {path} {shape} {t}", lambda: train_py_step(
-                    model, optimizer, enc, fork_ids, tcfg, pad_id, device), cfg, device)
+                    model, optimizer, enc, fork_ids, "sft", cfg, pad_id, device), cfg, device)
             else:
                 seq = data.make_sequence(enc[0]["prompt_ids"], fork_ids[0], enc[0]["trace_ids"][0])
                 ids, labels, _ = (x.to(device) for x in data.collate([seq], pad_id))
                 res[path, t] = measure(f"train {path} {shape} {t}", lambda: hf_step(
-                    lm, optimizer, ids, labels, tcfg.grad_clip, device), cfg, device)
+                    lm, optimizer, ids, labels, TRAIN.grad_clip, device), cfg, device)
         del lm, model, optimizer
         free_memory(device)
     what = "fwd+bwd+clip+AdamW" if params <= cfg.adamw_max_params else "fwd+bwd+clip, no AdamW (memory)"
@@ -264,12 +226,11 @@ def bench_ssft(cfg, device, fork_ids, pad_id, low):
     rng, L = np.random.default_rng(1), cfg.trace_len
     encoded = [random_question(rng, cfg.prompt_len, [L] * cfg.num_traces, low, SHAPES[cfg.shape]["vocab_size"])
                for _ in range(cfg.questions)]
-    tcfg = {m: train_config(cfg, m, cfg.prompt_len + 1 + L) for m in ("hungarian", "sft")}
-    lm, params, _ = build_lm(cfg.shape, device, torch.float32, train.attention_backend(tcfg["sft"], device))
-    model = train.shard(lm, tcfg["sft"], device)
-    optimizer = adamw(model, params, tcfg["sft"], cfg)
-    res = {m: measure(f"step {m}", lambda: train_py_step(model, optimizer, encoded, fork_ids, tcfg[m], pad_id, device),
-                      cfg, device) for m in tcfg}
+    lm, params, _ = build_lm(cfg.shape, device, torch.float32, train.attention_backend("batch", device))
+    model = train.shard(lm, device, cfg.activation_checkpointing)
+    optimizer = adamw(model, params, cfg)
+    res = {m: measure(f"step {m}", lambda: train_py_step(model, optimizer, encoded, fork_ids, m, cfg, pad_id, device),
+                      cfg, device) for m in ("hungarian", "sft")}
     del lm, model, optimizer
     c = 4 if cfg.activation_checkpointing else 3
     floor = 1 + cfg.num_forks * min(cfg.match_tokens, L) / (c * L)
@@ -277,27 +238,11 @@ def bench_ssft(cfg, device, fork_ids, pad_id, low):
                 res["hungarian"], res["sft"], lambda r: r["s"], f"FLOP floor 1+NK/(cL) = {floor:.3f} (c={c})")]
 
 
-def bench_cost(cfg, device, fork_ids, pad_id, low):
-    """Bench 3: seconds per question of the cost matrix, shared prefix against match.cost_matrix,
-    on one plain (unsharded) model in the dtype the matching pass computes in."""
-    rng = np.random.default_rng(2)
-    q = random_question(rng, cfg.prompt_len, [cfg.trace_len] * cfg.num_traces, low, SHAPES[cfg.shape]["vocab_size"])
-    lm = build_lm(cfg.shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32, "sdpa")[0].eval()
-    args = (q["prompt_ids"], fork_ids, q["trace_ids"], cfg.match_tokens, cfg.match_batch, pad_id, device)
-    shared = measure("cost shared prefix", lambda: shared_prefix_cost_matrix(lm, *args), cfg, device)
-    nll_model = match.SequenceNLL(lm)
-    full = measure("cost match.cost_matrix", lambda: match.cost_matrix(nll_model, *args), cfg, device)
-    k, nm, p = min(cfg.match_tokens, cfg.trace_len), cfg.num_forks * cfg.num_traces, cfg.prompt_len
-    return [row("cost s/question: shared | match", f"{cfg.shape} P{p} N{cfg.num_forks} M{cfg.num_traces} K{k}",
-                shared, full, lambda r: r["s"], f"candidate; tokens {(p + nm * (1 + k)) / (nm * (p + 1 + k)):.3f}x")]
-
-
 def bench_decode(cfg, device, fork_ids, pad_id, low):
-    """Bench 4: tokens/s of infer.generate against model.generate, one prompt, S greedy streams."""
+    """Bench 3: tokens/s of infer.generate against model.generate, one prompt, S greedy streams."""
     rng = np.random.default_rng(3)
     prompt = random_question(rng, cfg.prompt_len, [], low, SHAPES[cfg.shape]["vocab_size"])["prompt_ids"]
     lm = build_lm(cfg.shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32, "sdpa")[0].eval()
-    icfg = infer.Config(temperature=0.0, max_new_tokens=cfg.new_tokens, batch_size=0)
     rows = []
     for s in ints(cfg.streams):
         firsts = [fork_ids[i % len(fork_ids)] for i in range(s)]  # infer.py's --fork cycle
@@ -309,7 +254,7 @@ def bench_decode(cfg, device, fork_ids, pad_id, low):
                               pad_token_id=pad_id, use_cache=True)
             return (out.shape[1] - batch.shape[1]) * s
         ours = measure(f"decode infer {s}", lambda: sum(len(ids) for ids, _ in infer.generate(
-            lm, prompt, firsts, icfg, set(), torch.Generator(device))), cfg, device)
+            lm, prompt, firsts, cfg.new_tokens, 0.0, 1.0, set(), torch.Generator(device))), cfg, device)
         rows.append(row("decode tok/s: infer | HF", f"{cfg.shape} {s} streams P{len(prompt)}", ours,
                         measure(f"decode HF {s}", hf_generate, cfg, device), lambda r: r["value"] / r["s"],
                         f"greedy, {cfg.new_tokens} new tokens per stream"))
@@ -330,7 +275,7 @@ def fmt(x, spec):
 
 
 def main(cfg):
-    _, world, _ = train.init_distributed()  # plain python: a world of one; torchrun: NCCL
+    _, world, _ = init_distributed()  # plain python: a world of one; torchrun: NCCL
     if world != 1:
         sys.exit("error: bench.py measures one device: run it with python, or torchrun --nproc_per_node 1")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -350,7 +295,7 @@ def main(cfg):
     pad_id, low = tokenizer.pad_token_id, len(tokenizer)  # random ids lie above the forking tokens
     t0 = time.time()
     rows = [r for shape in cfg.shapes.split(",") for r in bench_train(cfg, shape, device, fork_ids, pad_id, low, peak)]
-    for bench in (bench_ssft, bench_cost, bench_decode):
+    for bench in (bench_ssft, bench_decode):
         rows += bench(cfg, device, fork_ids, pad_id, low)
         free_memory(device)
     print(f"\n{'bench':<32}{'case':<30}{'A':>11}{'B':>11}{'A/B':>7}{'MFU A|B':>14}{'peak GiB A|B':>15}  note")
@@ -360,8 +305,8 @@ def main(cfg):
               f"{fmt(r['ratio'], '7.3f')}{mfu:>14}{mem:>15}  {r['note']}")
     print(f"A, B: medians; n/a: out of memory, or MFU and memory on the CPU. {time.time() - t0:.0f} s, {cfg.out}")
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    train.write_json(cfg.out, {"config": dataclasses.asdict(cfg), "env": env, "rows": rows})
-    dist.destroy_process_group()
+    write_json(cfg.out, {"config": dataclasses.asdict(cfg), "env": env, "rows": rows})
+    close_distributed()
     return rows
 
 

@@ -21,22 +21,27 @@ Rows of a JSONL file may use any of these layouts, detected per row:
 
     python data.py --data ../shared/data/math_cot_100x8.jsonl   # check a file, print statistics
 """
-import json
 import math
 
 import torch
+
+from common import DataError, read_jsonl
 
 FORK_TOKEN = "<think{}>"  # <think1> ... <thinkN>: the global forking tokens g_1..g_N
 FALLBACK_PROMPT = "Question: {}\nAnswer: "
 IGNORE = -100  # label of tokens that carry no loss
 
 
-class DataError(ValueError):
-    """Bad input: the message names the file and line."""
-
-
 def fork_tokens(num_forks):
     return [FORK_TOKEN.format(i + 1) for i in range(num_forks)]
+
+
+def count_fork_tokens(tokenizer):
+    """N of a tokenizer that holds <think1>..<thinkN> (0 for one without forking tokens)."""
+    added, n = tokenizer.get_added_vocab(), 0
+    while FORK_TOKEN.format(n + 1) in added:
+        n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------- reading files
@@ -82,31 +87,6 @@ def parse_row(row, where):
     answer = row.get("answer", row.get("gt", row.get("solution")))
     return {"prompt": prompt, "traces": traces, "sources": [str(s) for s in sources] if sources else None,
             "answer": None if answer is None else str(answer)}
-
-
-def read_jsonl(path, drop_truncated_tail=False):
-    """[(line number, object)] of a JSONL file. A missing file, non-UTF-8 bytes or malformed JSON
-    raise DataError naming path:line, except, with drop_truncated_tail, an unterminated last line
-    (a run killed mid-write), which is dropped."""
-    try:
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if drop_truncated_tail:
-        lines[-1] = b""  # after the last newline: empty, or the unfinished row of a killed run
-    rows = []
-    for n, line in enumerate(lines, start=1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{n}: not UTF-8 (byte {e.start})") from None
-        if text.strip():
-            try:
-                rows.append((n, json.loads(text)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
-    return rows
 
 
 def load_questions(path):

@@ -6,38 +6,39 @@ forking token is prefilled once and its KV cache shared by all the problem's res
 aggregation every response uses the single token of largest coverage (Eq. 6, select_token.py), and
 a model without forking tokens (an SFT baseline) samples from the plain prompt, same count and settings.
 
-The answers are scored with score.py's metrics (Pass@1, Cons@k, Pass@k, Pass@1 of Native Cons@N and
-per-token accuracy; Table 1, Figures 4 and 5), written beside the rows as <output>.metrics.json.
+The rows are then scored by score.py (Pass@1, Cons@k, Pass@k, Pass@1 of Native Cons@N and per-token
+accuracy; Table 1, Figures 4 and 5), written beside them as <output>.metrics.json.
 
     python infer.py --model out/ssft/final --data toy --samples 8 --max_new_tokens 128 --limit 20
     python infer.py --model out/ssft/final --data ../shared/data/aime24.jsonl --max_new_tokens 32768
     python infer.py --model out/ssft/final --data ../shared/data/aime24.jsonl --fork "<think3>"  # Pass@1
     python infer.py --model out/sft/final --data ../shared/data/aime24.jsonl --fork none         # baseline
     torchrun --standalone --nproc_per_node 8 infer.py --model out/ssft/final --data ...          # 8 GPUs
-    python infer.py --score eval/aime24.cycle.jsonl   # metrics of an existing file (e.g. from vLLM)
+    python score.py eval/aime24.cycle.jsonl       # metrics of an existing rows file (e.g. from vLLM)
 
 Rows go to --output as each problem finishes; rerunning the same command resumes where it stopped.
 """
 import copy
 import dataclasses
+import inspect
 import json
 import os
-import re
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 import data
+import score
 import toy
-from score import gold_answer, is_equiv, last_boxed, read_rows, score_rows
-from train import append_jsonl, changed_settings, init_distributed, parse_flags, print0, write_json
+from common import (DataError, append_jsonl, changed_settings, close_distributed, init_distributed, parse_flags,
+                    print0, read_jsonl, write_json)
 
 
 @dataclass
 class Config:
     model: str = "out/ssft/final"  # a final/ directory from train.py, or any Hugging Face causal LM
-    data: str = "../shared/data/math500.jsonl"  # MATH-500/AIME/AMC/GSM8K/training JSONL, or toy (held out)
+    data: str = "../shared/data/math500.jsonl"  # MATH-500/AIME/AMC/GSM8K/training JSONL, or toy (toy.py's held-out set)
     output: str = ""  # rows JSONL ('' = eval/<data name>.<fork>.jsonl); metrics and config beside it
     fork: str = "cycle"  # cycle: response i gets <think(i mod N + 1)>; <thinkK>: all use it; none: baseline
     samples: int = 32  # responses per problem (the paper: 32)
@@ -49,7 +50,6 @@ class Config:
     limit: int = 0  # only the first `limit` problems (0 = all)
     set_size: int = 6  # native_cons set size when responses use fewer than 2 forking tokens (paper: 6)
     seed: int = 0  # problem i samples with seed + i: results do not depend on ranks or resuming
-    score: str = ""  # score this rows JSONL without a model, then exit
 
 
 SAME_ON_RESUME = ("model", "data", "fork", "samples", "temperature", "top_p", "max_new_tokens",
@@ -73,33 +73,25 @@ def load_problems(path, instruction, limit):
     """[{"id", "prompt", "gold"}] of an evaluation file or a training layout: the prompt from prompt,
     problem or question; the gold from answer, ground_truth, gt or solution (data.parse_row's order);
     the id from id, unique_id or idx, else the row's 0-based position."""
-    if path == "toy":  # toy.py's task; train.py draws its questions with --seed 0, these with seed 1
+    if path == "toy":  # toy.py's held-out questions
         return [{"id": i, "prompt": q["prompt"] + instruction, "gold": q["answer"]}
-                for i, q in enumerate(toy.make_questions(100, seed=1))][:limit or None]
+                for i, q in enumerate(toy.held_out_questions(100))][:limit or None]
     problems, seen = [], set()
-    for i, (n, row) in enumerate(data.read_jsonl(path)):
+    for i, (n, row) in enumerate(read_jsonl(path)):
         row = row if isinstance(row, dict) else {}
         prompt = next((row[k] for k in ("prompt", "problem", "question") if isinstance(row.get(k), str)), "")
         gold = next((row[k] for k in ("answer", "ground_truth", "gt", "solution") if row.get(k) is not None), None)
         pid = row.get("id", row.get("unique_id", row.get("idx", i)))
         if not prompt.strip() or gold is None:
-            raise data.DataError(f"{path}:{n}: need a prompt ('prompt', 'problem' or 'question') and a "
-                                 "gold answer ('answer', 'ground_truth', 'gt' or 'solution')")
+            raise DataError(f"{path}:{n}: need a prompt ('prompt', 'problem' or 'question') and a "
+                            "gold answer ('answer', 'ground_truth', 'gt' or 'solution')")
         if pid in seen:
-            raise data.DataError(f"{path}:{n}: duplicate id {pid!r}")
+            raise DataError(f"{path}:{n}: duplicate id {pid!r}")
         seen.add(pid)
-        problems.append({"id": pid, "prompt": prompt + instruction, "gold": gold_answer(gold)})
+        problems.append({"id": pid, "prompt": prompt + instruction, "gold": score.gold_answer(gold)})
     if not problems:
-        raise data.DataError(f"{path}: no problems")
+        raise DataError(f"{path}: no problems")
     return problems[:limit or None]
-
-
-def drop_partial_line(path):
-    """Cuts an unfinished last row (a run killed mid-write) so that appended rows start a line."""
-    with open(path, "rb+") as f:
-        text = f.read()
-        if text and not text.endswith(b"\n"):
-            f.truncate(text.rfind(b"\n") + 1)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -114,27 +106,34 @@ def sample(logits, temperature, top_p, generator):
     return order.gather(-1, torch.multinomial(probs, 1, generator=generator))[:, 0]
 
 
+def cache_keyword(model):
+    """The keyword of the KV cache in forward(): `cache` from transformers 5.24 on, `past_key_values`
+    before (which silently ignores an unknown `cache=`, decoding without the prompt)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
-def generate(model, prefix_ids, first_ids, cfg, stop_ids, generator):
+def generate(model, prefix_ids, first_ids, max_new_tokens, temperature, top_p, stop_ids, generator, batch_size=0):
     """Responses that share one prompt. prefix_ids: the shared prompt, prefilled once; first_ids: [S]
     each response's first input id (its forking token). Returns S pairs (ids, finished): the new
     tokens, cut before the first stop token, and whether one came within max_new_tokens.
 
-    Responses are decoded cfg.batch_size at a time (all S by default), each batch from a copy of the
+    Responses are decoded batch_size at a time (0: all S at once), each batch from a copy of the
     prefilled cache. All rows of a batch have the same length, so no padding or attention mask is
     needed; a row that stops leaves the batch and its cache rows are dropped."""
-    device = next(model.parameters()).device
-    prefix = model(torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1).cache
-    out, chunk = [], cfg.batch_size or len(first_ids)
+    device, kv = next(model.parameters()).device, cache_keyword(model)
+    out = model(torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1)
+    prefix = out["cache"] if "cache" in out else out["past_key_values"]
+    result, chunk = [], batch_size or len(first_ids)
     for start in range(0, len(first_ids), chunk):
         firsts = first_ids[start:start + chunk]
         cache = copy.deepcopy(prefix)
         cache.batch_repeat_interleave(len(firsts))  # [1, heads, P, dim] -> [len(firsts), heads, P, dim]
         ids, finished = [[] for _ in firsts], [False] * len(firsts)
         live, tokens = list(range(len(firsts))), torch.tensor(firsts, device=device)
-        for _ in range(cfg.max_new_tokens):
-            logits = model(tokens[:, None], cache=cache, use_cache=True).logits[:, -1]
-            tokens = sample(logits, cfg.temperature, cfg.top_p, generator)
+        for _ in range(max_new_tokens):
+            logits = model(tokens[:, None], use_cache=True, **{kv: cache}).logits[:, -1]
+            tokens = sample(logits, temperature, top_p, generator)
             keep = []
             for j, (row, t) in enumerate(zip(live, tokens.tolist())):
                 if t in stop_ids:
@@ -148,19 +147,16 @@ def generate(model, prefix_ids, first_ids, cfg, stop_ids, generator):
                 index = torch.tensor(keep, device=device)
                 cache.batch_select_indices(index)
                 tokens, live = tokens[index], [live[j] for j in keep]
-        out += zip(ids, finished)
-    return out
+        result += zip(ids, finished)
+    return result
 
 
 def response_forks(tokenizer, cfg):
     """The forking token of each response: <think1>, ..., <thinkN>, <think1>, ... (cycle), one token
     for all (<thinkK>), or None for the plain prompt (none). SystemExit on a bad --fork."""
-    names = sorted(t for t in tokenizer.get_added_vocab() if re.fullmatch(r"<think\d+>", t))
     if cfg.fork == "none":
         return [None] * cfg.samples
-    if names != sorted(data.fork_tokens(len(names))):
-        raise SystemExit(f"error: --model {cfg.model}: forking tokens {names} are not <think1>..<thinkN>")
-    names = data.fork_tokens(len(names))  # in index order
+    names = data.fork_tokens(data.count_fork_tokens(tokenizer))
     if cfg.fork == "cycle" and names:
         return [names[i % len(names)] for i in range(cfg.samples)]
     if cfg.fork not in names:
@@ -177,19 +173,18 @@ def solve(model, tokenizer, problem, forks, cfg, stop_ids, seed):
     prefix = encoded[texts[0]][:-1]
     assert all(e[:-1] == prefix for e in encoded.values()), "a forking token must be one token"
     generator = torch.Generator(model.device).manual_seed(seed)
-    responses = generate(model, prefix, [encoded[t][-1] for t in texts], cfg, stop_ids, generator)
+    responses = generate(model, prefix, [encoded[t][-1] for t in texts], cfg.max_new_tokens, cfg.temperature,
+                         cfg.top_p, stop_ids, generator, cfg.batch_size)
     completions = []
     for fork, (ids, finished) in zip(forks, responses):
         text = tokenizer.decode(ids)
-        pred = last_boxed(text)
-        completions.append({"fork": fork, "text": text, "pred": pred, "correct": is_equiv(pred, problem["gold"]),
+        pred = score.last_boxed(text)
+        completions.append({"fork": fork, "text": text, "pred": pred, "correct": score.is_equiv(pred, problem["gold"]),
                             "tokens": len(ids), "finished": finished})
     return {"id": problem["id"], "prompt": problem["prompt"], "gold": problem["gold"], "completions": completions}
 
 
 def main(cfg):
-    if cfg.score:
-        return score_rows(read_rows(cfg.score), cfg.score, cfg.set_size)
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -210,11 +205,9 @@ def main(cfg):
     print0(json.dumps(dataclasses.asdict(cfg)))
     if rank == 0:
         os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-        if os.path.exists(output):
-            drop_partial_line(output)
         write_json(base + ".config.json", dataclasses.asdict(cfg))
     dist.barrier()
-    done = {r["id"] for r in read_rows(output)} if os.path.exists(output) else set()
+    done = {r["id"] for _, r in read_jsonl(output, drop_truncated_tail=True)} if os.path.exists(output) else set()
     todo = [(i, p) for i, p in enumerate(problems) if p["id"] not in done]
     # bf16 as trained on GPUs; fp32 on CPU
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -238,15 +231,15 @@ def main(cfg):
     bar.close()
 
     metrics = None
-    if rank == 0:
-        by_id = {r["id"]: r for r in read_rows(output)}
-        metrics = score_rows([by_id[p["id"]] for p in problems], output, cfg.set_size)
-    dist.destroy_process_group()
+    if rank == 0:  # the rows of this run's problems, scored
+        by_id = {r["id"]: r for r in score.read_rows(output)}
+        metrics = score.score_rows([by_id[p["id"]] for p in problems], output, cfg.set_size)
+    close_distributed()
     return metrics
 
 
 if __name__ == "__main__":
     try:
         main(parse_config())
-    except data.DataError as e:
+    except DataError as e:
         raise SystemExit(f"error: {e}")

@@ -12,10 +12,16 @@ algorithm), and the training loss is the NTP loss of every trace under its match
     --matching random      ablation: a uniformly random injective matching each step
     --matching sft         SFT-mixed baseline: every trace paired with the first token, <think1>
 
-    python -m pytest -q test_ssft.py -k "hungarian or cost_matrix"
+`match_questions` is the matching pass as train.py runs it, the way DETR's HungarianMatcher is its
+training's matching: every cost sequence of a batch of questions in one queue of no-grad forwards,
+then one assignment per question. `cost_matrix` is the same Eq. 4 for one question, the readable
+reference that the tests hold the batched pass to.
+
+    python -m pytest -q test_ssft.py -k "hungarian or cost_matrix or match_questions"
 """
 import math
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -96,6 +102,11 @@ def cost_matrix(nll_model, prompt_ids, fork_ids, trace_ids, match_tokens, batch_
     return sequence_costs(nll_model, seqs, batch_size, pad_id, device).view(len(fork_ids), len(trace_ids))
 
 
+def num_cost_batches(questions, num_forks, batch_size):
+    """Forwards the matching pass of `questions` needs: its N x M sequences in batches."""
+    return num_micro_batches(num_forks * sum(len(q["trace_ids"]) for q in questions), batch_size)
+
+
 # ----------------------------------------------------------------------------- Eq. 3: matching
 
 def hungarian(cost):
@@ -127,6 +138,43 @@ def assign(mode, cost, num_forks, num_traces, rng):
     raise ValueError(f"unknown matching {mode!r}")
 
 
+@dataclass
+class Matching:
+    """One question's matching. Trace traces[k] trains under fork forks[k] (Eq. 5); the optimal
+    matching is what the statistics count in every mode (Figure 7a counts the optimum under random
+    matching too); None where no cost was computed (sft)."""
+    forks: list  # fork indices, one per matched trace, sorted by trace
+    traces: list  # trace indices, len(forks) == len(traces) == min(num_forks, num_traces)
+    optimal_forks: list
+    optimal_traces: list
+    gap: float = None  # matching_gap of the optimum (None under sft)
+
+
+@torch.no_grad()
+def match_questions(nll_model, questions, fork_ids, mode, match_tokens, batch_size, pad_id, device,
+                    rngs, num_batches=None):
+    """Eq. 3-4 for a batch of encoded questions ([{"prompt_ids", "trace_ids"}]): every question's
+    N x M cost sequences in one queue of no-grad forwards of `batch_size` sequences, then one
+    assignment per question. rngs[k] draws question k's random matching. num_batches: the number
+    of forwards to run (>= what is needed; every rank must run the same number under FSDP), PAD
+    batches filling the rest. Returns one Matching per question, in order."""
+    costs = None
+    if mode != "sft":  # the SFT baseline needs no cost matrix
+        seqs = [s for q in questions for s in cost_sequences(q["prompt_ids"], fork_ids, q["trace_ids"], match_tokens)]
+        costs = sequence_costs(nll_model, seqs, batch_size, pad_id, device, num_batches)
+    matched, offset, n = [], 0, len(fork_ids)
+    for q, rng in zip(questions, rngs):
+        m, cost = len(q["trace_ids"]), None
+        if costs is not None:
+            cost = costs[offset:offset + n * m].view(n, m).numpy()
+            offset += n * m
+        forks, traces = assign(mode, cost, n, m, rng)
+        optimal = hungarian(cost) if mode == "random" else (forks, traces)
+        matched.append(Matching([int(f) for f in forks], [int(j) for j in traces], [int(f) for f in optimal[0]],
+                                [int(j) for j in optimal[1]], matching_gap(cost, *optimal) if cost is not None else None))
+    return matched
+
+
 def matching_gap(cost, forks, traces):
     """Mean cost per matched pair of all the other injective matchings minus the optimal one's
     (Appendix A.3.3, Figure 10). Exact without enumeration: under a uniform injective matching each
@@ -153,16 +201,23 @@ class MatchingStats:
         self.epochs = epochs or []
 
     def update(self, epoch, forks, traces, sources, gap):
-        while len(self.epochs) <= epoch:
-            self.epochs.append({"epoch": len(self.epochs), "steps": 0, "questions": 0, "gap_sum": 0.0,
-                                "configurations": Counter(), "edges": Counter()})
-        e = self.epochs[epoch]
+        """Counts one question's optimal matching of `epoch`."""
+        e = self._epoch(epoch)
         keys = [sources[j] if sources else int(j) for j in traces]
         e["configurations"][tuple(sorted(zip(map(int, forks), keys), key=str))] += 1
         for f, j, key in zip(forks, traces, keys):
             e["edges"][(int(f), int(j), key if sources else None)] += 1
         e["questions"] += 1
         e["gap_sum"] += gap or 0.0
+
+    def end_step(self, epoch):
+        self._epoch(epoch)["steps"] += 1
+
+    def _epoch(self, epoch):
+        while len(self.epochs) <= epoch:
+            self.epochs.append({"epoch": len(self.epochs), "steps": 0, "questions": 0, "gap_sum": 0.0,
+                                "configurations": Counter(), "edges": Counter()})
+        return self.epochs[epoch]
 
     def to_json(self):
         epochs = []

@@ -13,16 +13,16 @@ Votes: answers are grouped by the test that grades them (`is_equiv`); the larges
 goes to the group whose answer appeared first, and responses without a \\boxed{} answer are wrong and
 never vote: a set with no parseable answer counts as wrong.
 
-infer.py writes the rows and scores them with `score_rows`; an existing rows file (infer.py's, or one from vLLM
+infer.py writes the rows and scores them with `score_rows`; any rows file (infer.py's, or one from vLLM
 with only "gold" and each completion's "text" and "fork") is scored without a model by
 
-    python infer.py --score eval/aime24.cycle.jsonl --set_size 6   # -> eval/aime24.cycle.metrics.json
+    python score.py eval/aime24.cycle.jsonl --set_size 6   # prints the table, writes eval/aime24.cycle.metrics.json
 """
 import math
 import re
+from dataclasses import dataclass
 
-import data
-from train import write_json
+from common import DataError, parse_flags, read_jsonl, write_json
 
 try:  # optional: a symbolic equivalence test (pip install math-verify)
     from math_verify import parse as mv_parse, verify as mv_verify
@@ -177,10 +177,10 @@ def print_table(metrics, title):
 def read_rows(path):
     """Rows of an output file, with pred and correct filled in from text and gold where missing."""
     rows = []
-    for n, row in data.read_jsonl(path, drop_truncated_tail=True):
+    for n, row in read_jsonl(path, drop_truncated_tail=True):
         if not isinstance(row, dict) or "gold" not in row or not isinstance(row.get("completions"), list) \
                 or not row["completions"] or not all(isinstance(c, dict) and "text" in c for c in row["completions"]):
-            raise data.DataError(f"{path}:{n}: a row needs 'gold' and 'completions': [{{'text', ...}}, ...]")
+            raise DataError(f"{path}:{n}: a row needs 'gold' and 'completions': [{{'text', ...}}, ...]")
         gold = gold_answer(row["gold"])
         for c in row["completions"]:
             c.setdefault("fork", None)
@@ -195,8 +195,33 @@ def read_rows(path):
 def score_rows(rows, path, set_size):
     """Metrics of `rows` (one per problem), written beside the rows file `path` and printed."""
     if not rows:
-        raise data.DataError(f"{path}: no rows to score")
+        raise DataError(f"{path}: no rows to score")
     metrics = aggregate(rows, set_size)
     write_json(path.removesuffix(".jsonl") + ".metrics.json", metrics)
     print_table(metrics, path)
     return metrics
+
+
+@dataclass
+class Config:
+    rows: str = ""  # the rows JSONL to score (infer.py's output, or converted vLLM output)
+    set_size: int = 6  # native_cons set size when responses use fewer than 2 forking tokens (paper: 6)
+
+
+def parse_config(argv=None):
+    parser, given = parse_flags(Config, __doc__, argv, positional=("rows",))
+    cfg = Config(**given)
+    if not cfg.rows or cfg.set_size < 1:
+        parser.error("give the rows file to score (python score.py ROWS.jsonl) and --set_size >= 1")
+    return cfg
+
+
+def main(cfg):
+    return score_rows(read_rows(cfg.rows), cfg.rows, cfg.set_size)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_config())
+    except DataError as e:
+        raise SystemExit(f"error: {e}")

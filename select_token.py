@@ -25,7 +25,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
-from train import parse_flags, write_json
+from common import parse_flags, write_json
 
 
 @dataclass

@@ -1,5 +1,4 @@
-"""Tests of bench.py: the --quick run CI covers, the shared-prefix cost matrix (the precondition for
-moving it into match.py) and the parameter counts behind MFU.
+"""Tests of bench.py: the --quick run CI covers and the parameter counts behind MFU.
 
     python -m pytest -q test_bench.py
 """
@@ -9,14 +8,9 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 import bench
-import data
-import match
-import toy
-from test_ssft import tiny_model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -29,7 +23,6 @@ def test_quick_run_prints_and_saves_every_row_with_positive_finite_numbers(tmp_p
     rows = json.loads(out.read_text())["rows"]
     expected = [("train tok/s: train.py | HF", "tiny 128 tok"), ("train tok/s: train.py | HF", "tiny 256 tok"),
                 ("ssft/sft step s: SSFT | SFT", "tiny N6 M4 K16 L64"),
-                ("cost s/question: shared | match", "tiny P32 N6 M4 K16"),
                 ("decode tok/s: infer | HF", "tiny 6 streams P32"), ("decode tok/s: infer | HF", "tiny 32 streams P32")]
     assert [(r["bench"], r["case"]) for r in rows] == expected
     for r in rows:
@@ -38,27 +31,6 @@ def test_quick_run_prints_and_saves_every_row_with_positive_finite_numbers(tmp_p
         assert all(len(times) == 3 for times in r["times_s"])  # --quick: 3 timed runs, medians of them
         assert f"{r['bench']:<32}{r['case']:<30}" in run.stdout  # the printed table has the row
     assert "torch " + torch.__version__ in run.stdout  # the device and versions are printed
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model(6)
-
-
-def test_shared_prefix_cost_matrix_equals_match_cost_matrix(tiny):
-    """Prompt run once with its KV cache shared == every (fork, trace) row with the whole prompt,
-    for traces shorter and longer than K (one of a single token), any batching, N != M."""
-    tok, model, fork_ids = tiny
-    q = {"prompt": "Add 12 + 34 + 56.", "traces": [toy.solve([12, 34, 56], s) for s in toy.STYLES]}
-    enc = data.encode_question(tok, q, max_len=256)
-    traces = enc["trace_ids"] + [enc["trace_ids"][0][:1]]  # M = 5, the last one token long
-    for k in (1000, 5):
-        ref = match.cost_matrix(match.SequenceNLL(model), enc["prompt_ids"], fork_ids, traces, k, 16, tok.pad_token_id)
-        for batch in (30, 7, 1):
-            got = bench.shared_prefix_cost_matrix(model, enc["prompt_ids"], fork_ids, traces, k, batch, tok.pad_token_id)
-            assert got.shape == (6, 5)
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    assert ref.std(0).min() > 1e-3 and ref.std(1).min() > 1e-3  # rows and columns differ: a swap would show
 
 
 def test_shapes_have_the_published_qwen25_parameter_counts():

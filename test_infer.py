@@ -28,7 +28,7 @@ def builtin_equivalence(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny():
+def noisy():
     """A tiny Qwen2 with forking tokens and weights random enough that greedy continuations differ
     between forking tokens (the toy init gives the N rows almost equal embeddings)."""
     tokenizer = toy.make_tokenizer()
@@ -42,9 +42,9 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny, tmp_path_factory):
+def model_dir(noisy, tmp_path_factory):
     """What train.py leaves in final/: model and tokenizer (with the forking tokens) in one directory."""
-    tokenizer, model, _ = tiny
+    tokenizer, model, _ = noisy
     path = tmp_path_factory.mktemp("final")
     copy.deepcopy(model).to(torch.bfloat16).save_pretrained(path)  # bf16, as train.py saves it
     tokenizer.save_pretrained(path)
@@ -159,8 +159,8 @@ def test_top_p_samples_only_inside_the_nucleus():
 
 # ----------------------------------------------------------------------------- generation
 
-def test_shared_prefix_generation_equals_independent_generation_under_greedy(tiny):
-    tokenizer, model, fork_ids = tiny
+def test_shared_prefix_generation_equals_independent_generation_under_greedy(noisy):
+    tokenizer, model, fork_ids = noisy
     prompt = data.prompt_text(tokenizer, "Add 12 + 34 + 56.")
     prefix = tokenizer.encode(prompt, add_special_tokens=False)
     firsts = fork_ids + fork_ids[:2]  # 6 responses: <think1..4>, <think1..2>
@@ -174,8 +174,7 @@ def test_shared_prefix_generation_equals_independent_generation_under_greedy(tin
     stop = next(t for r in refs for t in r[3:] if t not in r[:3])
     cut = [(r[:r.index(stop)], True) if stop in r else (r, False) for r in refs]
     for batch_size in (0, 4):
-        cfg = infer.Config(temperature=0.0, max_new_tokens=12, batch_size=batch_size)
-        got = infer.generate(model, prefix, firsts, cfg, {stop}, torch.Generator())
+        got = infer.generate(model, prefix, firsts, 12, 0.0, 1.0, {stop}, torch.Generator(), batch_size)
         assert got == cut
 
 
@@ -262,7 +261,7 @@ def test_score_reextracts_answers_from_text_and_gold(tmp_path):
             {"id": 1, "gold": r"\frac{1}{2}", "completions": [{"fork": f, "text": r"so \boxed{0.5}."} for f in forks]}]
     path = tmp_path / "vllm.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    metrics = infer.main(infer.parse_config(["--score", str(path)]))
+    metrics = score.main(score.parse_config([str(path)]))
     assert metrics["pass@1"] == pytest.approx((2 / 4 + 1) / 2) and metrics["cons@4"] == 1.0
     assert metrics["cons@2"] == 0.5  # (13, 12): a tie, 13 came first
     assert metrics["native_cons@2"] == pytest.approx((1 / 2 + 1) / 2)  # sets (13, 12) and (none, 12.0)

@@ -1,4 +1,4 @@
-"""CPU tests of the training side: data.py, match.py, train.py and toy.py's experiment (toy model).
+"""CPU tests of the training side: data.py, match.py, train.py, toy.py and toy_compare.py (toy model).
 
     python -m pytest -q
 """
@@ -6,18 +6,18 @@ import itertools
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
 import data
 import match
+import score
 import toy
+import toy_compare
 import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,41 +25,38 @@ SHARED = os.path.join(HERE, "..", "shared", "data")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    """A world of one process, so that train.py's passes (which all-reduce) run in-process."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-
-
-def tiny_model(num_forks):
-    """Toy tokenizer + fp32 tiny Qwen2 (eval mode) with forking tokens whose embeddings differ
-    markedly, so that the rows of a cost matrix differ. Returns (tokenizer, model, fork_ids)."""
-    torch.manual_seed(0)
-    tok = toy.make_tokenizer()
-    model = toy.make_model(tok, hidden=32)
-    num_trained = len(tok)
-    fork_ids = data.add_fork_tokens(tok, num_forks)
-    data.init_fork_rows(model, fork_ids, num_trained, seed=0)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[fork_ids] += torch.randn(num_forks, 32)
-    return tok, model.eval(), fork_ids
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_model(4)
-
-
-def run(cmd, timeout=240, **kw):
-    out = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, **kw)
-    return out
-
-
 def losses(out_dir):
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line)["loss"] for line in f]
+
+
+# ----------------------------------------------------------------------------- layout of the project
+
+def project_imports():
+    """{module: the project modules it imports, at any depth in the file}."""
+    import ast
+    modules = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith(("test_", "conftest"))}
+    graph = {}
+    for m in modules:
+        tree = ast.parse(open(os.path.join(HERE, m + ".py")).read())
+        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+        graph[m] = names & modules - {m}
+    return graph
+
+
+def test_stages_import_downward_only():
+    """No import circle, and only the trainer's own users import train.py (a stage file is never
+    a helper library for another stage)."""
+    graph = project_imports()
+
+    def reach(m, seen=()):
+        return set().union(*({n} | reach(n, seen + (m,)) for n in graph[m] if n not in seen)) if graph[m] else set()
+    for m in graph:
+        assert m not in reach(m), f"{m} imports itself through {graph[m]}"
+    for m in ("data", "match", "infer", "score", "select_token", "toy", "common"):
+        assert "train" not in reach(m), f"{m} reaches train.py"
+    assert graph["common"] == set() and graph["toy"] <= {"data"}
 
 
 # ----------------------------------------------------------------------------- match.py
@@ -136,6 +133,30 @@ def test_cost_matrix_equals_per_pair_forward_loop_for_any_chunking(tiny):
             assert got.shape == (4, 4)
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert ref.std() > 0.01  # rows differ: the test would notice swapped forks
+
+
+@pytest.mark.parametrize("mode", ["hungarian", "random"])
+def test_match_questions_equals_cost_matrix_and_assignment_per_question(tiny, mode):
+    """The batched matching pass (all questions' sequences in one queue, any batch size, PAD
+    forwards beyond what is needed) gives, per question, the reference cost matrix's matching."""
+    tok, model, fork_ids = tiny
+    nll = match.SequenceNLL(model)
+    questions = toy.make_questions(5, seed=2)
+    questions[1]["traces"] = questions[1]["traces"][:1]  # M = 1
+    questions[3]["traces"] = questions[3]["traces"] + questions[0]["traces"][:2]  # M = 6 > N = 4
+    encoded = [data.encode_question(tok, q, 256) for q in questions]
+    for batch, k, forwards in [(7, 1000, None), (64, 6, 9)]:
+        got = match.match_questions(nll, encoded, fork_ids, mode, k, batch, tok.pad_token_id, "cpu",
+                                    [np.random.default_rng(q) for q in range(5)], forwards)
+        for q, (enc, m) in enumerate(zip(encoded, got)):
+            cost = match.cost_matrix(nll, enc["prompt_ids"], fork_ids, enc["trace_ids"], k, 3, tok.pad_token_id).numpy()
+            optimal = match.hungarian(cost)
+            assert [m.optimal_forks, m.optimal_traces] == [optimal[0].tolist(), optimal[1].tolist()]
+            assert math.isclose(m.gap, match.matching_gap(cost, *optimal), rel_tol=1e-4, abs_tol=1e-6)
+            pairs = match.random_matching(4, len(enc["trace_ids"]), np.random.default_rng(q)) \
+                if mode == "random" else optimal
+            assert [m.forks, m.traces] == [pairs[0].tolist(), pairs[1].tolist()]
+            assert len(m.forks) == min(4, len(enc["trace_ids"]))
 
 
 def test_prompt_and_fork_carry_no_loss_and_cost_is_length_normalised(tiny):
@@ -341,29 +362,29 @@ def test_one_step_trains_exactly_the_documented_pairs(world_of_one, mode):
     questions = toy.make_questions(cfg.toy_questions, cfg.seed)
     questions[1]["traces"] = questions[1]["traces"][:2]  # M varies: 4, 2, 4, ...
     encoded = [data.encode_question(tok, q, cfg.max_len) for q in questions]
-    mine = [0, 1, 2]
-    matched = train.matching_pass(model, encoded, mine, fork_ids, step=3, cfg=cfg, pad_id=tok.pad_token_id,
-                                     device=torch.device("cpu"))
+    mine = [encoded[q] for q in (0, 1, 2)]
+    rngs = [np.random.default_rng([cfg.seed, 3, q]) for q in (0, 1, 2)]
+    matched = match.match_questions(model, mine, fork_ids, mode, cfg.match_tokens, cfg.match_batch, tok.pad_token_id,
+                                    torch.device("cpu"), rngs)
     plain = toy.make_model(tok)
     plain.config.vocab_size = model.lm.config.vocab_size
     full = {k[3:]: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
     plain.load_state_dict(full)
     reference = match.SequenceNLL(plain)
-    for q in mine:
-        forks, traces = matched[q][:2]
-        m = len(encoded[q]["trace_ids"])
+    for q, enc, m in zip((0, 1, 2), mine, matched):
         if mode == "hungarian":
-            cost = match.cost_matrix(reference, encoded[q]["prompt_ids"], fork_ids, encoded[q]["trace_ids"],
+            cost = match.cost_matrix(reference, enc["prompt_ids"], fork_ids, enc["trace_ids"],
                                      cfg.match_tokens, 64, tok.pad_token_id)
             expected = match.hungarian(cost.numpy())
         elif mode == "random":
-            expected = match.random_matching(4, m, np.random.default_rng([cfg.seed, 3, q]))
+            expected = match.random_matching(4, len(enc["trace_ids"]), np.random.default_rng([cfg.seed, 3, q]))
         else:
-            expected = (np.zeros(m, dtype=int), np.arange(m))
-        assert [list(map(int, a)) for a in (forks, traces)] == [list(map(int, a)) for a in expected]
-    seqs = [data.make_sequence(encoded[q]["prompt_ids"], fork_ids[f], encoded[q]["trace_ids"][j])
-            for q in mine for f, j in zip(*matched[q][:2])]
-    loss, tokens, _, _ = train.training_pass(model, seqs, cfg, tok.pad_token_id, torch.device("cpu"))
+            expected = (np.zeros(len(enc["trace_ids"]), dtype=int), np.arange(len(enc["trace_ids"])))
+        assert [m.forks, m.traces] == [list(map(int, a)) for a in expected]
+    seqs = [data.make_sequence(enc["prompt_ids"], fork_ids[f], enc["trace_ids"][j])
+            for enc, m in zip(mine, matched) for f, j in zip(m.forks, m.traces)]
+    assert train.training_rows(mine, matched, fork_ids, "batch") == seqs
+    loss, tokens, _, _ = train.training_pass(model, seqs, cfg.micro_batch, "batch", tok.pad_token_id, torch.device("cpu"))
     total, count = reference(*data.collate(seqs, tok.pad_token_id))
     (total.sum() / count.sum()).backward()
     assert tokens == count.sum() and math.isclose(loss, (total.sum() / count.sum()).item(), rel_tol=1e-5)
@@ -383,7 +404,7 @@ def write_varied_data(path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_fsdp_on_two_processes_matches_one_process(tmp_path):
+def test_fsdp_on_two_processes_matches_one_process(tmp_path, run):
     """Same losses and final weights; the ranks hold questions with different numbers of traces,
     and a micro-batch of PAD sequences occurs (a hang fails the test through its timeout)."""
     path = tmp_path / "varied.jsonl"
@@ -448,11 +469,11 @@ train.main(cfg)
 """
 
 
-def faulty(kind, when, flags):
+def faulty(run, kind, when, flags):
     return run([sys.executable, "-c", FAULT, kind, str(when), *flags])
 
 
-def test_killed_runs_resume_from_the_last_complete_checkpoint_with_the_same_losses(tmp_path):
+def test_killed_runs_resume_from_the_last_complete_checkpoint_with_the_same_losses(tmp_path, run):
     """kill -9 in the middle of the run (at half its steps) or during a checkpoint write: the same
     command again continues exactly as the uninterrupted run (same data order, RNG and schedule)."""
     flags = ["--toy_questions", "32", "--batch_size", "8", "--epochs", "1", "--save_every", "2"]
@@ -461,9 +482,9 @@ def test_killed_runs_resume_from_the_last_complete_checkpoint_with_the_same_loss
     expected = losses(tmp_path / "full")
     assert len(expected) == 4
 
-    killed_step = faulty("kill_in_step", 2, ["--out_dir", str(tmp_path / "step"), *flags])  # at half the steps
+    killed_step = faulty(run, "kill_in_step", 2, ["--out_dir", str(tmp_path / "step"), *flags])  # at half the steps
     assert killed_step.returncode == -9
-    killed_ckpt = faulty("kill_in_checkpoint", 2, ["--out_dir", str(tmp_path / "ckpt"), *flags])
+    killed_ckpt = faulty(run, "kill_in_checkpoint", 2, ["--out_dir", str(tmp_path / "ckpt"), *flags])
     assert killed_ckpt.returncode == -9
     assert os.path.isdir(tmp_path / "ckpt" / "checkpoints" / "step_000004.tmp")  # half-written, not taken
     for name in ("step", "ckpt"):
@@ -489,12 +510,12 @@ def test_killed_runs_resume_from_the_last_complete_checkpoint_with_the_same_loss
     assert out.shape[1] > prompt["input_ids"].shape[1]
 
 
-def test_non_finite_loss_stops_with_the_step_or_is_skipped_and_counted(tmp_path):
+def test_non_finite_loss_stops_with_the_step_or_is_skipped_and_counted(tmp_path, run):
     flags = ["--toy_questions", "24", "--batch_size", "8", "--epochs", "1"]
-    stopped = faulty("nan_in_step", 1, ["--out_dir", str(tmp_path / "stop"), *flags])
+    stopped = faulty(run, "nan_in_step", 1, ["--out_dir", str(tmp_path / "stop"), *flags])
     assert stopped.returncode != 0 and "error: step 1: non-finite loss" in stopped.stderr, stopped.stderr
     assert "--skip_nonfinite" in stopped.stderr
-    skipped = faulty("nan_in_step", 1, ["--out_dir", str(tmp_path / "skip"), *flags, "--skip_nonfinite", "true"])
+    skipped = faulty(run, "nan_in_step", 1, ["--out_dir", str(tmp_path / "skip"), *flags, "--skip_nonfinite", "true"])
     assert skipped.returncode == 0, skipped.stderr
     with open(tmp_path / "skip" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]
@@ -591,13 +612,14 @@ def test_concat_layout_loss_and_gradients_equal_batch_layout(world_of_one):
     questions[2]["traces"][0] += " and some more words to cut" * 5  # truncated at --max_len
     encoded = [data.encode_question(tok, q, cfg.max_len) for q in questions]
     assert sum(e["truncated"] for e in encoded) >= 1
-    mine = [0, 1, 2, 3]
-    matched = train.matching_pass(model, encoded, mine, fork_ids, 0, cfg, tok.pad_token_id, torch.device("cpu"))
+    rngs = [np.random.default_rng(q) for q in range(4)]
+    matched = match.match_questions(model, encoded, fork_ids, cfg.matching, cfg.match_tokens, cfg.match_batch,
+                                    tok.pad_token_id, torch.device("cpu"), rngs)
     results = []
     for layout in ("batch", "concat"):
-        cfg.layout = layout
-        rows = train.training_rows(encoded, mine, matched, fork_ids, layout)
-        loss, tokens, _, _ = train.training_pass(model, rows, cfg, tok.pad_token_id, torch.device("cpu"))
+        rows = train.training_rows(encoded, matched, fork_ids, layout)
+        loss, tokens, _, _ = train.training_pass(model, rows, cfg.micro_batch, layout, tok.pad_token_id,
+                                                 torch.device("cpu"))
         results.append((loss, tokens, {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}))
         model.zero_grad(set_to_none=True)
     (loss_b, tokens_b, grads_b), (loss_c, tokens_c, grads_c) = results
@@ -606,7 +628,7 @@ def test_concat_layout_loss_and_gradients_equal_batch_layout(world_of_one):
         torch.testing.assert_close(grads_c[name], grad, rtol=1e-5, atol=1e-7)
 
 
-def test_concat_and_batch_commands_log_the_same_first_loss(tmp_path):
+def test_concat_and_batch_commands_log_the_same_first_loss(tmp_path, run):
     first = []
     for layout in ("batch", "concat"):
         result = run([sys.executable, "train.py", "--layout", layout, "--max_steps", "2", "--toy_questions", "32",
@@ -622,7 +644,7 @@ def test_recognise_finds_the_style_of_every_trace_and_its_answer():
     for q in toy.make_questions(50, seed=7):
         for style, trace in zip(q["sources"], q["traces"]):
             assert toy.recognise(trace) == style
-            assert toy.answer_of(trace) == q["answer"]
+            assert score.last_boxed(trace) == q["answer"]
 
 
 @pytest.mark.parametrize("text", [
@@ -644,7 +666,7 @@ def test_summarise_purity_distinct_styles_and_votes():
                record("<think1>", "other", None, question=2), record("<think1>", "right", "7", question=3),
                record("<think2>", "other", "7", question=0), record("<think2>", "other", "7", question=1),
                record("<think2>", "place", "2", question=2), record("<think2>", "place", "7", question=3)]
-    s = toy.summarise(records)
+    s = toy_compare.summarise(records)
     assert s["per_fork"]["<think1>"]["majority"] == "left" and s["per_fork"]["<think1>"]["purity"] == 0.5
     # "other" is never a majority style, however frequent
     assert s["per_fork"]["<think2>"]["majority"] == "place" and s["per_fork"]["<think2>"]["purity"] == 0.5
@@ -658,9 +680,9 @@ def test_forking_tokens_specialise_under_hungarian_but_not_under_random_matching
     """The end-to-end check of train.py's cost matrix, matching and loss masking: under Hungarian
     matching each forking token starts its own style; under random matching the tokens are
     interchangeable and each samples the data's mix of styles."""
-    cfg = toy.CompareConfig(out_dir=str(tmp_path), variants="hungarian,random", seeds=1, epochs=10,
+    cfg = toy_compare.Config(out_dir=str(tmp_path), variants="hungarian,random", seeds=1, epochs=10,
                             eval_questions=20)  # 160 steps of 4 questions; 128 steps is not always enough
-    summary = toy.compare(cfg)
+    summary = toy_compare.compare(cfg)
     hungarian, random = summary["hungarian"], summary["random"]
     assert hungarian["distinct_styles"] >= 3 and hungarian["purity"] >= 0.85, hungarian["runs"][0]["sampled"]
     assert random["purity"] <= hungarian["purity"] - 0.2, random["runs"][0]["sampled"]

@@ -16,13 +16,10 @@ Each optimiser step takes `batch_size` questions, split over the ranks, and runs
 
 Rerunning the same command on an existing --out_dir resumes from its last complete checkpoint.
 """
-import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -40,6 +37,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 import data
 import match
 import toy
+from common import (DataError, append_jsonl, changed_settings, close_distributed, init_distributed, parse_flags,
+                    print0, read_jsonl, write_json, write_jsonl)
 
 
 @dataclass
@@ -70,35 +69,12 @@ class Config:
     trust_remote_code: bool = False  # let transformers run code shipped with the model
 
 
-TOY_DEFAULTS = dict(num_forks=4, match_tokens=16, epochs=6, lr=3e-3, batch_size=16, micro_batch=64,
-                    match_batch=256, max_len=256, activation_checkpointing=False, save_every=0)
 RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir"}  # may change on resume
-
-
-def parse_flags(config_cls, doc, argv=None):
-    """One --flag per field of a config dataclass, its trailing comment as the help (so --help
-    documents every field). Returns (parser, {field: value} of the flags given)."""
-    comments = dict(re.findall(r"^\s+(\w+): [\w.]+ = .*?  # (.*)$", inspect.getsource(config_cls), re.M))
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(config_cls):
-        extra = dict(type=boolean, nargs="?", const=True) if f.type is bool else dict(type=f.type)
-        parser.add_argument(f"--{f.name}", default=None, **extra,
-                            help=f"{comments[f.name]} (default {f.default!r})".replace("%", "%%"))
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
-    return parser, given
-
-
-def boolean(text):
-    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-    return text.lower() in ("true", "1", "yes")
 
 
 def parse_config(argv=None):
     parser, given = parse_flags(Config, __doc__, argv)
-    toy_defaults = TOY_DEFAULTS if given.get("model", Config.model) == "toy" else {}
-    if toy_defaults and given.get("layout") == "concat":  # a row is a whole question (4 traces)
-        toy_defaults = {**toy_defaults, "micro_batch": TOY_DEFAULTS["micro_batch"] // 4}
+    toy_defaults = toy.train_defaults(given.get("layout", Config.layout)) if given.get("model", Config.model) == "toy" else {}
     cfg = Config(**{**toy_defaults, **given})
     problems = [f"--num_forks must be >= 1 (got {cfg.num_forks})" if cfg.num_forks < 1 else None,
                 f"--match_tokens must be >= 1 (got {cfg.match_tokens})" if cfg.match_tokens < 1 else None,
@@ -114,27 +90,6 @@ def parse_config(argv=None):
     if problems:
         parser.error("; ".join(problems))
     return cfg
-
-
-def print0(*args):
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(*args, flush=True)
-
-
-def init_distributed():
-    """torchrun sets RANK/WORLD_SIZE; plain `python` becomes a world of one."""
-    cuda = torch.cuda.is_available()
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if dist.is_initialized():  # e.g. a test that drives the passes in-process
-        pass
-    elif "RANK" in os.environ:
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    else:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    return rank, world, device
 
 
 # ----------------------------------------------------------------------------- model
@@ -157,7 +112,7 @@ def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
     build the model on the meta device, and the full state dict is broadcast from rank 0 while
     each rank keeps its own shard (`broadcast_from_rank0`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
-    attn = attention_backend(cfg, device)
+    attn = attention_backend(cfg.layout, device)
     torch.manual_seed(cfg.seed)
     if cfg.model == "toy":
         full = toy.make_model(tokenizer) if rank == 0 else None
@@ -179,7 +134,7 @@ def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32,
                                               trust_remote_code=cfg.trust_remote_code)
-    model = shard(lm, cfg, device)
+    model = shard(lm, device, cfg.activation_checkpointing, cfg.cpu_offload)
     model.to_empty(device="cpu" if cfg.cpu_offload else device)
     set_model_state_dict(model, state if rank == 0 else {},
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
@@ -192,13 +147,13 @@ def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
     return model, config
 
 
-def attention_backend(cfg, device):
+def attention_backend(layout, device):
     """batch layout: flash-attn when installed on CUDA, else PyTorch SDPA. concat layout: its tree
     mask needs FlexAttention on CUDA (a BlockMask, no dense L x L mask) and SDPA with a dense boolean
     mask on CPU, where FlexAttention has no backward."""
     if device.type != "cuda":
         return "sdpa"
-    if cfg.layout == "concat":
+    if layout == "concat":
         return "flex_attention"
     try:
         import flash_attn  # noqa: F401  (optional, used when installed)
@@ -207,15 +162,15 @@ def attention_backend(cfg, device):
         return "sdpa"
 
 
-def shard(lm, cfg, device):
+def shard(lm, device, activation_checkpointing=False, cpu_offload=False):
     """SequenceNLL(lm) under FSDP2, the canonical recipe: fully_shard each decoder layer, then the
     root (embeddings, final norm, lm_head). bf16 compute with fp32 gradient reduction on GPU."""
-    if cfg.activation_checkpointing:
+    if activation_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = match.SequenceNLL(lm)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
+    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     for layer in lm.model.layers:
         fully_shard(layer, mp_policy=mp, offload_policy=offload)
     fully_shard(model, mp_policy=mp, offload_policy=offload)
@@ -281,49 +236,22 @@ def load_checkpoint(model, optimizer, path):
     return trainer["step"], match.MatchingStats.from_json(trainer["matching"])
 
 
-def write_json(path, obj):
-    """Written to a temporary name and renamed: a kill never leaves a half-written file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(path + ".tmp", path)
-
-
-def append_jsonl(path, obj):
-    """One JSON line, synced to disk: a kill loses at most this line (read_jsonl drops its tail)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(obj) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def changed_settings(saved_path, cfg, keys):
-    """{field: saved value} of the fields in `keys` whose value in cfg differs from the config saved
-    at `saved_path` ({} when nothing is saved there)."""
-    if not os.path.exists(saved_path):
-        return {}
-    with open(saved_path) as f:
-        old = json.load(f)
-    return {k: old.get(k) for k in keys if old.get(k) != getattr(cfg, k)}
-
-
 # ----------------------------------------------------------------------------- schedule
 
-def lr_at(step, total, cfg):
-    """5% linear warm-up, then cosine to 0 (Appendix A.3.2)."""
-    warm = max(1, round(cfg.warmup * total))
+def lr_at(step, total, peak, warmup):
+    """Linear warm-up over the first `warmup` fraction of the steps, then cosine to 0 (Appendix A.3.2)."""
+    warm = max(1, round(warmup * total))
     if step < warm:
-        return cfg.lr * (step + 1) / warm
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def batch_of(step, num_questions, cfg):
+def batch_of(step, num_questions, batch_size, seed):
     """(epoch, question indices) of an optimiser step; each epoch is a fresh seeded permutation."""
-    per_epoch = math.ceil(num_questions / cfg.batch_size)
+    per_epoch = math.ceil(num_questions / batch_size)
     epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([cfg.seed, epoch]).permutation(num_questions)
-    return epoch, order[i * cfg.batch_size:(i + 1) * cfg.batch_size].tolist()
+    order = np.random.default_rng([seed, epoch]).permutation(num_questions)
+    return epoch, order[i * batch_size:(i + 1) * batch_size].tolist()
 
 
 def all_max(x, device):
@@ -340,40 +268,15 @@ def all_sum(values, device):
 
 # ----------------------------------------------------------------------------- one step
 
-def matching_pass(model, encoded, mine, fork_ids, step, cfg, pad_id, device):
-    """Eq. 3-4 for this rank's questions `mine`: all their N x M cost sequences in one queue, in
-    no-grad forwards of `match_batch` sequences (the same number on every rank), then one matching
-    per question. Returns {q: (forks, traces, stat_forks, stat_traces, gap)}:
-    (forks, traces) are the pairs to train; the stat_ pairs are the optimal matching, which the
-    statistics track in every mode (Figure 7a tracks the optimum under random matching too)."""
-    costs = None
-    if cfg.matching != "sft":  # the SFT baseline needs no cost matrix
-        seqs = [s for q in mine for s in match.cost_sequences(
-            encoded[q]["prompt_ids"], fork_ids, encoded[q]["trace_ids"], cfg.match_tokens)]
-        n_batches = all_max(data.num_micro_batches(len(seqs), cfg.match_batch), device)
-        costs = match.sequence_costs(model, seqs, cfg.match_batch, pad_id, device, n_batches)
-    matched, offset = {}, 0
-    for q in mine:
-        m, cost = len(encoded[q]["trace_ids"]), None
-        if costs is not None:
-            cost = costs[offset:offset + cfg.num_forks * m].view(cfg.num_forks, m).numpy()
-            offset += cfg.num_forks * m
-        forks, traces = match.assign(cfg.matching, cost, cfg.num_forks, m, np.random.default_rng([cfg.seed, step, q]))
-        stat_forks, stat_traces = match.hungarian(cost) if cfg.matching == "random" else (forks, traces)
-        gap = match.matching_gap(cost, stat_forks, stat_traces) if cost is not None else None
-        matched[q] = (forks, traces, [int(f) for f in stat_forks], [int(j) for j in stat_traces], gap)
-    return matched
-
-
-def training_rows(encoded, mine, matched, fork_ids, layout):
+def training_rows(questions, matched, fork_ids, layout):
     """The rows to train: one per matched (token, trace) pair (batch layout), or one per question
-    with its matched branches after a single copy of the prompt (concat layout, Appendix A.5)."""
+    with its matched branches after a single copy of the prompt (concat layout, Appendix A.5).
+    questions: encoded questions; matched: their match.Matching records, in the same order."""
     if layout == "batch":
-        return [data.make_sequence(encoded[q]["prompt_ids"], fork_ids[f], encoded[q]["trace_ids"][j])
-                for q in mine for f, j in zip(*matched[q][:2])]
-    return [data.make_branches(encoded[q]["prompt_ids"],
-                               [(fork_ids[f], encoded[q]["trace_ids"][j]) for f, j in zip(*matched[q][:2])])
-            for q in mine]
+        return [data.make_sequence(q["prompt_ids"], fork_ids[f], q["trace_ids"][j])
+                for q, m in zip(questions, matched) for f, j in zip(m.forks, m.traces)]
+    return [data.make_branches(q["prompt_ids"], [(fork_ids[f], q["trace_ids"][j]) for f, j in zip(m.forks, m.traces)])
+            for q, m in zip(questions, matched)]
 
 
 def model_inputs(rows, layout, pad_id, device):
@@ -386,15 +289,15 @@ def model_inputs(rows, layout, pad_id, device):
     return dict(input_ids=input_ids, labels=labels, attention_mask=mask, position_ids=position_ids)
 
 
-def training_pass(model, rows, cfg, pad_id, device):
+def training_pass(model, rows, micro_batch, layout, pad_id, device):
     """Eq. 5 over this rank's rows (training_rows), questions stitched together in one queue and cut
     into micro-batches (the same number on every rank, PAD-filled). Gradients accumulate; the loss
     is the sum of token NLLs divided by the number of trace tokens over all ranks (not a mean of
     per-rank means). Returns (loss, global trace tokens, global input tokens, padding fraction: the
     share of the computed positions that are padding)."""
     world = dist.get_world_size()
-    n_batches = all_max(data.num_micro_batches(len(rows), cfg.micro_batch), device)
-    batches, _ = data.micro_batches(rows, cfg.micro_batch, n_batches, data.pad_item(pad_id, cfg.layout))
+    n_batches = all_max(data.num_micro_batches(len(rows), micro_batch), device)
+    batches, _ = data.micro_batches(rows, micro_batch, n_batches, data.pad_item(pad_id, layout))
     local_tokens = sum(sum(label != data.IGNORE for label in row[1]) for row in rows)
     computed = sum(len(mb) * max(len(row[0]) for row in mb) for mb in batches)
     global_tokens, global_input, global_computed = all_sum(
@@ -402,7 +305,7 @@ def training_pass(model, rows, cfg, pad_id, device):
     loss_sum = torch.zeros((), device=device)
     model.train()
     for mb in batches:
-        nll_sum, _ = model(**model_inputs(mb, cfg.layout, pad_id, device))
+        nll_sum, _ = model(**model_inputs(mb, layout, pad_id, device))
         # x world: FSDP averages gradients over ranks, and we want the global sum / global tokens
         (nll_sum.sum() / max(global_tokens, 1) * world).backward()
         loss_sum += nll_sum.sum().detach()
@@ -418,7 +321,7 @@ def main(cfg):
     try:  # bad data stops here, before a model is loaded or anything is written
         questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" \
             else data.load_questions(cfg.data)
-    except data.DataError as e:
+    except DataError as e:
         sys.exit(f"error: {e}")
     saved_cfg = os.path.join(cfg.out_dir, "config.json")
     changed = changed_settings(saved_cfg, cfg, [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_FREE])
@@ -432,7 +335,7 @@ def main(cfg):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     try:
         encoded = [data.encode_question(tokenizer, q, cfg.max_len) for q in questions]
-    except data.DataError as e:
+    except DataError as e:
         sys.exit(f"error: {e}")
 
     rank, world, device = init_distributed()
@@ -455,35 +358,41 @@ def main(cfg):
         write_json(saved_cfg, dataclasses.asdict(cfg))
         # keep the lines logged before the checkpoint we resume from (none for a fresh run), and
         # not a line cut by a kill
-        keep = [r for _, r in data.read_jsonl(metrics_path, drop_truncated_tail=True) if r["step"] < start] \
+        keep = [r for _, r in read_jsonl(metrics_path, drop_truncated_tail=True) if r["step"] < start] \
             if start else []
-        with open(metrics_path, "w") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in keep))
+        write_jsonl(metrics_path, keep)
     print0(json.dumps(dataclasses.asdict(cfg)))
     truncated = sum(e["truncated"] for e in encoded)
     print0(f"{len(questions)} questions, {sum(len(q['traces']) for q in questions)} traces "
            f"({truncated} truncated to --max_len {cfg.max_len}), {world} rank(s) on {device.type}, "
            f"steps {start}..{last_step} of {total_steps} ({steps_per_epoch} per epoch), "
            f"forking tokens {fork_names[0]}..{fork_names[-1]} = ids {fork_ids[0]}..{fork_ids[-1]}, "
-           f"{cfg.layout} layout, attention {attention_backend(cfg, device)}"
+           f"{cfg.layout} layout, attention {attention_backend(cfg.layout, device)}"
            + (" with a dense boolean tree mask" if cfg.layout == "concat" and device.type != "cuda" else ""))
     skipped = 0
 
     for step in range(start, last_step):
         t0 = time.time()
-        epoch, batch = batch_of(step, len(questions), cfg)
-        mine = data.split_over_ranks([len(questions[i]["traces"]) for i in batch], world)[rank]
-        mine = [batch[i] for i in mine]
+        epoch, batch = batch_of(step, len(questions), cfg.batch_size, cfg.seed)
+        mine = [batch[i] for i in data.split_over_ranks([len(questions[i]["traces"]) for i in batch], world)[rank]]
+        mine_encoded = [encoded[q] for q in mine]
 
-        matched = matching_pass(model, encoded, mine, fork_ids, step, cfg, pad_id, device)
-        rows = training_rows(encoded, mine, matched, fork_ids, cfg.layout)
+        # Eq. 3-4: the matching pass, the same number of no-grad forwards on every rank
+        n_forwards = None if cfg.matching == "sft" else \
+            all_max(match.num_cost_batches(mine_encoded, cfg.num_forks, cfg.match_batch), device)
+        matched = match.match_questions(model, mine_encoded, fork_ids, cfg.matching, cfg.match_tokens, cfg.match_batch,
+                                        pad_id, device, [np.random.default_rng([cfg.seed, step, q]) for q in mine],
+                                        n_forwards)
+        # Eq. 5: the training pass over the matched pairs
+        rows = training_rows(mine_encoded, matched, fork_ids, cfg.layout)
         if step == start and any(len(encoded[q]["trace_ids"]) > cfg.num_forks for q in mine):
             print(f"warning: a question has more traces than --num_forks {cfg.num_forks}: only "
                   f"{cfg.num_forks} of its traces train in a step", flush=True)
-        lr = lr_at(step, total_steps, cfg)
+        lr = lr_at(step, total_steps, cfg.lr, cfg.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, global_tokens, global_input, pad_fraction = training_pass(model, rows, cfg, pad_id, device)
+        loss, global_tokens, global_input, pad_fraction = training_pass(model, rows, cfg.micro_batch, cfg.layout,
+                                                                        pad_id, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -499,13 +408,13 @@ def main(cfg):
 
         # statistics and logs: rank 0 collects every question's matching in batch order
         gathered = [None] * world
-        dist.all_gather_object(gathered, {q: matched[q][2:] for q in mine})
-        all_matched = {k: v for part in gathered for k, v in part.items()}
+        dist.all_gather_object(gathered, dict(zip(mine, matched)))
+        all_matched = {q: m for part in gathered for q, m in part.items()}
         for q in batch:
-            forks, traces, gap = all_matched[q]
-            stats.update(epoch, forks, traces, questions[q]["sources"], gap)
-        stats.epochs[epoch]["steps"] += 1
-        gaps = [all_matched[q][2] for q in batch if all_matched[q][2] is not None]
+            m = all_matched[q]
+            stats.update(epoch, m.optimal_forks, m.optimal_traces, questions[q]["sources"], m.gap)
+        stats.end_step(epoch)
+        gaps = [all_matched[q].gap for q in batch if all_matched[q].gap is not None]
         dt = time.time() - t0
         record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "gap": float(np.mean(gaps)) if gaps else None, "tokens_per_s": global_input / dt,
@@ -525,7 +434,7 @@ def main(cfg):
     print0(f"done: {last_step} steps, {skipped} skipped. Outputs in {cfg.out_dir}/: metrics.jsonl "
            f"(one line per step), matching.json (configuration counts per epoch), checkpoints/, "
            f"final/ (Hugging Face model + tokenizer with {fork_names[0]}..{fork_names[-1]})")
-    dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

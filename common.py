@@ -1,0 +1,189 @@
+"""Plumbing every script shares: rank-0 printing, process-group set-up, flags from a config
+dataclass, and JSON files that a kill never leaves half-written. Nothing here knows about SSFT.
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+
+import torch
+import torch.distributed as dist
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file and line (or the flag)."""
+
+
+# ----------------------------------------------------------------------------- processes
+
+def print0(*args):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, flush=True)
+
+
+_OWN_GROUP = False  # whether init_distributed created the process group (and so may destroy it)
+
+
+def init_distributed():
+    """(rank, world_size, device). torchrun sets RANK/WORLD_SIZE; plain `python` becomes a world of
+    one, so the same collectives run either way. A group that already exists (a test driving the
+    passes in-process) is used as it is."""
+    global _OWN_GROUP
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+        else:
+            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        _OWN_GROUP = True
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def close_distributed():
+    """Destroys the process group if init_distributed created it, never someone else's."""
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP = False
+
+
+# ----------------------------------------------------------------------------- flags
+
+def parse_flags(config_cls, doc, argv=None, positional=()):
+    """One --flag per field of a config dataclass, its trailing comment as the help, so that --help
+    documents every field; fields named in `positional` are positional arguments instead.
+    Returns (parser, {field: value} of the flags given)."""
+    comments = dict(re.findall(r"^\s+(\w+): [\w.]+ = .*?  # (.*)$", inspect.getsource(config_cls), re.M))
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in dataclasses.fields(config_cls):
+        help_text = f"{comments[f.name]} (default {f.default!r})".replace("%", "%%")
+        if f.name in positional:
+            parser.add_argument(f.name, type=f.type, nargs="?", default=None, help=help_text)
+            continue
+        extra = dict(type=boolean, nargs="?", const=True) if f.type is bool else dict(type=number(f.type))
+        parser.add_argument(f"--{f.name}", default=None, **extra, help=help_text)
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    return parser, given
+
+
+def boolean(text):
+    """A bare --flag means true; otherwise true/false, 1/0 or yes/no."""
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
+def number(kind):
+    """int and str as they are; a float flag must be finite (nan or inf is never a setting)."""
+    if kind is not float:
+        return kind
+
+    def finite_float(text):
+        value = float(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        return value
+    finite_float.__name__ = "float"  # argparse names the type in its message
+    return finite_float
+
+
+# ----------------------------------------------------------------------------- files
+
+def strict(obj):
+    """obj with every non-finite float as None: JSON has no NaN or Infinity, and strict readers
+    reject them."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    return obj
+
+
+def write_json(path, obj):
+    """Written to a temporary name and renamed: a kill never leaves a half-written file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(strict(obj), f, indent=1, allow_nan=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def write_jsonl(path, rows):
+    """A whole JSONL file, written to a temporary name and renamed."""
+    with open(path + ".tmp", "w") as f:
+        f.write("".join(json.dumps(strict(r), allow_nan=False) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def append_jsonl(path, obj):
+    """One JSON line, synced to disk. A kill loses at most this line: readers skip an unfinished
+    last line (read_jsonl), and the next append cuts it first, so that rows always start a line."""
+    with open(path, "ab+") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end:
+            f.seek(end - 1)
+            if f.read(1) != b"\n":  # the unfinished row of a killed run
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
+        f.write((json.dumps(strict(obj), allow_nan=False) + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path, drop_truncated_tail=False):
+    """[(line number, object)] of a JSONL file. A missing file, non-UTF-8 bytes or malformed JSON
+    raise DataError naming path:line, except, with drop_truncated_tail, an unterminated last line
+    (a run killed mid-write), which is dropped."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a directory or a FIFO would block or fail
+        raise DataError(f"{path}: not a regular file")
+    try:
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    if drop_truncated_tail:
+        lines[-1] = b""  # after the last newline: empty, or the unfinished row of a killed run
+    rows = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}:{n}: not UTF-8 (byte {e.start})") from None
+        if text.strip():
+            try:
+                rows.append((n, json.loads(text)))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
+    return rows
+
+
+def read_json(path):
+    """A JSON file we wrote earlier; DataError naming the file if it is not JSON."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); move it away or choose another directory") from None
+
+
+def changed_settings(saved_path, cfg, keys):
+    """{field: saved value} of the fields in `keys` whose value in cfg differs from the config saved
+    at `saved_path` ({} when nothing is saved there)."""
+    if not os.path.exists(saved_path):
+        return {}
+    old = read_json(saved_path)
+    if not isinstance(old, dict):
+        raise DataError(f"{saved_path}: not a saved config (a JSON object of settings)")
+    return {k: old.get(k) for k in keys if old.get(k) != getattr(cfg, k)}

@@ -1,0 +1,49 @@
+"""Fixtures shared by the test files: a world of one process and tiny models with forking tokens."""
+import os
+import subprocess
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import data
+import toy
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def tiny_model(num_forks, hidden=32):
+    """Toy tokenizer + fp32 tiny Qwen2 (eval mode) with forking tokens whose embeddings differ
+    markedly, so that the rows of a cost matrix differ. Returns (tokenizer, model, fork_ids)."""
+    torch.manual_seed(0)
+    tok = toy.make_tokenizer()
+    model = toy.make_model(tok, hidden=hidden)
+    num_trained = len(tok)
+    fork_ids = data.add_fork_tokens(tok, num_forks)
+    data.init_fork_rows(model, fork_ids, num_trained, seed=0)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[fork_ids] += torch.randn(num_forks, hidden)
+    return tok, model.eval(), fork_ids
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    return tiny_model(4)
+
+
+@pytest.fixture(scope="session")
+def world_of_one():
+    """A world of one process, so that train.py's passes (which all-reduce) run in-process."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+
+
+@pytest.fixture(scope="session")
+def run():
+    """run(cmd, timeout=...) -> CompletedProcess of a command in the repository, output captured."""
+    def run(cmd, timeout=240, **kw):
+        return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, **kw)
+    return run
+
+
