@@ -393,6 +393,39 @@ def test_one_step_trains_exactly_the_documented_pairs(world_of_one, mode):
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
 
 
+def test_epoch_batches_pack_whole_questions_up_to_batch_size():
+    """Algorithm 2's queue over steps: questions in the epoch's seeded order, whole, until the step
+    holds batch_size sequences; every question trains exactly once per epoch."""
+    assert len(train.schedule([4] * 10, 8, seed=0, epochs=1)) == 5  # 40 sequences / 8
+    assert len(train.schedule([4] * 1000, 32, seed=0, epochs=6)) == 750  # the paper's s1k-4mixed run: ~756
+    rng = np.random.default_rng(0)
+    for batch_size in (1, 3, 8, 13):
+        sizes = rng.integers(1, 5, 57).tolist() + [20]  # 1 to 4 traces, and one question larger than any step
+        for epoch in range(3):
+            steps = train.epoch_batches(sizes, batch_size, seed=5, epoch=epoch)
+            assert sorted(q for s in steps for q in s) == list(range(len(sizes)))  # each question once
+            for s, following in zip(steps, steps[1:] + [None]):
+                held = sum(sizes[q] for q in s)
+                assert held <= batch_size or len(s) == 1  # over only as a question alone
+                if following:  # full: the next question would not have fitted
+                    assert held + sizes[following[0]] > batch_size
+            order = [q for s in steps for q in s]
+            assert order == np.random.default_rng([5, epoch]).permutation(len(sizes)).tolist()
+
+
+def test_hungarian_random_and_sft_take_the_same_steps(tmp_path, run):
+    """10 questions x 4 traces, --batch_size 8: 5 optimiser steps of 2 questions in every mode."""
+    path = tmp_path / "ten.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in toy.make_questions(10, seed=4)))
+    for mode in ("hungarian", "random", "sft"):
+        out = run([sys.executable, "train.py", "--data", str(path), "--batch_size", "8", "--epochs", "1",
+                   "--matching", mode, "--out_dir", str(tmp_path / mode)])
+        assert out.returncode == 0, out.stderr
+        assert "steps 0..5 of 5 (5 per epoch of <= 8 sequences)" in out.stdout, out.stdout
+        records = [json.loads(line) for line in open(tmp_path / mode / "metrics.jsonl")]
+        assert [(r["questions"], r["sequences"]) for r in records] == [(2, 8)] * 5
+
+
 def write_varied_data(path):
     """Questions with 1, 3, 8, 4 and 2 traces (more than the 4 forking tokens in one)."""
     rng = np.random.default_rng(0)
@@ -409,7 +442,7 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path, run):
     and a micro-batch of PAD sequences occurs (a hang fails the test through its timeout)."""
     path = tmp_path / "varied.jsonl"
     write_varied_data(path)
-    flags = ["--data", str(path), "--batch_size", "5", "--micro_batch", "3", "--match_batch", "7",
+    flags = ["--data", str(path), "--batch_size", "10", "--micro_batch", "3", "--match_batch", "7",
              "--epochs", "2", "--max_len", "60"]
     one = run([sys.executable, "train.py", "--out_dir", str(tmp_path / "one"), *flags])
     assert one.returncode == 0, one.stderr
@@ -417,7 +450,7 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path, run):
                "--out_dir", str(tmp_path / "two"), *flags])
     assert two.returncode == 0, two.stderr
     l1, l2 = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert len(l1) == len(l2) == 4
+    assert len(l1) == len(l2) == 6  # steps of 1 to 4 questions, one rank idle in some
     np.testing.assert_allclose(l2, l1, rtol=1e-5)
     w1 = load_file(tmp_path / "one" / "final" / "model.safetensors")
     w2 = load_file(tmp_path / "two" / "final" / "model.safetensors")
@@ -476,7 +509,7 @@ def faulty(run, kind, when, flags):
 def test_killed_runs_resume_from_the_last_complete_checkpoint_with_the_same_losses(tmp_path, run):
     """kill -9 in the middle of the run (at half its steps) or during a checkpoint write: the same
     command again continues exactly as the uninterrupted run (same data order, RNG and schedule)."""
-    flags = ["--toy_questions", "32", "--batch_size", "8", "--epochs", "1", "--save_every", "2"]
+    flags = ["--toy_questions", "32", "--batch_size", "32", "--epochs", "1", "--save_every", "2"]
     full = run([sys.executable, "train.py", "--out_dir", str(tmp_path / "full"), *flags])
     assert full.returncode == 0, full.stderr
     expected = losses(tmp_path / "full")
@@ -511,7 +544,7 @@ def test_killed_runs_resume_from_the_last_complete_checkpoint_with_the_same_loss
 
 
 def test_non_finite_loss_stops_with_the_step_or_is_skipped_and_counted(tmp_path, run):
-    flags = ["--toy_questions", "24", "--batch_size", "8", "--epochs", "1"]
+    flags = ["--toy_questions", "24", "--batch_size", "32", "--epochs", "1"]
     stopped = faulty(run, "nan_in_step", 1, ["--out_dir", str(tmp_path / "stop"), *flags])
     assert stopped.returncode != 0 and "error: step 1: non-finite loss" in stopped.stderr, stopped.stderr
     assert "--skip_nonfinite" in stopped.stderr

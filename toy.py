@@ -34,7 +34,7 @@ REPEAT_PROB = 0.25  # fraction of questions in which one style appears twice
 HELD_OUT_SEED = 10_000  # seed of the held-out questions (infer.py --data toy, toy_compare.py)
 
 # train.py's defaults for --model toy: a run of about a minute on 2 CPU cores
-TRAIN_DEFAULTS = dict(num_forks=4, match_tokens=16, epochs=6, lr=3e-3, batch_size=16, micro_batch=64,
+TRAIN_DEFAULTS = dict(num_forks=4, match_tokens=16, epochs=6, lr=3e-3, batch_size=64, micro_batch=64,
                       match_batch=256, max_len=256, activation_checkpointing=False, save_every=0)
 
 # Qwen2's pre-tokenizer regex: the reloaded Qwen2Tokenizer rebuilds exactly this split.

@@ -39,7 +39,7 @@ class Config:
     seeds: int = 3  # seeds 0..seeds-1 (data, data order, initialisation, random matchings)
     toy_questions: int = 64  # training questions (train.py's default: 256)
     epochs: int = 12  # passes over them: the same step budget for every variant
-    batch_size: int = 4  # questions per step (train.py's: 16): many small steps learn the trace format sooner
+    batch_size: int = 16  # sequences per step, 4 questions (train.py's: 64): many small steps learn the format sooner
     eval_questions: int = 40  # held-out questions, none of them in any training set
     samples: int = 2  # sampled generations per forking token and question, at temperature 0.7
     max_new_tokens: int = 64  # the longest trace has ~50 tokens

@@ -1,6 +1,7 @@
 """Set Supervised Fine-Tuning (Algorithm 1) in a hand-rolled FSDP2 loop.
 
-Each optimiser step takes `batch_size` questions, split over the ranks, and runs
+Each optimiser step takes whole questions holding `batch_size` traces in all (the paper's global batch
+of 32 sequences, Appendix A.3.2), shares them over the ranks (Algorithm 2) and runs
   1. the matching pass: the N x M cost matrix of each question (Eq. 4, no grad, eval mode) and its
      matching (Eq. 3: Hungarian, or random / sft for the baselines);
   2. the training pass: the NTP loss of every matched (forking token, trace) sequence (Eq. 5), in
@@ -53,7 +54,7 @@ class Config:
     epochs: int = 6  # passes over the questions (toy: 6)
     max_steps: int = 0  # stop after this many optimiser steps in all (0: run all epochs)
     lr: float = 1e-5  # peak learning rate, 5% linear warm-up then cosine to 0 (toy: 3e-3)
-    batch_size: int = 32  # questions per optimiser step, over all ranks (toy: 16)
+    batch_size: int = 32  # sequences (traces) per optimiser step over all ranks; whole questions (toy: 64)
     micro_batch: int = 1  # rows per forward/backward in the training pass (toy: 64)
     match_batch: int = 8  # sequences per no-grad forward in the matching pass (toy: 256)
     max_len: int = 32768  # tokens of prompt + forking token + trace; longer traces are cut (toy: 256)
@@ -246,12 +247,27 @@ def lr_at(step, total, peak, warmup):
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
 
-def batch_of(step, num_questions, batch_size, seed):
-    """(epoch, question indices) of an optimiser step; each epoch is a fresh seeded permutation."""
-    per_epoch = math.ceil(num_questions / batch_size)
-    epoch, i = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(num_questions)
-    return epoch, order[i * batch_size:(i + 1) * batch_size].tolist()
+def epoch_batches(sizes, batch_size, seed, epoch):
+    """The optimiser steps of one epoch, each a list of question indices. sizes[q]: question q's
+    number of traces (its sequences: one per trace, under SSFT and SFT alike). Questions are taken
+    in the epoch's seeded order and packed until a step holds batch_size sequences: a question's
+    traces stay in one step (its matching needs all of them), so a question that would overflow
+    starts the next step, and one larger than batch_size is a step of its own. Every question
+    trains once per epoch."""
+    steps, held = [[]], 0
+    for q in np.random.default_rng([seed, epoch]).permutation(len(sizes)).tolist():
+        if steps[-1] and held + sizes[q] > batch_size:
+            steps.append([])
+            held = 0
+        steps[-1].append(q)
+        held += sizes[q]
+    return steps
+
+
+def schedule(sizes, batch_size, seed, epochs):
+    """[(epoch, question indices)] of every optimiser step of the run: a pure function of the data
+    and the seed, so that a resumed run takes the same steps as an uninterrupted one."""
+    return [(e, batch) for e in range(epochs) for batch in epoch_batches(sizes, batch_size, seed, e)]
 
 
 def all_max(x, device):
@@ -344,8 +360,10 @@ def main(cfg):
     fork_names = data.fork_tokens(cfg.num_forks)
     stats = match.MatchingStats(cfg.matching, fork_names)
 
-    steps_per_epoch = math.ceil(len(questions) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
+    plan = schedule([len(q["traces"]) for q in questions], cfg.batch_size, cfg.seed, cfg.epochs)
+    total_steps = len(plan)
+    per_epoch = [sum(e == epoch for e, _ in plan) for epoch in range(cfg.epochs)]
+    per_epoch = str(min(per_epoch)) if min(per_epoch) == max(per_epoch) else f"{min(per_epoch)} to {max(per_epoch)}"
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     start = 0
     ckpt = latest_checkpoint(cfg.out_dir)
@@ -365,7 +383,7 @@ def main(cfg):
     truncated = sum(e["truncated"] for e in encoded)
     print0(f"{len(questions)} questions, {sum(len(q['traces']) for q in questions)} traces "
            f"({truncated} truncated to --max_len {cfg.max_len}), {world} rank(s) on {device.type}, "
-           f"steps {start}..{last_step} of {total_steps} ({steps_per_epoch} per epoch), "
+           f"steps {start}..{last_step} of {total_steps} ({per_epoch} per epoch of <= {cfg.batch_size} sequences), "
            f"forking tokens {fork_names[0]}..{fork_names[-1]} = ids {fork_ids[0]}..{fork_ids[-1]}, "
            f"{cfg.layout} layout, attention {attention_backend(cfg.layout, device)}"
            + (" with a dense boolean tree mask" if cfg.layout == "concat" and device.type != "cuda" else ""))
@@ -373,7 +391,7 @@ def main(cfg):
 
     for step in range(start, last_step):
         t0 = time.time()
-        epoch, batch = batch_of(step, len(questions), cfg.batch_size, cfg.seed)
+        epoch, batch = plan[step]
         mine = [batch[i] for i in data.split_over_ranks([len(questions[i]["traces"]) for i in batch], world)[rank]]
         mine_encoded = [encoded[q] for q in mine]
 
@@ -416,7 +434,8 @@ def main(cfg):
         stats.end_step(epoch)
         gaps = [all_matched[q].gap for q in batch if all_matched[q].gap is not None]
         dt = time.time() - t0
-        record = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+        record = {"step": step, "epoch": epoch, "questions": len(batch),
+                  "sequences": sum(len(all_matched[q].forks) for q in batch), "loss": loss, "lr": lr, "grad_norm": grad_norm,
                   "gap": float(np.mean(gaps)) if gaps else None, "tokens_per_s": global_input / dt,
                   "pad_fraction": pad_fraction, "skipped": skipped, "time_s": dt}
         if rank == 0:
