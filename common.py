@@ -3,11 +3,14 @@ dataclass, and JSON files that a kill never leaves half-written. Nothing here kn
 """
 import argparse
 import dataclasses
+import fcntl
 import inspect
 import json
 import math
 import os
 import re
+import socket
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -187,3 +190,35 @@ def changed_settings(saved_path, cfg, keys):
     if not isinstance(old, dict):
         raise DataError(f"{saved_path}: not a saved config (a JSON object of settings)")
     return {k: old.get(k) for k in keys if old.get(k) != getattr(cfg, k)}
+
+
+def writable_dir(path):
+    """Creates directory `path` if needed and checks that files can be written in it; DataError
+    naming it otherwise (an existing file, a read-only place)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise DataError(f"{path}: exists and is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise DataError(f"{path}: cannot write there ({e.strerror})") from None
+
+
+def lock_dir(path):
+    """An exclusive lock on directory `path`, held while the returned file stays open: a second
+    process that asks gets DataError naming the holder. The kernel drops the lock when the holder
+    dies, so the lock file of a killed run never blocks the next one."""
+    f = open(os.path.join(path, "lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise DataError(f"{path} is in use by a running job ({holder}): wait for it to end, "
+                        "or choose another directory") from None
+    f.truncate(0)
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f

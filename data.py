@@ -147,6 +147,17 @@ def prompt_text(tokenizer, prompt):
     return FALLBACK_PROMPT.format(prompt)
 
 
+def encode_prompt(tokenizer, prompt):
+    """Token ids of prompt_text, with the user's prompt tokenised as text: a "<think1>" or
+    "<|im_end|>" typed in a question stays plain text, and control tokens come only from the chat
+    template and the forking token. For an ordinary prompt the ids equal those of prompt_text."""
+    marker = "\x00PROMPT\x00"
+    head, tail = prompt_text(tokenizer, marker).split(marker)
+    return (tokenizer.encode(head, add_special_tokens=False)
+            + tokenizer.encode(prompt, add_special_tokens=False, split_special_tokens=True)
+            + tokenizer.encode(tail, add_special_tokens=False))
+
+
 def build_text(tokenizer, prompt, fork, trace=""):
     """The one string of (prompt, forking token, trace) used by training, matching and inference.
     With trace="" it is the inference prompt; a training trace ends with eos."""
@@ -160,7 +171,7 @@ def encode_question(tokenizer, q, max_len):
     (the forking token is special, so the tokenizer splits there), and lets a question's M traces
     share one tokenised prompt. Traces are cut so that prompt + fork + trace <= max_len tokens.
     """
-    prompt_ids = tokenizer.encode(prompt_text(tokenizer, q["prompt"]), add_special_tokens=False)
+    prompt_ids = encode_prompt(tokenizer, q["prompt"])
     room = max_len - len(prompt_ids) - 1
     if room < 1:
         raise DataError(f"{q.get('where', 'a question')}: a prompt of {len(prompt_ids)} tokens leaves no room "

@@ -82,6 +82,8 @@ def load_problems(path, instruction, limit):
         prompt = next((row[k] for k in ("prompt", "problem", "question") if isinstance(row.get(k), str)), "")
         gold = next((row[k] for k in ("answer", "ground_truth", "gt", "solution") if row.get(k) is not None), None)
         pid = row.get("id", row.get("unique_id", row.get("idx", i)))
+        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
+            raise DataError(f"{path}:{n}: an id must be a string or an integer, got {json.dumps(pid)}")
         if not prompt.strip() or gold is None:
             raise DataError(f"{path}:{n}: need a prompt ('prompt', 'problem' or 'question') and a "
                             "gold answer ('answer', 'ground_truth', 'gt' or 'solution')")
@@ -166,14 +168,16 @@ def response_forks(tokenizer, cfg):
 
 
 def solve(model, tokenizer, problem, forks, cfg, stop_ids, seed):
-    """One problem -> its output row. Each response's prompt is data.build_text(prompt, fork); all end
-    in one token after a shared prefix (the forking token, or the plain prompt's last token)."""
-    texts = [data.build_text(tokenizer, problem["prompt"], f or "") for f in forks]
-    encoded = {t: tokenizer.encode(t, add_special_tokens=False) for t in texts}
-    prefix = encoded[texts[0]][:-1]
-    assert all(e[:-1] == prefix for e in encoded.values()), "a forking token must be one token"
+    """One problem -> its output row. Each response's prompt is data.build_text(prompt, fork), with the
+    prompt tokenised as training did (data.encode_prompt); all end in one token after a shared
+    prefix (the forking token, or the plain prompt's last token)."""
+    prompt_ids = data.encode_prompt(tokenizer, problem["prompt"])
+    if forks[0] is None:  # a baseline: the plain prompt
+        prefix, firsts = prompt_ids[:-1], [prompt_ids[-1]] * len(forks)
+    else:
+        prefix, firsts = prompt_ids, tokenizer.convert_tokens_to_ids(forks)
     generator = torch.Generator(model.device).manual_seed(seed)
-    responses = generate(model, prefix, [encoded[t][-1] for t in texts], cfg.max_new_tokens, cfg.temperature,
+    responses = generate(model, prefix, firsts, cfg.max_new_tokens, cfg.temperature,
                          cfg.top_p, stop_ids, generator, cfg.batch_size)
     completions = []
     for fork, (ids, finished) in zip(forks, responses):
@@ -188,54 +192,64 @@ def main(cfg):
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # every check before the model loads, on every rank alike
+    # every check before the model loads, on every rank alike; nothing is written before it loads
     problems = load_problems(cfg.data, cfg.instruction, cfg.limit)
     name = os.path.splitext(os.path.basename(cfg.data))[0]
     output = cfg.output or os.path.join("eval", f"{name}.{cfg.fork.strip('<>')}.jsonl")
     base = output.removesuffix(".jsonl")
-    changed = changed_settings(base + ".config.json", cfg, SAME_ON_RESUME)
+    done = {r["id"] for _, r in read_jsonl(output, drop_truncated_tail=True)} if os.path.exists(output) else set()
+    changed = changed_settings(base + ".config.json", cfg, SAME_ON_RESUME) if done else {}
     if changed:
         raise SystemExit(f"error: {output} holds rows made with "
                          f"{', '.join(f'--{k} {v!r}' for k, v in changed.items())}: "
                          "pass the same values to resume, or a new --output")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: --model {cfg.model}: not a model directory or hub name "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     forks = response_forks(tokenizer, cfg)
 
     rank, world, device = init_distributed()  # plain python: a world of one
-    print0(json.dumps(dataclasses.asdict(cfg)))
-    if rank == 0:
-        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-        write_json(base + ".config.json", dataclasses.asdict(cfg))
-    dist.barrier()
-    done = {r["id"] for _, r in read_jsonl(output, drop_truncated_tail=True)} if os.path.exists(output) else set()
-    todo = [(i, p) for i, p in enumerate(problems) if p["id"] not in done]
-    # bf16 as trained on GPUs; fp32 on CPU
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
-    eos = model.generation_config.eos_token_id
-    stop_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
-    print0(f"{len(problems)} problems, {len(problems) - len(todo)} already in {output}, "
-           f"{cfg.samples} responses each, forking tokens: {list(dict.fromkeys(forks))}")
-
-    bar = tqdm(total=len(todo), disable=rank != 0, desc="problems")
-    # problems strided over ranks; rank 0 alone writes, so each round's rows are gathered to it
-    for start in range(0, len(todo), world):
-        mine = todo[start + rank] if start + rank < len(todo) else None
-        row = solve(model, tokenizer, mine[1], forks, cfg, stop_ids, cfg.seed + mine[0]) if mine else None
-        rows = [None] * world if rank == 0 else None
-        dist.gather_object(row, rows, dst=0)
+    try:
+        # bf16 as trained on GPUs; fp32 on CPU
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        try:
+            model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation="sdpa")
+        except (OSError, ValueError, TypeError) as e:
+            raise SystemExit(f"error: --model {cfg.model}: cannot load a causal LM "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        model = model.to(device).eval()
+        eos = model.generation_config.eos_token_id
+        stop_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+        print0(json.dumps(dataclasses.asdict(cfg)))
         if rank == 0:
-            for r in filter(None, rows):
-                append_jsonl(output, r)
-            bar.update(sum(r is not None for r in rows))
-    bar.close()
+            os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+            write_json(base + ".config.json", dataclasses.asdict(cfg))
+        todo = [(i, p) for i, p in enumerate(problems) if p["id"] not in done]
+        print0(f"{len(problems)} problems, {len(problems) - len(todo)} already in {output}, "
+               f"{cfg.samples} responses each, forking tokens: {list(dict.fromkeys(forks))}")
 
-    metrics = None
-    if rank == 0:  # the rows of this run's problems, scored
-        by_id = {r["id"]: r for r in score.read_rows(output)}
-        metrics = score.score_rows([by_id[p["id"]] for p in problems], output, cfg.set_size)
-    close_distributed()
-    return metrics
+        bar = tqdm(total=len(todo), disable=rank != 0, desc="problems")
+        # problems strided over ranks; rank 0 alone writes, so each round's rows are gathered to it
+        for start in range(0, len(todo), world):
+            mine = todo[start + rank] if start + rank < len(todo) else None
+            row = solve(model, tokenizer, mine[1], forks, cfg, stop_ids, cfg.seed + mine[0]) if mine else None
+            rows = [None] * world if rank == 0 else None
+            dist.gather_object(row, rows, dst=0)
+            if rank == 0:
+                for r in filter(None, rows):
+                    append_jsonl(output, r)
+                bar.update(sum(r is not None for r in rows))
+        bar.close()
+
+        metrics = None
+        if rank == 0:  # the rows of this run's problems, scored
+            by_id = {r["id"]: r for r in score.read_rows(output)}
+            metrics = score.score_rows([by_id[p["id"]] for p in problems], output, cfg.set_size)
+        return metrics
+    finally:
+        close_distributed()
 
 
 if __name__ == "__main__":

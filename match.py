@@ -138,6 +138,14 @@ def assign(mode, cost, num_forks, num_traces, rng):
     raise ValueError(f"unknown matching {mode!r}")
 
 
+class NonFiniteCost(FloatingPointError):
+    """Cost matrices holding NaN or inf (diverged weights); `questions` are their positions."""
+
+    def __init__(self, questions):
+        super().__init__(f"non-finite matching costs for questions {questions}")
+        self.questions = questions
+
+
 @dataclass
 class Matching:
     """One question's matching. Trace traces[k] trains under fork forks[k] (Eq. 5); the optimal
@@ -157,17 +165,20 @@ def match_questions(nll_model, questions, fork_ids, mode, match_tokens, batch_si
     N x M cost sequences in one queue of no-grad forwards of `batch_size` sequences, then one
     assignment per question. rngs[k] draws question k's random matching. num_batches: the number
     of forwards to run (>= what is needed; every rank must run the same number under FSDP), PAD
-    batches filling the rest. Returns one Matching per question, in order."""
+    batches filling the rest. Returns one Matching per question, in order; raises NonFiniteCost
+    (after all the forwards) if a cost is NaN or inf."""
     costs = None
     if mode != "sft":  # the SFT baseline needs no cost matrix
         seqs = [s for q in questions for s in cost_sequences(q["prompt_ids"], fork_ids, q["trace_ids"], match_tokens)]
         costs = sequence_costs(nll_model, seqs, batch_size, pad_id, device, num_batches)
-    matched, offset, n = [], 0, len(fork_ids)
-    for q, rng in zip(questions, rngs):
-        m, cost = len(q["trace_ids"]), None
-        if costs is not None:
-            cost = costs[offset:offset + n * m].view(n, m).numpy()
-            offset += n * m
+    n, sizes = len(fork_ids), [len(q["trace_ids"]) for q in questions]
+    cost_matrices = list(costs.split([n * m for m in sizes])) if costs is not None else [None] * len(questions)
+    bad = [k for k, c in enumerate(cost_matrices) if c is not None and not torch.isfinite(c).all()]
+    if bad:  # diverged weights: stop here, not inside linear_sum_assignment
+        raise NonFiniteCost(bad)
+    matched = []
+    for cost, m, rng in zip(cost_matrices, sizes, rngs):
+        cost = cost.view(n, m).numpy() if cost is not None else None
         forks, traces = assign(mode, cost, n, m, rng)
         optimal = hungarian(cost) if mode == "random" else (forks, traces)
         matched.append(Matching([int(f) for f in forks], [int(j) for j in traces], [int(f) for f in optimal[0]],
@@ -227,7 +238,8 @@ class MatchingStats:
             edges = [{"fork": f, "trace": j, "source": s, "count": n} for (f, j, s), n in
                      sorted(e["edges"].items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2])))]
             epochs.append({"epoch": e["epoch"], "steps": e["steps"], "questions": e["questions"],
-                           "mean_gap": e["gap_sum"] / max(e["questions"], 1), "gap_sum": e["gap_sum"],
+                           "mean_gap": None if self.matching == "sft" else e["gap_sum"] / max(e["questions"], 1),
+                           "gap_sum": e["gap_sum"],  # sft computes no costs: its gap is undefined
                            "configurations": configs, "edges": edges})
         return {"matching": self.matching, "num_forks": len(self.fork_names),
                 "fork_tokens": self.fork_names, "epochs": epochs}

@@ -246,6 +246,28 @@ def test_bad_input_names_the_file_and_line_or_flag(model_dir, tmp_path):
         run_infer(model_dir, write_problems(tmp_path / "ok.jsonl", n=1), tmp_path / "out.jsonl", "--fork", "<think9>")
 
 
+def test_bad_model_or_ids_give_one_line_and_a_refused_start_leaves_nothing_behind(model_dir, tmp_path, capsys):
+    problems = write_problems(tmp_path / "ok.jsonl", n=1)
+    out = tmp_path / "out.jsonl"
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    for model in (str(not_a_model), problems):
+        with pytest.raises(SystemExit, match=f"--model {model}: not a model directory"):
+            run_infer(model, problems, out)
+    with pytest.raises(SystemExit):
+        run_infer(model_dir, problems, out, "--temperature", "nan")
+    assert "--temperature: expected a finite number, got 'nan'" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--fork <think9>"):
+        run_infer(model_dir, problems, out, "--fork", "<think9>")
+    assert sorted(os.listdir(tmp_path)) == ["empty", "ok.jsonl"]  # no config locks out the corrected command
+    (tmp_path / "out.config.json").write_text(json.dumps({"temperature": 1.5}))  # settings of a run with no rows
+    assert run_infer(model_dir, problems, out)["problems"] == 1  # compared only when rows exist
+    for bad_id in ([1, 2], {"a": 1}, True, None):
+        (tmp_path / "ids.jsonl").write_text(json.dumps({"problem": "1 + 1?", "answer": "2", "id": bad_id}) + "\n")
+        with pytest.raises(data.DataError, match="ids.jsonl:1: an id must be a string or an integer"):
+            run_infer(model_dir, str(tmp_path / "ids.jsonl"), out)
+
+
 def test_baseline_samples_from_the_plain_prompt_and_votes_in_blocks(model_dir, tmp_path):
     metrics = run_infer(model_dir, write_problems(tmp_path / "p.jsonl", n=2), tmp_path / "out.jsonl",
                         "--fork", "none", "--set_size", "3")

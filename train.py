@@ -21,7 +21,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_model_state_dict,
                                                      set_state_dict)
@@ -38,8 +41,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 import data
 import match
 import toy
-from common import (DataError, append_jsonl, changed_settings, close_distributed, init_distributed, parse_flags,
-                    print0, read_jsonl, write_json, write_jsonl)
+from common import (DataError, append_jsonl, changed_settings, close_distributed, init_distributed, lock_dir,
+                    parse_flags, print0, read_json, read_jsonl, writable_dir, write_json, write_jsonl)
 
 
 @dataclass
@@ -71,13 +74,15 @@ class Config:
 
 
 RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir"}  # may change on resume
+MAX_FORKS = 1024  # bound on --num_forks: each is a vocabulary entry and N forwards per trace and step
 
 
 def parse_config(argv=None):
     parser, given = parse_flags(Config, __doc__, argv)
     toy_defaults = toy.train_defaults(given.get("layout", Config.layout)) if given.get("model", Config.model) == "toy" else {}
     cfg = Config(**{**toy_defaults, **given})
-    problems = [f"--num_forks must be >= 1 (got {cfg.num_forks})" if cfg.num_forks < 1 else None,
+    problems = [f"--num_forks must be from 1 to {MAX_FORKS} (got {cfg.num_forks})"
+                if not 1 <= cfg.num_forks <= MAX_FORKS else None,
                 f"--match_tokens must be >= 1 (got {cfg.match_tokens})" if cfg.match_tokens < 1 else None,
                 f"--max_len must be >= 2 (got {cfg.max_len})" if cfg.max_len < 2 else None,
                 f"--matching must be hungarian, random or sft (got {cfg.matching!r})"
@@ -86,6 +91,9 @@ def parse_config(argv=None):
                 *(f"--{k} must be >= 1 (got {getattr(cfg, k)})" for k in
                   ("epochs", "batch_size", "micro_batch", "match_batch") if getattr(cfg, k) < 1),
                 f"--lr must be > 0 (got {cfg.lr})" if not cfg.lr > 0 else None,
+                f"--grad_clip must be > 0 (got {cfg.grad_clip})" if not cfg.grad_clip > 0 else None,
+                f"--warmup must be in [0, 1) (got {cfg.warmup})" if not 0 <= cfg.warmup < 1 else None,
+                f"--weight_decay must be >= 0 (got {cfg.weight_decay})" if not cfg.weight_decay >= 0 else None,
                 "--max_steps and --save_every must be >= 0" if min(cfg.max_steps, cfg.save_every) < 0 else None]
     problems = [p for p in problems if p]
     if problems:
@@ -202,11 +210,12 @@ def save_final(model, tokenizer, config, path, rank):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def latest_checkpoint(out_dir):
+def checkpoints(out_dir):
+    """[(step, path)] of the complete checkpoints, oldest first (a half-written one ends in .tmp,
+    one that failed to load in .corrupt)."""
     root = os.path.join(out_dir, "checkpoints")
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp")) \
-        if os.path.isdir(root) else []
-    return os.path.join(root, done[-1]) if done else None
+    names = os.listdir(root) if os.path.isdir(root) else []
+    return sorted((int(d[5:]), os.path.join(root, d)) for d in names if re.fullmatch(r"step_\d+", d))
 
 
 def save_checkpoint(model, optimizer, step, stats, out_dir, rank):
@@ -214,7 +223,7 @@ def save_checkpoint(model, optimizer, step, stats, out_dir, rank):
     random matchings and lr are pure functions of (seed, step), so `step` is all the RNG state."""
     path = os.path.join(out_dir, "checkpoints", f"step_{step:06d}")
     if os.path.isdir(path):  # complete already (a rerun of a finished run)
-        return
+        return path
     tmp = path + ".tmp"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -225,16 +234,38 @@ def save_checkpoint(model, optimizer, step, stats, out_dir, rank):
         write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "matching": stats.to_json()})
         os.replace(tmp, path)  # only a complete checkpoint gets a step_ name
     dist.barrier()
+    return path
 
 
-def load_checkpoint(model, optimizer, path):
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        trainer = json.load(f)
-    return trainer["step"], match.MatchingStats.from_json(trainer["matching"])
+def resume(model, optimizer, out_dir, rank, device):
+    """(step, MatchingStats) of the newest checkpoint that loads, or (0, None) without one. A
+    checkpoint that fails to load (truncated shards, a missing trainer_state.json) is named, set
+    aside as step_N.corrupt (never deleted) and the one before it is tried."""
+    set_aside = []
+    for step, path in reversed(checkpoints(out_dir)):
+        try:
+            trainer = read_json(os.path.join(path, "trainer_state.json"))
+            stats = match.MatchingStats.from_json(trainer["matching"])
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            state = {"model": model_sd, "optim": optim_sd}
+            dcp.load(state, checkpoint_id=path)
+            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+            error = None
+        except (Exception, CheckpointException) as e:  # any failure to read it means: not usable
+            e = next(iter(e.failures.values()), e) if isinstance(e, CheckpointException) else e  # rank's cause
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}"
+        if all_max(error is not None, device) == 0:
+            print0(f"resumed from {path} at step {trainer['step']}")
+            return trainer["step"], stats
+        print0(f"warning: checkpoint {path} does not load ({error}); set aside as {path}.corrupt")
+        if rank == 0:
+            os.replace(path, path + ".corrupt")
+        set_aside.append(path)
+        dist.barrier()
+    if set_aside:  # the model may hold part of a failed load: never train on from there
+        raise DataError(f"{out_dir}: no checkpoint loads ({', '.join(set_aside)} set aside); "
+                        "move the directory away to start afresh")
+    return 0, None
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -274,6 +305,13 @@ def all_max(x, device):
     t = torch.tensor([x], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t)
+
+
+def broadcast(obj):
+    """Rank 0's value of a picklable object, on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_sum(values, device):
@@ -331,60 +369,113 @@ def training_pass(model, rows, micro_batch, layout, pad_id, device):
 
 # ----------------------------------------------------------------------------- main
 
-def main(cfg):
+def prepare(cfg):
+    """Every check that needs no model, on every rank alike: the data, the tokenizer, --out_dir and
+    what it holds. Bad input stops here with one message, before a model loads or a file is written.
+    Returns (questions, encoded questions, tokenizer, fork ids, number of trained vocabulary rows)."""
     if cfg.cpu_offload and not torch.cuda.is_available():
-        sys.exit("error: --cpu_offload offloads from GPU memory and needs CUDA devices")
-    try:  # bad data stops here, before a model is loaded or anything is written
-        questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" \
-            else data.load_questions(cfg.data)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    saved_cfg = os.path.join(cfg.out_dir, "config.json")
-    changed = changed_settings(saved_cfg, cfg, [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_FREE])
+        raise DataError("--cpu_offload offloads from GPU memory and needs CUDA devices")
+    questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" else data.load_questions(cfg.data)
+    changed = changed_settings(os.path.join(cfg.out_dir, "config.json"), cfg,
+                               [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_FREE])
     if changed:
-        sys.exit(f"error: {cfg.out_dir} holds a run with other settings ({', '.join(changed)}); "
-                 "resume with the same flags or choose another --out_dir")
+        raise DataError(f"{cfg.out_dir} holds a run with other settings ({', '.join(changed)}); "
+                        "resume with the same flags or choose another --out_dir")
     try:
         tokenizer, fork_ids, num_trained = load_tokenizer(cfg)
     except (OSError, ValueError) as e:
-        sys.exit(f"error: --model {cfg.model}: cannot load a tokenizer ({str(e).splitlines()[0]})")
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    encoded = [data.encode_question(tokenizer, q, cfg.max_len) for q in questions]
+    done = checkpoints(cfg.out_dir)
+    if cfg.max_steps and done and done[-1][0] > cfg.max_steps:
+        raise DataError(f"{cfg.out_dir} holds a checkpoint at step {done[-1][0]}, past --max_steps {cfg.max_steps}: "
+                        "a run never goes back; choose another --out_dir to train fewer steps")
+    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if done and os.path.exists(metrics):  # its lines before the checkpoint are kept: they must read
+        read_jsonl(metrics, drop_truncated_tail=True)
+    writable_dir(cfg.out_dir)
+    return questions, encoded, tokenizer, fork_ids, num_trained
+
+
+STOP = []  # the signals received: SIGTERM (a scheduler about to preempt) or SIGINT (Ctrl-C)
+
+
+def on_stop_signal(signum, frame):
+    """First signal: finish the optimiser step, write a checkpoint, exit. A second: stop at once."""
+    if STOP:
+        raise KeyboardInterrupt
+    STOP.append(signum)
+    print(f"{signal.Signals(signum).name}: finishing this step, then a checkpoint (again to stop at once)", flush=True)
+
+
+def main(cfg):
     try:
-        encoded = [data.encode_question(tokenizer, q, cfg.max_len) for q in questions]
+        questions, encoded, tokenizer, fork_ids, num_trained = prepare(cfg)
     except DataError as e:
         sys.exit(f"error: {e}")
-
     rank, world, device = init_distributed()
+    lock, refused = None, None
+    try:  # one run at a time in a directory: a second one would interleave logs and checkpoints
+        lock = lock_dir(cfg.out_dir) if rank == 0 else None
+    except DataError as e:
+        refused = str(e)
+    handlers = {s: signal.signal(s, on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    STOP.clear()
+    try:
+        refused = broadcast(refused)
+        if refused:
+            sys.exit(f"error: {refused}")
+        train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world, device)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if lock:
+            lock.close()
+        close_distributed()
+
+
+def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world, device):
+    """Algorithm 1 from the model's loading to final/, on every rank."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    plan = schedule([len(q["traces"]) for q in questions], cfg.batch_size, cfg.seed, cfg.epochs)
+    total_steps = len(plan)
+    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    final = os.path.join(cfg.out_dir, "final")
+    done = checkpoints(cfg.out_dir)
+    if done and done[-1][0] >= last_step and os.path.isdir(final):
+        if rank == 0:  # nothing to train; a matching.json that no longer reads is rebuilt, exactly
+            try:
+                read_json(os.path.join(cfg.out_dir, "matching.json"))
+            except DataError:
+                write_json(os.path.join(cfg.out_dir, "matching.json"),
+                           read_json(os.path.join(done[-1][1], "trainer_state.json"))["matching"])
+        print0(f"{cfg.out_dir}: complete at step {done[-1][0]}; final/ holds its model")
+        return
+
     model, hf_config = load_model(cfg, tokenizer, fork_ids, num_trained, rank, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     fork_names = data.fork_tokens(cfg.num_forks)
-    stats = match.MatchingStats(cfg.matching, fork_names)
-
-    plan = schedule([len(q["traces"]) for q in questions], cfg.batch_size, cfg.seed, cfg.epochs)
-    total_steps = len(plan)
-    per_epoch = [sum(e == epoch for e, _ in plan) for epoch in range(cfg.epochs)]
-    per_epoch = str(min(per_epoch)) if min(per_epoch) == max(per_epoch) else f"{min(per_epoch)} to {max(per_epoch)}"
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    start = 0
-    ckpt = latest_checkpoint(cfg.out_dir)
-    if ckpt:
-        start, stats = load_checkpoint(model, optimizer, ckpt)
-        print0(f"resumed from {ckpt} at step {start}")
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    try:
+        start, stats = resume(model, optimizer, cfg.out_dir, rank, device)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    stats = stats or match.MatchingStats(cfg.matching, fork_names)
+    metrics_path, matching_path = (os.path.join(cfg.out_dir, f) for f in ("metrics.jsonl", "matching.json"))
     if rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        write_json(saved_cfg, dataclasses.asdict(cfg))
+        write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
         # keep the lines logged before the checkpoint we resume from (none for a fresh run), and
-        # not a line cut by a kill
+        # not a line cut by a kill; matching.json is rebuilt from the checkpoint's statistics
         keep = [r for _, r in read_jsonl(metrics_path, drop_truncated_tail=True) if r["step"] < start] \
             if start else []
         write_jsonl(metrics_path, keep)
+        write_json(matching_path, stats.to_json())
     print0(json.dumps(dataclasses.asdict(cfg)))
-    truncated = sum(e["truncated"] for e in encoded)
+    per_epoch = [sum(e == epoch for e, _ in plan) for epoch in range(cfg.epochs)]
+    per_epoch = str(min(per_epoch)) if min(per_epoch) == max(per_epoch) else f"{min(per_epoch)} to {max(per_epoch)}"
     print0(f"{len(questions)} questions, {sum(len(q['traces']) for q in questions)} traces "
-           f"({truncated} truncated to --max_len {cfg.max_len}), {world} rank(s) on {device.type}, "
-           f"steps {start}..{last_step} of {total_steps} ({per_epoch} per epoch of <= {cfg.batch_size} sequences), "
-           f"forking tokens {fork_names[0]}..{fork_names[-1]} = ids {fork_ids[0]}..{fork_ids[-1]}, "
+           f"({sum(e['truncated'] for e in encoded)} truncated to --max_len {cfg.max_len}), {world} rank(s) on "
+           f"{device.type}, steps {start}..{last_step} of {total_steps} ({per_epoch} per epoch of <= {cfg.batch_size} "
+           f"sequences), forking tokens {fork_names[0]}..{fork_names[-1]} = ids {fork_ids[0]}..{fork_ids[-1]}, "
            f"{cfg.layout} layout, attention {attention_backend(cfg.layout, device)}"
            + (" with a dense boolean tree mask" if cfg.layout == "concat" and device.type != "cuda" else ""))
     skipped = 0
@@ -398,62 +489,71 @@ def main(cfg):
         # Eq. 3-4: the matching pass, the same number of no-grad forwards on every rank
         n_forwards = None if cfg.matching == "sft" else \
             all_max(match.num_cost_batches(mine_encoded, cfg.num_forks, cfg.match_batch), device)
-        matched = match.match_questions(model, mine_encoded, fork_ids, cfg.matching, cfg.match_tokens, cfg.match_batch,
-                                        pad_id, device, [np.random.default_rng([cfg.seed, step, q]) for q in mine],
-                                        n_forwards)
+        try:
+            matched, bad = match.match_questions(model, mine_encoded, fork_ids, cfg.matching, cfg.match_tokens,
+                                                 cfg.match_batch, pad_id, device,
+                                                 [np.random.default_rng([cfg.seed, step, q]) for q in mine],
+                                                 n_forwards), []
+        except match.NonFiniteCost as e:  # diverged weights: every rank learns of it below
+            matched, bad = [None] * len(mine), [mine[k] for k in e.questions]
+        gathered = [None] * world  # every rank sees every question's matching
+        dist.all_gather_object(gathered, (dict(zip(mine, matched)), bad))
+        all_matched = {q: m for part, _ in gathered for q, m in part.items()}
+        nonfinite = sorted(q for _, part in gathered for q in part)
+
         # Eq. 5: the training pass over the matched pairs
-        rows = training_rows(mine_encoded, matched, fork_ids, cfg.layout)
-        if step == start and any(len(encoded[q]["trace_ids"]) > cfg.num_forks for q in mine):
-            print(f"warning: a question has more traces than --num_forks {cfg.num_forks}: only "
-                  f"{cfg.num_forks} of its traces train in a step", flush=True)
         lr = lr_at(step, total_steps, cfg.lr, cfg.warmup)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss, global_tokens, global_input, pad_fraction = training_pass(model, rows, cfg.micro_batch, cfg.layout,
-                                                                        pad_id, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            names = [questions[i]["prompt"][:40] for i in batch]
+        loss = grad_norm = pad_fraction = float("nan")
+        global_input = 0
+        if not nonfinite:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            rows = training_rows(mine_encoded, matched, fork_ids, cfg.layout)
+            loss, _, global_input, pad_fraction = training_pass(model, rows, cfg.micro_batch, cfg.layout, pad_id, device)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if nonfinite or not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            what = f"non-finite matching costs for questions {nonfinite}" if nonfinite else \
+                f"non-finite loss {loss} / grad norm {grad_norm} on questions {batch}"
             if not cfg.skip_nonfinite:
-                sys.exit(f"error: step {step}: non-finite loss {loss} / grad norm {grad_norm} on questions "
-                         f"{batch} (data order of epoch {epoch}): {names}; --skip_nonfinite true skips such batches")
+                names = [questions[i]["prompt"][:40] for i in nonfinite or batch]
+                sys.exit(f"error: step {step}: {what} (data order of epoch {epoch}): {names}; "
+                         "--skip_nonfinite true skips such batches")
             skipped += 1
-            print0(f"step {step}: non-finite loss, batch {batch} skipped ({skipped} so far)")
+            print0(f"step {step}: {what}: batch skipped ({skipped} so far)")
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # statistics and logs: rank 0 collects every question's matching in batch order
-        gathered = [None] * world
-        dist.all_gather_object(gathered, dict(zip(mine, matched)))
-        all_matched = {q: m for part in gathered for q, m in part.items()}
-        for q in batch:
+        # statistics and logs: rank 0 writes every question's matching in batch order
+        for q in batch if not nonfinite else []:
             m = all_matched[q]
             stats.update(epoch, m.optimal_forks, m.optimal_traces, questions[q]["sources"], m.gap)
         stats.end_step(epoch)
-        gaps = [all_matched[q].gap for q in batch if all_matched[q].gap is not None]
+        gaps = [all_matched[q].gap for q in batch if all_matched[q] is not None and all_matched[q].gap is not None]
         dt = time.time() - t0
         record = {"step": step, "epoch": epoch, "questions": len(batch),
-                  "sequences": sum(len(all_matched[q].forks) for q in batch), "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "gap": float(np.mean(gaps)) if gaps else None, "tokens_per_s": global_input / dt,
-                  "pad_fraction": pad_fraction, "skipped": skipped, "time_s": dt}
+                  "sequences": sum(len(all_matched[q].forks) for q in batch if all_matched[q] is not None),
+                  "loss": loss, "lr": lr, "grad_norm": grad_norm, "gap": float(np.mean(gaps)) if gaps else None,
+                  "tokens_per_s": global_input / dt, "pad_fraction": pad_fraction, "skipped": skipped, "time_s": dt}
         if rank == 0:
-            append_jsonl(metrics_path, record)
-            write_json(os.path.join(cfg.out_dir, "matching.json"), stats.to_json())
+            append_jsonl(metrics_path, record)  # non-finite values are logged as null
+            write_json(matching_path, stats.to_json())
             print(f"step {step + 1:5d}/{last_step} | loss {loss:.4f} | lr {lr:.2e} | gap "
                   f"{record['gap'] if record['gap'] is not None else float('nan'):.4f} | "
-                  f"{record['tokens_per_s']:7.0f} tok/s | pad {record['pad_fraction']:.2f}", flush=True)
+                  f"{record['tokens_per_s']:7.0f} tok/s | pad {pad_fraction:.2f}", flush=True)
+        if all_max(bool(STOP), device) and step + 1 < last_step:  # preempted: every rank stops here
+            path = save_checkpoint(model, optimizer, step + 1, stats, cfg.out_dir, rank)
+            print0(f"stopped by a signal after step {step + 1}: checkpoint {path}; the same command resumes")
+            sys.exit(128 + (STOP[0] if STOP else signal.SIGTERM))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < last_step:
             save_checkpoint(model, optimizer, step + 1, stats, cfg.out_dir, rank)
 
     save_checkpoint(model, optimizer, last_step, stats, cfg.out_dir, rank)
-    final = os.path.join(cfg.out_dir, "final")
     save_final(model, tokenizer, hf_config, final, rank)
     print0(f"done: {last_step} steps, {skipped} skipped. Outputs in {cfg.out_dir}/: metrics.jsonl "
            f"(one line per step), matching.json (configuration counts per epoch), checkpoints/, "
            f"final/ (Hugging Face model + tokenizer with {fork_names[0]}..{fork_names[-1]})")
-    close_distributed()
 
 
 if __name__ == "__main__":
