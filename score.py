@@ -279,10 +279,10 @@ def pass_at_k(n, c, k):
 def majority_vote(completions):
     """Whether the majority answer of `completions` ([{"pred", "correct"}]) is correct. Groups are
     formed in order of first appearance, so max() (first of the largest) breaks ties toward the
-    earliest answer; None predictions do not vote, and no vote at all is wrong."""
+    earliest answer; responses without an answer (None or "") do not vote, and no vote is wrong."""
     groups = []  # [answer, votes, correct]
     for c in completions:
-        if c["pred"] is None:
+        if not c["pred"]:
             continue
         for g in groups:
             if is_equiv(c["pred"], g[0]):
@@ -293,36 +293,58 @@ def majority_vote(completions):
     return max(groups, key=lambda g: g[1])[2] if groups else False
 
 
-def native_sets(completions, set_size):
-    """Native Cons@N sets: with >= 2 forking tokens, set j = the j-th response of each token (so each
-    set uses every token once, whatever the row order); else consecutive blocks of `set_size`."""
+def fair_split_counts(total, parts):
+    """Responses per forking token in the authors' block order: 10 over 3 -> [4, 3, 3]."""
+    base, rem = divmod(total, parts)
+    return [base + (i < rem) for i in range(parts)]
+
+
+def native_sets(completions, set_size, tag_order=None):
+    """Native Cons@N sets, each using every forking token once. With >= 2 forking tokens, set j = the
+    j-th response of each token, whatever the row order (for block order: the authors' {j + kS}).
+    Without forks, tag_order "block" splits the n responses into `set_size` token blocks as the
+    authors do and set j takes the j-th of each block; else consecutive blocks of `set_size`."""
     forks = list(dict.fromkeys(c["fork"] for c in completions if c["fork"]))
     if len(forks) >= 2:
         return [list(s) for s in zip(*[[c for c in completions if c["fork"] == f] for f in forks])]
+    if tag_order == "block":
+        counts = fair_split_counts(len(completions), set_size)
+        starts = [sum(counts[:k]) for k in range(set_size)]
+        return [[completions[start + j] for start in starts] for j in range(min(counts))]
     return [completions[i:i + set_size] for i in range(0, len(completions) - set_size + 1, set_size)]
 
 
-def problem_metrics(completions, set_size):
+def problem_metrics(completions, set_size, tag_order=None):
     """{metric: value} of one problem's responses; values in [0, 1]."""
     n, c = len(completions), sum(bool(x["correct"]) for x in completions)
     m = {"pass@1": c / n}
     for k in sorted({2 ** i for i in range(1, n.bit_length())} | {n}):
         m[f"cons@{k}"] = float(majority_vote(completions[:k]))
     m.update({f"pass@{k}": pass_at_k(n, c, k) for k in range(2, n + 1)})
-    sets = native_sets(completions, set_size)
+    sets = native_sets(completions, set_size, tag_order)
     if sets:
         m[f"native_cons@{len(sets[0])}"] = sum(majority_vote(s) for s in sets) / len(sets)
     return m
 
 
 def aggregate(rows, set_size):
-    """Means over problems of the metrics every problem has, plus per-fork accuracy and length."""
-    per_problem = [problem_metrics(r["completions"], set_size) for r in rows]
-    keys = [k for k in per_problem[0] if all(k in m for m in per_problem)]
-    out = {k: sum(m[k] for m in per_problem) / len(rows) for k in keys}
+    """Means over problems, plus per-fork accuracy and length. The metrics are those of the problem
+    with the most responses; each is averaged over the problems that have it (counts[metric]), and
+    problems with fewer responses are named in a warning on stderr."""
+    per_problem = [problem_metrics(r["completions"], set_size, r.get("tag_order")) for r in rows]
+    sizes = [len(r["completions"]) for r in rows]
+    short = [str(r.get("id", i)) for i, (r, n) in enumerate(zip(rows, sizes)) if n < max(sizes)]
+    if short:
+        print(f"warning: {len(short)} of {len(rows)} problems have fewer than {max(sizes)} responses "
+              f"({', '.join(short[:10])}{', ...' if len(short) > 10 else ''}); each metric is averaged over "
+              "the problems that have enough responses (see counts)", file=sys.stderr)
+    out, counts = {}, {}
+    for k in per_problem[sizes.index(max(sizes))]:
+        values = [m[k] for m in per_problem if k in m]
+        out[k], counts[k] = sum(values) / len(values), len(values)
     responses = [c for r in rows for c in r["completions"]]
-    out.update(problems=len(rows), responses=len(responses),
-               unparseable=sum(c["pred"] is None for c in responses) / len(responses))
+    out.update(problems=len(rows), responses=len(responses), counts=counts,
+               unparseable=sum(not c["pred"] for c in responses) / len(responses))
     unit = "tokens" if all("tokens" in c for c in responses) else "chars"
     out["per_fork"] = {}
     for fork in dict.fromkeys(c["fork"] or "none" for c in responses):
@@ -335,12 +357,14 @@ def aggregate(rows, set_size):
 
 def print_table(metrics, title):
     print(f"{title}: {metrics['problems']} problems, {metrics['responses']} responses, "
-          f"{100 * metrics['unparseable']:.1f}% without an answer")
+          f"{100 * metrics['unparseable']:.1f}% without an answer, graded by {metrics.get('grader', '?')}")
     n = max(int(k[5:]) for k in metrics if k.startswith("pass@"))
     shown = [k for k in metrics if k == "pass@1" or k.startswith(("cons@", "native_cons@"))
              or k.startswith("pass@") and int(k[5:]) in {2 ** i for i in range(n.bit_length())} | {n}]
+    counts = metrics.get("counts", {})
     for k in shown:
-        print(f"  {k:<16} {100 * metrics[k]:6.2f}")
+        over = f"  (over {counts[k]} problems)" if counts.get(k, metrics["problems"]) < metrics["problems"] else ""
+        print(f"  {k:<16} {100 * metrics[k]:6.2f}{over}")
     for fork, s in metrics["per_fork"].items():
         length = ", ".join(f"{k[5:]} {v:.0f}" for k, v in s.items() if k.startswith("mean_"))
         print(f"  {fork:<16} {100 * s['accuracy']:6.2f}  ({s['responses']} responses, mean {length})")
@@ -349,26 +373,42 @@ def print_table(metrics, title):
 # ----------------------------------------------------------------------------- rows files
 
 def read_rows(path):
-    """Rows of an output file, with pred and correct filled in from text and gold where missing."""
-    rows = []
+    """Rows of an output file, each completion graded afresh from its text and the row's gold (any
+    stored pred and correct are rewritten), so a file scored twice gives one answer. DataError
+    naming the line for a malformed row, an empty gold, a duplicate id or an unknown kind."""
+    rows, seen = [], {}
     for n, row in read_jsonl(path, drop_truncated_tail=True):
         if not isinstance(row, dict) or "gold" not in row or not isinstance(row.get("completions"), list) \
-                or not row["completions"] or not all(isinstance(c, dict) and "text" in c for c in row["completions"]):
+                or not row["completions"] or not all(isinstance(c, dict) and isinstance(c.get("text"), str)
+                                                     for c in row["completions"]):
             raise DataError(f"{path}:{n}: a row needs 'gold' and 'completions': [{{'text', ...}}, ...]")
-        gold = gold_answer(row["gold"])
+        if "id" in row:
+            if row["id"] in seen:
+                raise DataError(f"{path}:{n}: duplicate id {row['id']!r} (first on line {seen[row['id']]})")
+            seen[row["id"]] = n
+        kind = row.get("kind") or "math"
+        if kind not in ("math", "choice"):
+            raise DataError(f"{path}:{n}: unknown kind {kind!r} (math or choice)")
+        if row.get("tag_order") not in (None, "cycle", "block"):
+            raise DataError(f"{path}:{n}: unknown tag_order {row['tag_order']!r} (cycle or block)")
+        gold = gold_answer(row["gold"]) if row["gold"] is not None else ""
+        if not gold:
+            raise DataError(f"{path}:{n}: the gold answer is empty")
+        if kind == "choice" and not letter_of(gold):
+            raise DataError(f"{path}:{n}: a choice row needs a gold letter A-D, got {row['gold']!r}")
         for c in row["completions"]:
             c.setdefault("fork", None)
-            if "pred" not in c:
-                c["pred"], c["correct"] = grade(c["text"], gold)
+            c["pred"], c["correct"] = grade(c["text"], gold, kind)
         rows.append(row)
     return rows
 
 
 def score_rows(rows, path, set_size):
-    """Metrics of `rows` (one per problem), written beside the rows file `path` and printed."""
+    """Metrics of `rows` (one per problem, graded by read_rows or grade), with the grader's name,
+    written beside the rows file `path` and printed."""
     if not rows:
         raise DataError(f"{path}: no rows to score")
-    metrics = aggregate(rows, set_size)
+    metrics = {**aggregate(rows, set_size), "grader": grader_name()}
     write_json(path.removesuffix(".jsonl") + ".metrics.json", metrics)
     print_table(metrics, path)
     return metrics
