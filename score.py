@@ -389,8 +389,6 @@ def read_rows(path):
         kind = row.get("kind") or "math"
         if kind not in ("math", "choice"):
             raise DataError(f"{path}:{n}: unknown kind {kind!r} (math or choice)")
-        if row.get("tag_order") not in (None, "cycle", "block"):
-            raise DataError(f"{path}:{n}: unknown tag_order {row['tag_order']!r} (cycle or block)")
         gold = gold_answer(row["gold"]) if row["gold"] is not None else ""
         if not gold:
             raise DataError(f"{path}:{n}: the gold answer is empty")

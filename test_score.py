@@ -47,6 +47,7 @@ def test_extraction_reads_every_documented_form_in_order():
     assert x("She pays 3 * 6 = 18.\n#### 1,018") == "1,018" and x("2 + 5 = <<2+5=7>>7\nA: 7") == "7"
     assert x(r"The answer is 3. Check: \boxed{4}") == "4"  # a box comes first
     assert x("The answer is 3.\nA: 4") == "3"  # then "the answer is", then a last line
+    assert score.grade("so 1018 in all\nA: 1,018", "She pays 3 * 6 = 18.\n#### 1,018") == ("1,018", True)
 
 
 def test_last_number_is_read_only_for_numeric_golds():
