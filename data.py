@@ -1,17 +1,23 @@
 """From files to token tensors: multi-target data, global forking tokens, batching (Appendix A.1).
 
 A question has one prompt x and M reasoning traces y_1..y_M (M varies per question). Every
-training sequence is (prompt, forking token, trace), built by one function, `build_text`:
+training sequence is (prompt, forking tag g_i, trace), built by one function, `build_text`:
 
-    chat_template(user: prompt, add_generation_prompt=True) + "<think{i}>" + trace + eos
+    chat_template(user: prompt, add_generation_prompt=True) + tag(i) + trace + eos
 
-For a Qwen2.5 tokenizer that is exactly
+The tag has two styles (--fork_style), both a "special token (or a sequence of tokens) g that
+initiates reasoning" (Section 2):
+    special  "<think{i}>", one reserved token added to the vocabulary (the default)
+    text     "<|im_start|><think{i}>\\n" as ordinary text, nothing added: the format of the authors'
+             released checkpoint and evaluation code
+For a Qwen2.5 tokenizer and the special style that is exactly
 
     <|im_start|>system\\nYou are Qwen, ...<|im_end|>\\n<|im_start|>user\\n{prompt}<|im_end|>\\n
     <|im_start|>assistant\\n<think3>{trace}<|im_end|>
 
-(newlines shown as \\n; no space around the forking token). A tokenizer without a chat template
-falls back to "Question: {prompt}\\nAnswer: ". Only trace tokens (and the closing eos) carry loss.
+(newlines shown as \\n; no space around the tag). A tokenizer without a chat template falls back to
+"Question: {prompt}\\nAnswer: ". Only trace tokens (and the closing eos) carry loss; the tag's
+tokens are prompt.
 
 Rows of a JSONL file may use any of these layouts, detected per row:
     canonical  {"prompt": str, "traces": [str, ...], "answer": str?, "sources": [str, ...]?}
@@ -28,12 +34,19 @@ import torch
 from common import DataError, read_jsonl
 
 FORK_TOKEN = "<think{}>"  # <think1> ... <thinkN>: the global forking tokens g_1..g_N
+TEXT_TAG = "<|im_start|>{}\n"  # --fork_style text: the tag around a token's name, as plain text
+FORK_STYLES = ("special", "text")
 FALLBACK_PROMPT = "Question: {}\nAnswer: "
 IGNORE = -100  # label of tokens that carry no loss
 
 
 def fork_tokens(num_forks):
     return [FORK_TOKEN.format(i + 1) for i in range(num_forks)]
+
+
+def fork_tag(name, style):
+    """The text of forking token `name` ("<think3>") in a style: "<think3>" or "<|im_start|><think3>\\n"."""
+    return TEXT_TAG.format(name) if style == "text" else name
 
 
 def count_fork_tokens(tokenizer):
@@ -105,6 +118,21 @@ def load_questions(path):
 
 # ----------------------------------------------------------------------------- forking tokens
 
+def fork_ids(tokenizer, num_forks, style="special"):
+    """The token ids of each forking tag, [[ids of g_1], ..., [ids of g_N]]: one reserved special
+    token each (added to the tokenizer by add_fork_tokens), or for style "text" the ordinary tokens
+    of "<|im_start|><think{i}>\\n" (nothing added; 5 tokens each for Qwen2.5: <|im_start|>, <th, ink,
+    i, >\\n). DataError when the tokenizer cannot express the style."""
+    if style == "special":
+        return [[i] for i in add_fork_tokens(tokenizer, num_forks)]
+    if style != "text":
+        raise DataError(f"--fork_style must be one of {', '.join(FORK_STYLES)} (got {style!r})")
+    start = tokenizer.encode("<|im_start|>", add_special_tokens=False)
+    if len(start) != 1 or start[0] == tokenizer.unk_token_id:
+        raise DataError("--fork_style text needs a ChatML tokenizer, in which <|im_start|> is one token (Qwen2.5)")
+    return [tokenizer.encode(fork_tag(name, "text"), add_special_tokens=False) for name in fork_tokens(num_forks)]
+
+
 def add_fork_tokens(tokenizer, num_forks):
     """Registers <think1>..<thinkN> as special tokens (never split, kept by save_pretrained).
     Returns their ids. A string that is already in the vocabulary keeps its id."""
@@ -158,21 +186,22 @@ def encode_prompt(tokenizer, prompt):
             + tokenizer.encode(tail, add_special_tokens=False))
 
 
-def build_text(tokenizer, prompt, fork, trace=""):
-    """The one string of (prompt, forking token, trace) used by training, matching and inference.
-    With trace="" it is the inference prompt; a training trace ends with eos."""
-    return prompt_text(tokenizer, prompt) + fork + (trace + tokenizer.eos_token if trace else "")
+def build_text(tokenizer, prompt, tag, trace=""):
+    """The one string of (prompt, forking tag, trace) used by training, matching and inference; tag
+    is fork_tag's text. With trace="" it is the inference prompt; a training trace ends with eos."""
+    return prompt_text(tokenizer, prompt) + tag + (trace + tokenizer.eos_token if trace else "")
 
 
-def encode_question(tokenizer, q, max_len):
+def encode_question(tokenizer, q, max_len, tag_len=1):
     """Token ids of one question: {"prompt_ids", "trace_ids": [...], "truncated": int}.
 
-    Tokenising the prompt and each trace apart gives the same ids as tokenising `build_text`
-    (the forking token is special, so the tokenizer splits there), and lets a question's M traces
-    share one tokenised prompt. Traces are cut so that prompt + fork + trace <= max_len tokens.
+    Tokenising the prompt, the tag and each trace apart gives the ids of `build_text`'s string
+    (the tokenizer splits at a special token, and a text tag ends in a newline), and lets a
+    question's M traces share one tokenised prompt. Traces are cut so that prompt + tag + trace <=
+    max_len tokens, for tags of up to `tag_len` tokens.
     """
     prompt_ids = encode_prompt(tokenizer, q["prompt"])
-    room = max_len - len(prompt_ids) - 1
+    room = max_len - len(prompt_ids) - tag_len
     if room < 1:
         raise DataError(f"{q.get('where', 'a question')}: a prompt of {len(prompt_ids)} tokens leaves no room "
                         f"for a trace under --max_len {max_len}: {q['prompt'][:60]!r}")
@@ -184,12 +213,12 @@ def encode_question(tokenizer, q, max_len):
     return {"prompt_ids": prompt_ids, "trace_ids": trace_ids, "truncated": truncated}
 
 
-def make_sequence(prompt_ids, fork_id, trace_ids, max_trace_tokens=None):
-    """(input_ids, labels) of prompt + fork + trace; labels only on the first `max_trace_tokens`
-    trace tokens (all of them by default). The prompt and forking token carry no loss."""
+def make_sequence(prompt_ids, tag_ids, trace_ids, max_trace_tokens=None):
+    """(input_ids, labels) of prompt + tag + trace; labels only on the first `max_trace_tokens`
+    trace tokens (all of them by default). The prompt and the forking tag carry no loss."""
     trace_ids = trace_ids[:max_trace_tokens]
-    input_ids = prompt_ids + [fork_id] + trace_ids
-    labels = [IGNORE] * (len(prompt_ids) + 1) + trace_ids
+    input_ids = prompt_ids + tag_ids + trace_ids
+    labels = [IGNORE] * (len(prompt_ids) + len(tag_ids)) + trace_ids
     return input_ids, labels
 
 
@@ -211,13 +240,13 @@ def collate(sequences, pad_id):
 
 def make_branches(prompt_ids, branches):
     """One row of the sequence-concatenation layout (Appendix A.5): the prompt once, then each
-    matched branch (fork_id, trace_ids). Returns (input_ids, labels, position_ids, branch_ids), each
+    matched branch (tag_ids, trace_ids). Returns (input_ids, labels, position_ids, branch_ids), each
     a list of one length: branch 0 is the prompt, branch b >= 1 the b-th (forking token + trace).
     Every branch's positions continue from the end of the prompt, as if it were alone."""
     input_ids, labels = list(prompt_ids), [IGNORE] * len(prompt_ids)
     position_ids, branch_ids = list(range(len(prompt_ids))), [0] * len(prompt_ids)
-    for b, (fork_id, trace_ids) in enumerate(branches, start=1):
-        ids, lab = make_sequence([], fork_id, trace_ids)
+    for b, (tag_ids, trace_ids) in enumerate(branches, start=1):
+        ids, lab = make_sequence([], tag_ids, trace_ids)
         input_ids += ids
         labels += lab
         position_ids += range(len(prompt_ids), len(prompt_ids) + len(ids))

@@ -1,20 +1,31 @@
 """Parallel reasoning with global forking tokens, majority voting and the paper's metrics (Section 2.3).
 
-Response i of a problem is prompted with <think(i mod N + 1)> and the answers are majority-voted
-(Cons@k, Section 2.3). The prompt is data.build_text's, the one training used; the part before the
-forking token is prefilled once and its KV cache shared by all the problem's responses. Without
-aggregation every response uses the single token of largest coverage (Eq. 6, select_token.py), and
-a model without forking tokens (an SFT baseline) samples from the plain prompt, same count and settings.
+Each response of a problem is prompted with one forking tag after the prompt, <think1> .. <thinkN>
+in turn, and the answers are majority-voted (Cons@k); without aggregation every response uses the
+single token of largest coverage (Eq. 6, select_token.py), and a model without forking tokens (an
+SFT baseline) samples from the plain prompt, same count and settings. The prompt is
+data.build_text's, the one training used: the part before the tag is prefilled once and its KV
+cache shared by all the problem's responses. The rows are then scored by score.py (Pass@1, Cons@k,
+Pass@k, Pass@1 of Native Cons@N, per-token accuracy; Table 1, Figures 4 and 5) into
+<output>.metrics.json.
 
-The rows are then scored by score.py (Pass@1, Cons@k, Pass@k, Pass@1 of Native Cons@N and per-token
-accuracy; Table 1, Figures 4 and 5), written beside them as <output>.metrics.json.
+Prompts (--instruction auto): math files (MATH-500, AIME, AMC, GSM8K) get LightEval's math prompt and
+multiple-choice files (GPQA-Diamond) its multiple-choice prompt, the ones the paper's evaluation used
+(lighteval 0.10.1.dev0 as vendored by the authors' repository Sheng-J/SSFT; the same text from
+lighteval PR #586 to v0.12); training layouts and the toy get their prompt as it is, as in training.
+--protocol official evaluates the authors' released checkpoint their way: text tags
+"<|im_start|><thinkI>\\n", block order (token 1 the first S = samples/N responses, token 2 the
+next S, ...), 66 samples on AIME and 36 elsewhere (32 of one token with --fork <thinkK>), T = 0.7,
+top_p 0.95, 32768 new tokens (docs/reproducing.md).
 
     python infer.py --model out/ssft/final --data toy --samples 8 --max_new_tokens 128 --limit 20
     python infer.py --model out/ssft/final --data ../shared/data/aime24.jsonl --max_new_tokens 32768
     python infer.py --model out/ssft/final --data ../shared/data/aime24.jsonl --fork "<think3>"  # Pass@1
     python infer.py --model out/sft/final --data ../shared/data/aime24.jsonl --fork none         # baseline
+    python infer.py --model SSFT-32B --data ../shared/data/math500.jsonl --protocol official     # released model
+    python infer.py --model out/ssft/final --data ../shared/data/math500.jsonl --show_prompts    # check by eye
     torchrun --standalone --nproc_per_node 8 infer.py --model out/ssft/final --data ...          # 8 GPUs
-    python score.py eval/aime24.cycle.jsonl       # metrics of an existing rows file (e.g. from vLLM)
+    python score.py eval/aime24.all.jsonl       # metrics of an existing rows file (e.g. from vLLM)
 
 Rows go to --output as each problem finishes; rerunning the same command resumes where it stopped.
 """
@@ -23,6 +34,7 @@ import dataclasses
 import inspect
 import json
 import os
+import random
 from dataclasses import dataclass
 
 import torch
@@ -32,68 +44,176 @@ import data
 import score
 import toy
 from common import (DataError, append_jsonl, changed_settings, close_distributed, init_distributed, parse_flags,
-                    print0, read_jsonl, write_json)
+                    print0, read_json, read_jsonl, write_json)
 
 
 @dataclass
 class Config:
     model: str = "out/ssft/final"  # a final/ directory from train.py, or any Hugging Face causal LM
-    data: str = "../shared/data/math500.jsonl"  # MATH-500/AIME/AMC/GSM8K/training JSONL, or toy (toy.py's held-out set)
+    data: str = "../shared/data/math500.jsonl"  # MATH-500/AIME/AMC/GSM8K/GPQA/training JSONL, or toy (held out)
     output: str = ""  # rows JSONL ('' = eval/<data name>.<fork>.jsonl); metrics and config beside it
-    fork: str = "cycle"  # cycle: response i gets <think(i mod N + 1)>; <thinkK>: all use it; none: baseline
+    fork: str = "all"  # all: every forking token in --tag_order; <thinkK>: all responses use it; none: baseline
+    tag_order: str = "cycle"  # cycle: response i gets token i mod N; block: token k the k-th block of samples/N
+    fork_style: str = "auto"  # special | text (data.py) | auto: the model's (final/ssft.json, else its tokens)
+    num_forks: int = 0  # N for --fork_style text (0: the model's, from final/ssft.json)
+    protocol: str = "ours"  # ours | official: the authors' evaluation of their released checkpoint (above)
+    instruction: str = "auto"  # auto | none | a prompt template holding {question} (else appended to it)
     samples: int = 32  # responses per problem (the paper: 32)
     temperature: float = 0.7  # the paper's sampling temperature; 0 = greedy
     top_p: float = 0.95  # nucleus sampling threshold, the paper's
     max_new_tokens: int = 32768  # tokens per response (the paper's max length)
     batch_size: int = 0  # responses decoded together (0 = all of a problem's); lower it to save memory
-    instruction: str = ""  # appended to every problem, e.g. a \boxed{} instruction (AIME files have one)
     limit: int = 0  # only the first `limit` problems (0 = all)
     set_size: int = 6  # native_cons set size when responses use fewer than 2 forking tokens (paper: 6)
     seed: int = 0  # problem i samples with seed + i: results do not depend on ranks or resuming
+    show_prompts: bool = False  # print the exact prompt of every forking tag for the first problem, then exit
 
 
-SAME_ON_RESUME = ("model", "data", "fork", "samples", "temperature", "top_p", "max_new_tokens",
-                  "instruction", "seed")  # rows made with other values must not be mixed in one file
+SAME_ON_RESUME = ("model", "data", "fork", "tag_order", "fork_style", "num_forks", "instruction", "samples",
+                  "temperature", "top_p", "max_new_tokens", "seed")  # rows made otherwise must not mix in a file
+
+# LightEval's prompts, verbatim (two spaces after "clearly."); {question} is the problem's text
+MATH_TEMPLATE = ("Solve the following math problem efficiently and clearly.  The last line of your response should "
+                 "be of the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is "
+                 "correct' (without quotes) where ANSWER is just the final number or expression that solves the "
+                 "problem. Think step by step before answering.\n\n{question}")
+CHOICE_TEMPLATE = ("Answer the following multiple choice question. The last line of your response should be of the "
+                   "following format: 'Answer: $LETTER' (without quotes) where LETTER is one of ABCD. Think step by "
+                   "step before answering.\n\n{question}")
+OFFICIAL = dict(fork_style="text", tag_order="block", num_forks=6, instruction="auto", temperature=0.7, top_p=0.95,
+                max_new_tokens=32768)  # --protocol official; samples: official_samples
+CHOICE_SEED = 1234  # LightEval's: one generator, one draw per GPQA problem in file order, places the gold
+
+
+def official_samples(data_path, fork):
+    """The authors' sample counts: 32 of one token for Pass@1, else 11 per token on AIME, 6 elsewhere."""
+    return 32 if fork != "all" else 66 if "aime" in os.path.basename(data_path).lower() else 36
 
 
 def parse_config(argv=None):
     parser, given = parse_flags(Config, __doc__, argv)
-    cfg = Config(**given)
-    for name in ("samples", "max_new_tokens", "set_size"):
-        if getattr(cfg, name) < 1:
-            parser.error(f"--{name} must be >= 1 (got {getattr(cfg, name)})")
+    preset = {}
+    if given.get("protocol") == "official":
+        preset = {**OFFICIAL, "samples": official_samples(given.get("data", Config.data), given.get("fork", "all"))}
+    cfg = Config(**{**preset, **given})  # flags given win over the preset
+    problems = [f"--{k} must be >= 1 (got {getattr(cfg, k)})" for k in ("samples", "max_new_tokens", "set_size")
+                if getattr(cfg, k) < 1]
+    problems += [f"--{k} must be one of {', '.join(v)} (got {getattr(cfg, k)!r})" for k, v in (
+        ("tag_order", ("cycle", "block")), ("fork_style", ("auto", *data.FORK_STYLES)), ("protocol", ("ours", "official")))
+        if getattr(cfg, k) not in v]
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
-        parser.error(f"need --temperature >= 0 and 0 < --top_p <= 1 (got {cfg.temperature}, {cfg.top_p})")
+        problems.append(f"need --temperature >= 0 and 0 < --top_p <= 1 (got {cfg.temperature}, {cfg.top_p})")
+    if cfg.num_forks < 0 or cfg.limit < 0 or cfg.batch_size < 0:
+        problems.append("--num_forks, --limit and --batch_size must be >= 0")
+    if problems:
+        parser.error("; ".join(problems))
     return cfg
 
 
-# ----------------------------------------------------------------------------- files
+# ----------------------------------------------------------------------------- problems
 
-def load_problems(path, instruction, limit):
-    """[{"id", "prompt", "gold"}] of an evaluation file or a training layout: the prompt from prompt,
-    problem or question; the gold from answer, ground_truth, gt or solution (data.parse_row's order);
-    the id from id, unique_id or idx, else the row's 0-based position."""
+def template(instruction, kind, plain):
+    """The prompt template of a problem: --instruction auto gives LightEval's prompt for an evaluation
+    problem (math or multiple choice) and the question as it is for a training layout or the toy
+    (`plain`: the model was trained on it that way); none: as it is; any other text is a template
+    holding {question}, or is appended to the question."""
+    if instruction == "auto":
+        return "{question}" if plain else CHOICE_TEMPLATE if kind == "choice" else MATH_TEMPLATE
+    if instruction == "none":
+        return "{question}"
+    return instruction if "{question}" in instruction else "{question}" + instruction
+
+
+def choice_problem(row, rng, where):
+    """(question text with its lettered choices, gold letter) of a multiple-choice row: GPQA's columns
+    (Question, Correct Answer, Incorrect Answer 1-3; the gold's place drawn from `rng` as LightEval
+    does) or {"question", "choices": [4], "answer": letter or index}."""
+    if "Correct Answer" in row:
+        choices = [row.get(f"Incorrect Answer {k}") for k in (1, 2, 3)]
+        gold = rng.randint(0, 3)
+        choices.insert(gold, row["Correct Answer"])
+        question = row.get("Question")
+    else:
+        choices, question, gold = row.get("choices"), row.get("question", row.get("prompt")), row.get("answer")
+        gold = "ABCD".index(gold.strip().upper()) if isinstance(gold, str) and gold.strip().upper() in list("ABCD") \
+            else gold
+    if not isinstance(question, str) or not isinstance(choices, list) or len(choices) != 4 \
+            or not all(isinstance(c, str) for c in choices) or gold not in range(4) or isinstance(gold, bool):
+        raise DataError(f"{where}: a multiple-choice row needs a question, 4 choices and the answer (A-D or 0-3)")
+    return question + "\n\n" + "\n".join(f"{letter}) {c}" for letter, c in zip("ABCD", choices)), "ABCD"[gold]
+
+
+def load_problems(path, instruction="auto", limit=0):
+    """[{"id", "prompt", "gold", "kind", "template"}] of an evaluation file, a training layout or the toy:
+    the question from prompt, problem or question (or a multiple-choice row, kind "choice"); the gold
+    from answer, ground_truth, gt or solution (data.parse_row's order); the id from id, unique_id, idx
+    or Record ID, else the row's 0-based position. The prompt is the question in its template."""
     if path == "toy":  # toy.py's held-out questions
-        return [{"id": i, "prompt": q["prompt"] + instruction, "gold": q["answer"]}
-                for i, q in enumerate(toy.held_out_questions(100))][:limit or None]
-    problems, seen = [], set()
-    for i, (n, row) in enumerate(read_jsonl(path)):
-        row = row if isinstance(row, dict) else {}
-        prompt = next((row[k] for k in ("prompt", "problem", "question") if isinstance(row.get(k), str)), "")
-        gold = next((row[k] for k in ("answer", "ground_truth", "gt", "solution") if row.get(k) is not None), None)
-        pid = row.get("id", row.get("unique_id", row.get("idx", i)))
+        rows = [(i + 1, {"prompt": q["prompt"], "answer": q["answer"], "id": i})
+                for i, q in enumerate(toy.held_out_questions(100))]
+    else:
+        rows = read_jsonl(path)
+    problems, seen, rng = [], set(), random.Random(CHOICE_SEED)
+    for i, (n, row) in enumerate(rows):
+        row, where = row if isinstance(row, dict) else {}, f"{path}:{n}"
+        pid = row.get("id", row.get("unique_id", row.get("idx", row.get("Record ID", i))))
         if isinstance(pid, bool) or not isinstance(pid, (str, int)):
-            raise DataError(f"{path}:{n}: an id must be a string or an integer, got {json.dumps(pid)}")
-        if not prompt.strip() or gold is None:
-            raise DataError(f"{path}:{n}: need a prompt ('prompt', 'problem' or 'question') and a "
-                            "gold answer ('answer', 'ground_truth', 'gt' or 'solution')")
+            raise DataError(f"{where}: an id must be a string or an integer, got {json.dumps(pid)}")
         if pid in seen:
-            raise DataError(f"{path}:{n}: duplicate id {pid!r}")
+            raise DataError(f"{where}: duplicate id {pid!r}")
         seen.add(pid)
-        problems.append({"id": pid, "prompt": prompt + instruction, "gold": score.gold_answer(gold)})
+        kind = "choice" if "Correct Answer" in row or "choices" in row else "math"
+        if kind == "choice":
+            question, gold = choice_problem(row, rng, where)
+        else:
+            question = next((row[k] for k in ("prompt", "problem", "question") if isinstance(row.get(k), str)), "")
+            gold = next((row[k] for k in ("answer", "ground_truth", "gt", "solution") if row.get(k) is not None), None)
+            if not question.strip() or gold is None or not str(gold).strip():
+                raise DataError(f"{where}: need a prompt ('prompt', 'problem' or 'question') and a gold "
+                                "answer ('answer', 'ground_truth', 'gt' or 'solution')")
+            gold = score.gold_answer(gold)
+        plain = path == "toy" or any(k in row for k in ("traces", "response")) \
+            or any(k.endswith("_thinking_trajectory") for k in row)
+        form = template(instruction, kind, plain)
+        problems.append({"id": pid, "prompt": form.replace("{question}", question), "gold": gold, "kind": kind,
+                         "template": form})
     if not problems:
         raise DataError(f"{path}: no problems")
     return problems[:limit or None]
+
+
+def response_tags(tokenizer, cfg):
+    """(fork name per response, the token ids of each name's tag, the style). Names are <thinkK>
+    (data.fork_tokens) in --tag_order, or None for the plain prompt (--fork none). The style and N
+    come from the flags, else from the model: final/ssft.json, else its reserved tokens.
+    SystemExit naming the flag when they cannot be found."""
+    if cfg.fork == "none":
+        return [None] * cfg.samples, {}, None
+    saved = os.path.join(cfg.model, "ssft.json")
+    saved = read_json(saved) if os.path.isfile(saved) else {}
+    style = cfg.fork_style if cfg.fork_style != "auto" else saved.get("fork_style", "special")
+    n = cfg.num_forks or saved.get("num_forks") or (data.count_fork_tokens(tokenizer) if style == "special" else 0)
+    if style == "special" and n > data.count_fork_tokens(tokenizer):
+        n = 0
+    if not n:
+        raise SystemExit(f"error: --model {cfg.model} has no forking tokens of style {style}: --fork none for a "
+                         "baseline, or --fork_style text --num_forks N for a model trained on text tags "
+                         "(the authors' released checkpoint: --protocol official)")
+    names = data.fork_tokens(n)
+    if cfg.fork != "all" and cfg.fork not in names:
+        raise SystemExit(f"error: --fork {cfg.fork}: the forking tokens of --model {cfg.model} are "
+                         f"{names[0]}..{names[-1]} (or all, or none)")
+    try:
+        ids = dict(zip(names, data.fork_ids(tokenizer, n, style) if style == "text" else
+                       [[i] for i in tokenizer.convert_tokens_to_ids(names)]))
+    except DataError as e:
+        raise SystemExit(f"error: {e}") from None
+    if cfg.fork != "all":
+        return [cfg.fork] * cfg.samples, ids, style
+    if cfg.tag_order == "block":  # token k answers the k-th block, the first blocks one longer if N does not divide
+        return [name for name, count in zip(names, score.fair_split_counts(cfg.samples, n)) for _ in range(count)], \
+            ids, style
+    return [names[i % n] for i in range(cfg.samples)], ids, style
 
 
 # ----------------------------------------------------------------------------- generation
@@ -115,77 +235,80 @@ def cache_keyword(model):
 
 
 @torch.no_grad()
-def generate(model, prefix_ids, first_ids, max_new_tokens, temperature, top_p, stop_ids, generator, batch_size=0):
-    """Responses that share one prompt. prefix_ids: the shared prompt, prefilled once; first_ids: [S]
-    each response's first input id (its forking token). Returns S pairs (ids, finished): the new
-    tokens, cut before the first stop token, and whether one came within max_new_tokens.
+def generate(model, prefix_ids, starts, max_new_tokens, temperature, top_p, stop_ids, generator, batch_size=0):
+    """Responses that share one prompt. prefix_ids: the shared prompt, prefilled once; starts: [S]
+    each response's forced first tokens (its forking tag: one reserved token, or a text tag's
+    tokens; tags may differ in length). Returns S pairs (ids, finished): the new tokens after the
+    tag, cut before the first stop token, and whether one came within max_new_tokens.
 
     Responses are decoded batch_size at a time (0: all S at once), each batch from a copy of the
-    prefilled cache. All rows of a batch have the same length, so no padding or attention mask is
-    needed; a row that stops leaves the batch and its cache rows are dropped."""
+    prefilled cache. Every row advances one token per forward, a row still in its tag taking the
+    tag's next token instead of a sampled one, so all rows have the same length: no padding or
+    attention mask is needed. A row that stops leaves the batch and its cache rows are dropped."""
     device, kv = next(model.parameters()).device, cache_keyword(model)
     out = model(torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1)
     prefix = out["cache"] if "cache" in out else out["past_key_values"]
-    result, chunk = [], batch_size or len(first_ids)
-    for start in range(0, len(first_ids), chunk):
-        firsts = first_ids[start:start + chunk]
+    result, chunk = [], batch_size or len(starts)
+    for first in range(0, len(starts), chunk):
+        forced = [list(s) for s in starts[first:first + chunk]]
         cache = copy.deepcopy(prefix)
-        cache.batch_repeat_interleave(len(firsts))  # [1, heads, P, dim] -> [len(firsts), heads, P, dim]
-        ids, finished = [[] for _ in firsts], [False] * len(firsts)
-        live, tokens = list(range(len(firsts))), torch.tensor(firsts, device=device)
-        for _ in range(max_new_tokens):
+        cache.batch_repeat_interleave(len(forced))  # [1, heads, P, dim] -> [rows, heads, P, dim]
+        ids, finished = [[] for _ in forced], [False] * len(forced)
+        live, tokens = list(range(len(forced))), torch.tensor([f[0] for f in forced], device=device)
+        for step in range(1, max(map(len, forced)) + max_new_tokens):
             logits = model(tokens[:, None], use_cache=True, **{kv: cache}).logits[:, -1]
-            tokens = sample(logits, temperature, top_p, generator)
-            keep = []
-            for j, (row, t) in enumerate(zip(live, tokens.tolist())):
-                if t in stop_ids:
+            sampled, keep, nxt = sample(logits, temperature, top_p, generator).tolist(), [], []
+            for j, (row, t) in enumerate(zip(live, sampled)):
+                if step < len(forced[row]):  # still inside the tag
+                    t = forced[row][step]
+                elif t in stop_ids:
                     finished[row] = True
+                    continue
                 else:
                     ids[row].append(t)
-                    keep.append(j)
+                    if len(ids[row]) == max_new_tokens:
+                        continue
+                keep.append(j)
+                nxt.append(t)
             if not keep:
                 break
             if len(keep) < len(live):
-                index = torch.tensor(keep, device=device)
-                cache.batch_select_indices(index)
-                tokens, live = tokens[index], [live[j] for j in keep]
+                cache.batch_select_indices(torch.tensor(keep, device=device))
+                live = [live[j] for j in keep]
+            tokens = torch.tensor(nxt, device=device)
         result += zip(ids, finished)
     return result
 
 
-def response_forks(tokenizer, cfg):
-    """The forking token of each response: <think1>, ..., <thinkN>, <think1>, ... (cycle), one token
-    for all (<thinkK>), or None for the plain prompt (none). SystemExit on a bad --fork."""
-    if cfg.fork == "none":
-        return [None] * cfg.samples
-    names = data.fork_tokens(data.count_fork_tokens(tokenizer))
-    if cfg.fork == "cycle" and names:
-        return [names[i % len(names)] for i in range(cfg.samples)]
-    if cfg.fork not in names:
-        found = f"{names[0]}..{names[-1]}" if names else "none (use --fork none for a baseline)"
-        raise SystemExit(f"error: --fork {cfg.fork}: the forking tokens of --model {cfg.model} are {found}")
-    return [cfg.fork] * cfg.samples
-
-
-def solve(model, tokenizer, problem, forks, cfg, stop_ids, seed):
-    """One problem -> its output row. Each response's prompt is data.build_text(prompt, fork), with the
-    prompt tokenised as training did (data.encode_prompt); all end in one token after a shared
-    prefix (the forking token, or the plain prompt's last token)."""
+def solve(model, tokenizer, problem, forks, tag_ids, stop_ids, cfg, seed):
+    """One problem -> its output row. Each response's prompt is data.build_text(prompt, tag), with
+    the prompt tokenised as training did (data.encode_prompt) and the tag's ids after it; the prompt
+    is the shared prefix (a baseline's: all but its last token, which each response starts with)."""
     prompt_ids = data.encode_prompt(tokenizer, problem["prompt"])
     if forks[0] is None:  # a baseline: the plain prompt
-        prefix, firsts = prompt_ids[:-1], [prompt_ids[-1]] * len(forks)
+        prefix, starts = prompt_ids[:-1], [prompt_ids[-1:]] * len(forks)
     else:
-        prefix, firsts = prompt_ids, tokenizer.convert_tokens_to_ids(forks)
+        prefix, starts = prompt_ids, [tag_ids[f] for f in forks]
     generator = torch.Generator(model.device).manual_seed(seed)
-    responses = generate(model, prefix, firsts, cfg.max_new_tokens, cfg.temperature,
-                         cfg.top_p, stop_ids, generator, cfg.batch_size)
+    responses = generate(model, prefix, starts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_ids, generator,
+                         cfg.batch_size)
     completions = []
     for fork, (ids, finished) in zip(forks, responses):
         text = tokenizer.decode(ids)
-        pred = score.last_boxed(text)
-        completions.append({"fork": fork, "text": text, "pred": pred, "correct": score.is_equiv(pred, problem["gold"]),
-                            "tokens": len(ids), "finished": finished})
-    return {"id": problem["id"], "prompt": problem["prompt"], "gold": problem["gold"], "completions": completions}
+        pred, correct = score.grade(text, problem["gold"], problem["kind"])
+        completions.append({"fork": fork, "text": text, "pred": pred, "correct": correct, "tokens": len(ids),
+                            "finished": finished})
+    return {"id": problem["id"], "prompt": problem["prompt"], "gold": problem["gold"], "kind": problem["kind"],
+            "template": problem["template"], "tag_order": cfg.tag_order, "completions": completions}
+
+
+def show_prompts(tokenizer, problem, forks, tag_ids, style):
+    """Prints the exact prompt of every forking tag for `problem`, and its token ids: a format can be
+    checked by eye before any weights load."""
+    for fork in dict.fromkeys(forks):
+        text = data.build_text(tokenizer, problem["prompt"], data.fork_tag(fork, style) if fork else "")
+        ids = data.encode_prompt(tokenizer, problem["prompt"]) + (tag_ids[fork] if fork else [])
+        print(f"----- {fork or 'no forking token'} ({len(ids)} tokens; tag ids {tag_ids.get(fork, [])})\n{text}")
 
 
 def main(cfg):
@@ -196,6 +319,14 @@ def main(cfg):
     problems = load_problems(cfg.data, cfg.instruction, cfg.limit)
     name = os.path.splitext(os.path.basename(cfg.data))[0]
     output = cfg.output or os.path.join("eval", f"{name}.{cfg.fork.strip('<>')}.jsonl")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: --model {cfg.model}: not a model directory or hub name "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    forks, tag_ids, style = response_tags(tokenizer, cfg)
+    if cfg.show_prompts:
+        return show_prompts(tokenizer, problems[0], forks, tag_ids, style)
     base = output.removesuffix(".jsonl")
     done = {r["id"] for _, r in read_jsonl(output, drop_truncated_tail=True)} if os.path.exists(output) else set()
     changed = changed_settings(base + ".config.json", cfg, SAME_ON_RESUME) if done else {}
@@ -203,12 +334,6 @@ def main(cfg):
         raise SystemExit(f"error: {output} holds rows made with "
                          f"{', '.join(f'--{k} {v!r}' for k, v in changed.items())}: "
                          "pass the same values to resume, or a new --output")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-    except (OSError, ValueError, TypeError) as e:
-        raise SystemExit(f"error: --model {cfg.model}: not a model directory or hub name "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    forks = response_forks(tokenizer, cfg)
 
     rank, world, device = init_distributed()  # plain python: a world of one
     try:
@@ -228,13 +353,14 @@ def main(cfg):
             write_json(base + ".config.json", dataclasses.asdict(cfg))
         todo = [(i, p) for i, p in enumerate(problems) if p["id"] not in done]
         print0(f"{len(problems)} problems, {len(problems) - len(todo)} already in {output}, "
-               f"{cfg.samples} responses each, forking tokens: {list(dict.fromkeys(forks))}")
+               f"{cfg.samples} responses each, forking tags ({style}, {cfg.tag_order} order): "
+               f"{[data.fork_tag(f, style) if f else None for f in dict.fromkeys(forks)]}")
 
         bar = tqdm(total=len(todo), disable=rank != 0, desc="problems")
         # problems strided over ranks; rank 0 alone writes, so each round's rows are gathered to it
         for start in range(0, len(todo), world):
             mine = todo[start + rank] if start + rank < len(todo) else None
-            row = solve(model, tokenizer, mine[1], forks, cfg, stop_ids, cfg.seed + mine[0]) if mine else None
+            row = solve(model, tokenizer, mine[1], forks, tag_ids, stop_ids, cfg, cfg.seed + mine[0]) if mine else None
             rows = [None] * world if rank == 0 else None
             dist.gather_object(row, rows, dst=0)
             if rank == 0:

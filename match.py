@@ -73,7 +73,8 @@ def _chunk_nll(h, weight, y):
 # ----------------------------------------------------------------------------- Eq. 4: costs
 
 def cost_sequences(prompt_ids, fork_ids, trace_ids, match_tokens):
-    """The N x M sequences (prompt, g_i, first K tokens of y_j), fork-major: index i * M + j."""
+    """The N x M sequences (prompt, g_i, first K tokens of y_j), fork-major: index i * M + j.
+    fork_ids[i]: the token ids of tag g_i (data.fork_ids)."""
     return [make_sequence(prompt_ids, f, t[:match_tokens]) for f in fork_ids for t in trace_ids]
 
 
@@ -207,8 +208,8 @@ class MatchingStats:
     (Appendix A.2). A configuration is the set of (fork, key) edges of one question, where key is
     the trace's source when known (so configurations compare across questions), else its index."""
 
-    def __init__(self, matching, fork_names, epochs=None):
-        self.matching, self.fork_names = matching, fork_names
+    def __init__(self, matching, fork_names, fork_style="special", epochs=None):
+        self.matching, self.fork_names, self.fork_style = matching, fork_names, fork_style
         self.epochs = epochs or []
 
     def update(self, epoch, forks, traces, sources, gap):
@@ -241,8 +242,8 @@ class MatchingStats:
                            "mean_gap": None if self.matching == "sft" else e["gap_sum"] / max(e["questions"], 1),
                            "gap_sum": e["gap_sum"],  # sft computes no costs: its gap is undefined
                            "configurations": configs, "edges": edges})
-        return {"matching": self.matching, "num_forks": len(self.fork_names),
-                "fork_tokens": self.fork_names, "epochs": epochs}
+        return {"matching": self.matching, "num_forks": len(self.fork_names), "fork_tokens": self.fork_names,
+                "fork_style": self.fork_style, "epochs": epochs}
 
     @classmethod
     def from_json(cls, obj):
@@ -252,5 +253,5 @@ class MatchingStats:
             edges = Counter({(d["fork"], d["trace"], d["source"]): d["count"] for d in e["edges"]})
             epochs.append({"epoch": e["epoch"], "steps": e["steps"], "questions": e["questions"],
                            "gap_sum": e["gap_sum"], "configurations": configs, "edges": edges})
-        return cls(obj["matching"], obj["fork_tokens"], epochs)
+        return cls(obj["matching"], obj["fork_tokens"], obj.get("fork_style", "special"), epochs)
 

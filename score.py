@@ -17,7 +17,8 @@ compared exactly. Scoring always re-grades from the text: stored pred/correct fi
 
 Metrics (Table 1, Figures 4 and 5) are computed per problem and averaged over problems:
     pass@1         mean correctness of the n responses ("average of 32 generations")
-    cons@k         majority vote of the first k responses (k = 2, 4, 8, ... and n)
+    cons@k         majority vote of the first k responses, taken in turn over the forking tokens
+                   (k = 2, 4, 8, ... and n; the same set under cycle and block order)
     pass@k         Chen et al. (2021)'s unbiased 1 - C(n-c, k) / C(n, k), for every k <= n (Figure 4)
     native_cons@N  sets of N responses, one per forking token, majority-voted and averaged over the
                    sets ("Pass@1 of Native Cons@6"; the paper's 11 sets of N = 6 take --samples 66)
@@ -38,6 +39,7 @@ with only "gold" and each completion's "text" and "fork") is scored without a mo
 """
 import functools
 import importlib.metadata
+import itertools
 import math
 import re
 import sys
@@ -314,12 +316,24 @@ def native_sets(completions, set_size, tag_order=None):
     return [completions[i:i + set_size] for i in range(0, len(completions) - set_size + 1, set_size)]
 
 
+def in_turn(completions):
+    """The responses one forking token at a time: the first of each token, then the second of each,
+    ... Cycle order stays as it is and block order is interleaved, so that cons@k votes over the
+    same mix of tokens whatever the order (the authors' maj_sot@k)."""
+    forks = list(dict.fromkeys(c["fork"] for c in completions))
+    if len(forks) < 2:
+        return completions
+    by_fork = [[c for c in completions if c["fork"] == f] for f in forks]
+    return [c for turn in itertools.zip_longest(*by_fork) for c in turn if c is not None]
+
+
 def problem_metrics(completions, set_size, tag_order=None):
-    """{metric: value} of one problem's responses; values in [0, 1]."""
+    """{metric: value} of one problem's responses; values in [0, 1]. cons@k votes over the first k
+    responses taken in turn over the forking tokens (in_turn)."""
     n, c = len(completions), sum(bool(x["correct"]) for x in completions)
-    m = {"pass@1": c / n}
+    m, turns = {"pass@1": c / n}, in_turn(completions)
     for k in sorted({2 ** i for i in range(1, n.bit_length())} | {n}):
-        m[f"cons@{k}"] = float(majority_vote(completions[:k]))
+        m[f"cons@{k}"] = float(majority_vote(turns[:k]))
     m.update({f"pass@{k}": pass_at_k(n, c, k) for k in range(2, n + 1)})
     sets = native_sets(completions, set_size, tag_order)
     if sets:

@@ -12,6 +12,7 @@ import random
 import pytest
 import torch
 
+import common
 import data
 import infer
 import score
@@ -19,12 +20,6 @@ import select_token
 import toy
 
 NUM_FORKS = 4
-
-
-@pytest.fixture(autouse=True)
-def builtin_equivalence(monkeypatch):
-    """The expectations below are those of the built-in comparison, installed math-verify or not."""
-    monkeypatch.setattr(score, "mv_verify", None)
 
 
 @pytest.fixture(scope="module")
@@ -159,22 +154,26 @@ def test_top_p_samples_only_inside_the_nucleus():
 
 # ----------------------------------------------------------------------------- generation
 
-def test_shared_prefix_generation_equals_independent_generation_under_greedy(noisy):
+@pytest.mark.parametrize("style", ["special", "text"])
+def test_shared_prefix_generation_equals_independent_generation_under_greedy(noisy, style):
+    """One prefill shared by all responses == each response's whole prompt through HF generate, for
+    one-token tags and for text tags of several tokens (of different lengths: <think1> .. <think12>)."""
     tokenizer, model, fork_ids = noisy
-    prompt = data.prompt_text(tokenizer, "Add 12 + 34 + 56.")
-    prefix = tokenizer.encode(prompt, add_special_tokens=False)
-    firsts = fork_ids + fork_ids[:2]  # 6 responses: <think1..4>, <think1..2>
+    prefix = data.encode_prompt(tokenizer, "Add 12+23+14.")
+    tags = [[f] for f in fork_ids] if style == "special" else data.fork_ids(tokenizer, 12, "text")[8:]
+    starts = tags + tags[:2]  # 6 responses: the 4 tags, then the first 2 again
+    assert style == "special" or len({len(s) for s in starts}) > 1
     refs = []
-    for f in firsts:  # independent: the whole prompt with its own forking token, through HF generate
-        out = model.generate(torch.tensor([prefix + [f]]), do_sample=False, max_new_tokens=12,
+    for s in starts:  # independent: the whole prompt with its own tag, through HF generate
+        out = model.generate(torch.tensor([prefix + s]), do_sample=False, max_new_tokens=12,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
-        refs.append(out[0, len(prefix) + 1:].tolist())
+        refs.append(out[0, len(prefix) + len(s):].tolist())
     assert len({tuple(r) for r in refs}) > 1, "responses should differ between forking tokens"
     # a stop token that ends some responses early, so rows leave the batch mid-way
     stop = next(t for r in refs for t in r[3:] if t not in r[:3])
     cut = [(r[:r.index(stop)], True) if stop in r else (r, False) for r in refs]
     for batch_size in (0, 4):
-        got = infer.generate(model, prefix, firsts, 12, 0.0, 1.0, {stop}, torch.Generator(), batch_size)
+        got = infer.generate(model, prefix, starts, 12, 0.0, 1.0, {stop}, torch.Generator(), batch_size)
         assert got == cut
 
 
@@ -266,6 +265,76 @@ def test_bad_model_or_ids_give_one_line_and_a_refused_start_leaves_nothing_behin
         (tmp_path / "ids.jsonl").write_text(json.dumps({"problem": "1 + 1?", "answer": "2", "id": bad_id}) + "\n")
         with pytest.raises(data.DataError, match="ids.jsonl:1: an id must be a string or an integer"):
             run_infer(model_dir, str(tmp_path / "ids.jsonl"), out)
+
+
+def test_prompts_follow_lighteval_for_evaluation_files_and_training_as_it_was(tmp_path):
+    rows = [{"problem": "What is 1+1?", "answer": "2"},  # an evaluation file: LightEval's math prompt
+            {"prompt": "Add 1+2+3.", "traces": ["6"], "answer": "6"},  # a training layout: as trained
+            {"Question": "Which?", "Correct Answer": "right", "Incorrect Answer 1": "w1",  # GPQA's columns
+             "Incorrect Answer 2": "w2", "Incorrect Answer 3": "w3", "Record ID": "rec1"},
+            {"question": "Pick", "choices": ["a", "b", "c", "d"], "answer": "C"}]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    math_, plain, gpqa, generic = infer.load_problems(str(path))
+    assert math_["prompt"] == infer.MATH_TEMPLATE.replace("{question}", "What is 1+1?") and math_["kind"] == "math"
+    assert math_["prompt"].startswith("Solve the following math problem efficiently and clearly.  The last line")
+    assert plain["prompt"] == "Add 1+2+3." and infer.load_problems("toy")[0]["template"] == "{question}"
+    place = random.Random(1234).randint(0, 3)  # LightEval: one generator seeded 1234, a draw per problem
+    choices = ["w1", "w2", "w3"]
+    choices.insert(place, "right")
+    assert gpqa["id"] == "rec1" and gpqa["kind"] == "choice" and gpqa["gold"] == "ABCD"[place]
+    assert gpqa["prompt"] == infer.CHOICE_TEMPLATE.replace("{question}", "Which?\n\n" + "\n".join(
+        f"{letter}) {c}" for letter, c in zip("ABCD", choices)))
+    assert generic["gold"] == "C" and generic["prompt"].endswith("\n\nA) a\nB) b\nC) c\nD) d")
+    assert infer.load_problems(str(path), "none")[0]["prompt"] == "What is 1+1?"
+    assert infer.load_problems(str(path), " Box it.")[0]["prompt"] == "What is 1+1? Box it."
+    assert infer.load_problems(str(path), "Q: {question}\nA:")[0]["prompt"] == "Q: What is 1+1?\nA:"
+
+
+def test_show_prompts_of_the_official_protocol_print_the_authors_prompt_and_text_tags(model_dir, tmp_path, capsys):
+    path = os.path.join(os.path.dirname(__file__), "..", "shared", "data", "math500.jsonl")
+    if not os.path.exists(path):
+        path = tmp_path / "math500.jsonl"
+        path.write_text(json.dumps({"problem": "Convert the point $(0,3)$.", "answer": "(3, \\frac{\\pi}{2})"}) + "\n")
+    cfg = infer.parse_config(["--model", model_dir, "--data", str(path), "--protocol", "official", "--show_prompts"])
+    assert (cfg.fork_style, cfg.tag_order, cfg.num_forks, cfg.samples, cfg.temperature, cfg.top_p,
+            cfg.max_new_tokens) == ("text", "block", 6, 36, 0.7, 0.95, 32768)
+    assert infer.parse_config(["--data", "x/aime24.jsonl", "--protocol", "official"]).samples == 66
+    assert infer.parse_config(["--data", "x/aime24.jsonl", "--protocol", "official", "--fork", "<think1>"]).samples == 32
+    assert infer.parse_config(["--protocol", "official", "--samples", "12"]).samples == 12  # a flag given wins
+    infer.main(cfg)
+    shown = capsys.readouterr().out
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    problem = infer.load_problems(str(path), limit=1)[0]["prompt"]
+    assert problem.startswith("Solve the following math problem efficiently and clearly.")
+    first = data.prompt_text(tok, problem) + "<|im_start|><think1>\n"
+    assert first in shown and "<|im_start|>assistant\n<|im_start|><think1>\n" in shown
+    assert shown.count("<|im_start|><think") == 6 and "<think6>" in shown and not os.path.exists(tmp_path / "eval")
+
+
+def test_block_order_gives_each_token_a_run_of_responses_and_is_recorded(model_dir, tmp_path):
+    metrics = run_infer(model_dir, write_problems(tmp_path / "p.jsonl", n=2), tmp_path / "out.jsonl",
+                        "--tag_order", "block", "--samples", "10")
+    rows = [json.loads(line) for line in open(tmp_path / "out.jsonl")]
+    names = data.fork_tokens(NUM_FORKS)
+    assert [c["fork"] for c in rows[0]["completions"]] == [names[0]] * 3 + [names[1]] * 3 + [names[2]] * 2 + [names[3]] * 2
+    assert rows[0]["tag_order"] == "block" and rows[0]["kind"] == "math"
+    assert "native_cons@4" in metrics and metrics["per_fork"][names[0]]["responses"] == 6
+
+
+def test_a_text_style_model_is_prompted_with_its_text_tags(noisy, tmp_path, capsys):
+    tokenizer, model, _ = noisy
+    path = tmp_path / "text_final"
+    copy.deepcopy(model).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    common.write_json(str(path / "ssft.json"), {"fork_style": "text", "num_forks": 3})  # as train.py writes it
+    problems = write_problems(tmp_path / "p.jsonl", n=1)
+    infer.main(infer.parse_config(["--model", str(path), "--data", problems, "--show_prompts"]))
+    assert capsys.readouterr().out.count("<|im_start|>assistant\n<|im_start|><think") == 3
+    run_infer(str(path), problems, tmp_path / "out.jsonl", "--max_new_tokens", "3")
+    row = json.loads(open(tmp_path / "out.jsonl").readline())
+    assert [c["fork"] for c in row["completions"]] == data.fork_tokens(3) * 2
 
 
 def test_baseline_samples_from_the_plain_prompt_and_votes_in_blocks(model_dir, tmp_path):

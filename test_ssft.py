@@ -112,29 +112,32 @@ def test_random_matching_is_injective_and_seeded():
     assert len(seen) > 20  # many of the 24 permutations occur
 
 
-def reference_costs(model, prompt_ids, fork_ids, trace_ids, k):
-    """Eq. 4 by a loop of plain forward passes, one (fork, trace) pair at a time."""
-    cost = torch.zeros(len(fork_ids), len(trace_ids))
-    for i, f in enumerate(fork_ids):
+def reference_costs(model, prompt_ids, tags, trace_ids, k):
+    """Eq. 4 by a loop of plain forward passes, one (tag, trace) pair at a time."""
+    cost = torch.zeros(len(tags), len(trace_ids))
+    for i, f in enumerate(tags):
         for j, t in enumerate(trace_ids):
-            ids = torch.tensor([prompt_ids + [f] + t[:k]])
+            ids = torch.tensor([prompt_ids + f + t[:k]])
             with torch.no_grad():
                 logp = model(ids).logits[0].float().log_softmax(-1)
-            start = len(prompt_ids) + 1  # first trace token
+            start = len(prompt_ids) + len(f)  # first trace token
             nll = [-logp[p - 1, ids[0, p]] for p in range(start, ids.shape[1])]
             cost[i, j] = torch.stack(nll).mean()
     return cost
 
 
-def test_cost_matrix_equals_per_pair_forward_loop_for_any_chunking(tiny):
+@pytest.mark.parametrize("style", ["special", "text"])
+def test_cost_matrix_equals_per_pair_forward_loop_for_any_chunking(tiny, style):
+    """Single-token tags and multi-token text tags (their tokens are prompt: no cost, no loss)."""
     tok, model, fork_ids = tiny
-    q = {"prompt": "Add 12 + 34 + 56.", "traces": [toy.solve([12, 34, 56], s) for s in toy.STYLES]}
+    tags = [[i] for i in fork_ids] if style == "special" else data.fork_ids(tok, 4, "text")
+    q = {"prompt": "Add 12+23+14.", "traces": [toy.solve([12, 23, 14], s) for s in toy.STYLES]}
     enc = data.encode_question(tok, q, max_len=256)
     for k in (1000, 5):  # all trace tokens, and only the first K
-        ref = reference_costs(model, enc["prompt_ids"], fork_ids, enc["trace_ids"], k)
+        ref = reference_costs(model, enc["prompt_ids"], tags, enc["trace_ids"], k)
         for batch, ce_chunk in [(16, 1024), (3, 7), (1, 1)]:
             nll = match.SequenceNLL(model, ce_chunk=ce_chunk)
-            got = match.cost_matrix(nll, enc["prompt_ids"], fork_ids, enc["trace_ids"], k, batch, tok.pad_token_id)
+            got = match.cost_matrix(nll, enc["prompt_ids"], tags, enc["trace_ids"], k, batch, tok.pad_token_id)
             assert got.shape == (4, 4)
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert ref.std() > 0.01  # rows differ: the test would notice swapped forks
@@ -145,16 +148,16 @@ def test_match_questions_equals_cost_matrix_and_assignment_per_question(tiny, mo
     """The batched matching pass (all questions' sequences in one queue, any batch size, PAD
     forwards beyond what is needed) gives, per question, the reference cost matrix's matching."""
     tok, model, fork_ids = tiny
-    nll = match.SequenceNLL(model)
+    tags, nll = [[i] for i in fork_ids], match.SequenceNLL(model)
     questions = toy.make_questions(5, seed=2)
     questions[1]["traces"] = questions[1]["traces"][:1]  # M = 1
     questions[3]["traces"] = questions[3]["traces"] + questions[0]["traces"][:2]  # M = 6 > N = 4
     encoded = [data.encode_question(tok, q, 256) for q in questions]
     for batch, k, forwards in [(7, 1000, None), (64, 6, 9)]:
-        got = match.match_questions(nll, encoded, fork_ids, mode, k, batch, tok.pad_token_id, "cpu",
+        got = match.match_questions(nll, encoded, tags, mode, k, batch, tok.pad_token_id, "cpu",
                                     [np.random.default_rng(q) for q in range(5)], forwards)
         for q, (enc, m) in enumerate(zip(encoded, got)):
-            cost = match.cost_matrix(nll, enc["prompt_ids"], fork_ids, enc["trace_ids"], k, 3, tok.pad_token_id).numpy()
+            cost = match.cost_matrix(nll, enc["prompt_ids"], tags, enc["trace_ids"], k, 3, tok.pad_token_id).numpy()
             optimal = match.hungarian(cost)
             assert [m.optimal_forks, m.optimal_traces] == [optimal[0].tolist(), optimal[1].tolist()]
             assert math.isclose(m.gap, match.matching_gap(cost, *optimal), rel_tol=1e-4, abs_tol=1e-6)
@@ -167,15 +170,17 @@ def test_match_questions_equals_cost_matrix_and_assignment_per_question(tiny, mo
 def test_prompt_and_fork_carry_no_loss_and_cost_is_length_normalised(tiny):
     tok, model, fork_ids = tiny
     prompt_ids, trace = [5, 6, 7, 8], [20, 21, 22, 23, 24, 25]
-    ids, labels = data.make_sequence(prompt_ids, fork_ids[0], trace)
+    ids, labels = data.make_sequence(prompt_ids, [fork_ids[0]], trace)
     assert labels[:5] == [data.IGNORE] * 5 and labels[5:] == trace and ids[4] == fork_ids[0]
+    ids, labels = data.make_sequence(prompt_ids, [90, 91, 92], trace)  # a text tag: all its tokens are prompt
+    assert labels[:7] == [data.IGNORE] * 7 and labels[7:] == trace and ids[4:7] == [90, 91, 92]
     nll = match.SequenceNLL(model)
     for k in (2, 6, 100):
         torch.set_grad_enabled(False)
-        seq = data.make_sequence(prompt_ids, fork_ids[0], trace, k)
+        seq = data.make_sequence(prompt_ids, [fork_ids[0]], trace, k)
         total, count = nll(*data.collate([seq], tok.pad_token_id)[:2])
         assert int(count) == min(k, len(trace))  # only trace tokens are counted
-        cost = match.cost_matrix(nll, prompt_ids, fork_ids[:1], [trace], k, 4, tok.pad_token_id)
+        cost = match.cost_matrix(nll, prompt_ids, [fork_ids[:1]], [trace], k, 4, tok.pad_token_id)
         assert math.isclose(float(cost), float(total) / min(k, len(trace)), rel_tol=1e-6)
     torch.set_grad_enabled(True)
 
@@ -183,7 +188,7 @@ def test_prompt_and_fork_carry_no_loss_and_cost_is_length_normalised(tiny):
 def test_sequence_nll_equals_hugging_face_loss(tiny):
     """The chunked cross-entropy (never [tokens, vocab] logits for the whole batch) is the plain loss."""
     tok, model, fork_ids = tiny
-    seqs = [data.make_sequence([3, 4, 5], fork_ids[i % 4], list(range(30, 30 + 5 + 3 * i))) for i in range(4)]
+    seqs = [data.make_sequence([3, 4, 5], [fork_ids[i % 4]], list(range(30, 30 + 5 + 3 * i))) for i in range(4)]
     input_ids, labels, mask = data.collate(seqs, tok.pad_token_id)
     total, count = match.SequenceNLL(model, ce_chunk=5)(input_ids, labels, mask)
     reference = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
@@ -231,6 +236,26 @@ def test_build_text_tokenises_to_the_pieces_used_in_training():
     text = data.build_text(tok, q["prompt"], "<think2>", q["traces"][1])
     assert tok.encode(text, add_special_tokens=False) == enc["prompt_ids"] + [ids[1]] + enc["trace_ids"][1]
     assert text.endswith(q["traces"][1] + tok.eos_token)
+
+
+def test_text_style_tags_are_the_released_checkpoints_plain_text_and_add_nothing():
+    """--fork_style text: "<|im_start|><thinkI>\\n" right after the generation prompt, as ordinary
+    tokens; the string training builds, the ids it trains on and the prompt inference sends agree."""
+    tok = toy.make_tokenizer()
+    vocab = len(tok)
+    tags = data.fork_ids(tok, 3, "text")
+    assert len(tok) == vocab and data.count_fork_tokens(tok) == 0  # nothing added
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    assert all(t[0] == start and len(t) > 1 for t in tags) and len({tuple(t) for t in tags}) == 3
+    q = {"prompt": "Add 12+23+14.", "traces": [toy.solve([12, 23, 14], "left")]}
+    text = data.build_text(tok, q["prompt"], data.fork_tag("<think2>", "text"), q["traces"][0])
+    assert text == ("<|im_start|>user\nAdd 12+23+14.<|im_end|>\n<|im_start|>assistant\n<|im_start|><think2>\n"
+                    + q["traces"][0] + "<|im_end|>")
+    enc = data.encode_question(tok, q, 256, tag_len=max(map(len, tags)))
+    assert tok.encode(text, add_special_tokens=False) == enc["prompt_ids"] + tags[1] + enc["trace_ids"][0]
+    assert tok.decode(tags[1]) == "<|im_start|><think2>\n"
+    with pytest.raises(data.DataError, match="--fork_style must be one of special, text"):
+        data.fork_ids(tok, 2, "plain")
 
 
 def test_long_traces_are_truncated_to_max_len_and_counted():
@@ -737,8 +762,8 @@ def test_sft_logs_no_matching_gap_and_logs_never_hold_nan(tmp_path):
 # ----------------------------------------------------------------------------- concat layout (A.5)
 
 def test_tree_mask_matches_its_definition():
-    rows = [data.make_branches([1, 2, 3], [(7, [4, 5]), (8, [6]), (9, [4, 4, 4])]),
-            data.make_branches([1], [(7, [5])]), data.pad_item(0, "concat")]
+    rows = [data.make_branches([1, 2, 3], [([7], [4, 5]), ([8], [6]), ([9], [4, 4, 4])]),
+            data.make_branches([1], [([7], [5])]), data.pad_item(0, "concat")]
     _, _, position_ids, branch_ids = data.collate_branches(rows, pad_id=0)
     mask = data.tree_mask(branch_ids)
     for b in range(len(rows)):
@@ -756,8 +781,8 @@ def test_tree_mask_matches_its_definition():
 def test_concat_branches_are_isolated(tiny):
     tok, model, fork_ids = tiny
     prompt = [5, 6, 7, 8]
-    a = [(fork_ids[0], [20, 21, 22]), (fork_ids[1], [30, 31, 32, 33]), (fork_ids[2], [40, 41])]
-    b = [a[0], (fork_ids[1], [90, 91, 92, 93]), a[2]]  # branch 2 changed
+    a = [([fork_ids[0]], [20, 21, 22]), ([fork_ids[1]], [30, 31, 32, 33]), ([fork_ids[2]], [40, 41])]
+    b = [a[0], ([fork_ids[1]], [90, 91, 92, 93]), a[2]]  # branch 2 changed
     logits = []
     for branches in (a, b):
         input_ids, _, position_ids, branch_ids = data.collate_branches([data.make_branches(prompt, branches)], 0)
@@ -786,8 +811,8 @@ def sdpa_and_flex_models(hidden, device):
 def test_flex_attention_block_mask_equals_dense_mask_forward():
     """FlexAttention (the CUDA path) against SDPA with the dense mask, forward on the CPU."""
     sdpa, flex = sdpa_and_flex_models(32, "cpu")
-    rows = [data.make_branches([1, 2, 3], [(7, list(range(20, 40))), (8, list(range(50, 61)))]),
-            data.make_branches([1, 2], [(9, [4, 5, 6])])]
+    rows = [data.make_branches([1, 2, 3], [([7], list(range(20, 40))), ([8, 9], list(range(50, 61)))]),
+            data.make_branches([1, 2], [([9], [4, 5, 6])])]
     input_ids, _, position_ids, branch_ids = data.collate_branches(rows, pad_id=0)
     with torch.no_grad():
         dense = sdpa(input_ids=input_ids, attention_mask=data.tree_mask(branch_ids), position_ids=position_ids).logits
@@ -800,7 +825,7 @@ def test_flex_attention_block_mask_equals_dense_mask_forward():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_flex_attention_equals_sdpa_forward_and_backward_on_cuda():
     sdpa, flex = sdpa_and_flex_models(64, "cuda")
-    rows = [data.make_branches(list(range(1, 40)), [(7, list(range(20, 200))), (8, list(range(50, 130)))])]
+    rows = [data.make_branches(list(range(1, 40)), [([7], list(range(20, 200))), ([8], list(range(50, 130)))])]
     input_ids, labels, position_ids, branch_ids = (t.cuda() for t in data.collate_branches(rows, pad_id=0))
     out = []
     for model, mask in ((sdpa, data.tree_mask(branch_ids)), (flex, data.tree_block_mask(branch_ids))):
@@ -846,6 +871,19 @@ def test_concat_and_batch_commands_log_the_same_first_loss(tmp_path, run):
         assert result.returncode == 0 and f"{layout} layout" in result.stdout, result.stderr
         first.append(losses(tmp_path / layout)[0])
     assert math.isclose(first[0], first[1], rel_tol=1e-5)
+
+
+def test_a_text_style_run_adds_no_token_and_its_final_model_says_how_it_was_prompted(tmp_path, run):
+    out = tmp_path / "text"
+    done = run([sys.executable, "train.py", "--fork_style", "text", "--toy_questions", "32", "--max_steps", "2",
+                "--out_dir", str(out)])
+    assert done.returncode == 0, done.stderr
+    assert "forking tags '<|im_start|><think1>\\n'..<think4>" in done.stdout, done.stdout
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    assert data.count_fork_tokens(tok) == 0 and len(tok) == len(toy.make_tokenizer())
+    assert json.load(open(out / "final" / "ssft.json")) == {"fork_style": "text", "num_forks": 4}
+    assert json.load(open(out / "matching.json"))["fork_style"] == "text"
 
 
 # ----------------------------------------------------------------------------- toy.py: the mechanism (Section 3.3)

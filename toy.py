@@ -1,29 +1,37 @@
 """The built-in synthetic task and tiny model: SSFT on a laptop, with nothing downloaded.
 
-Each question asks for the sum of three two-digit numbers. Four "teachers" solve it in four styles
-that differ in length and are recognisable from their first tokens, like the distinct reasoning
-modes of the paper's teachers (Section 3.3):
+Each question asks for the sum of three two-digit numbers from 10..29 ("Add 28+19+11."). Four
+"teachers" solve it in four styles that differ in structure, in length and in how they compute, so
+that their errors are not the same errors, like the distinct reasoning modes of the paper's
+teachers (Section 3.3):
 
-    left    Left to right: 37+52=89, 89+18=107. The answer is \\boxed{107}.
-    right   Right to left: 18+52=70, 70+37=107. The answer is \\boxed{107}.
-    place   By place value: ones 7+2+8=17, tens 3+5+1=9, 90+17=107. The answer is \\boxed{107}.
-    direct  Directly: The answer is \\boxed{107}.
+    left    Left to right: 28+19=47, 47+11=58. The answer is \\boxed{58}.
+    right   Right to left: 11+19=30, then 30+28=58. The answer is \\boxed{58}.
+    place   By place value: ones 8+9+1=18, carry 1, tens 2+1+1+1=5, so 58. The answer is \\boxed{58}.
+    direct  Directly: The answer is \\boxed{58}.
 
-Every question gets 4 traces: one per style in a random order, and in a quarter of the questions
-one style repeated in place of another (the paper's mixed data also repeats teachers). `recognise`
-maps any generated text to the style whose whole structure it follows, or to "other" (a blend such
-as "Left to left: ..." or a malformed step).
+Left and right are running sums with different partial sums; place value adds single digits with an
+explicit carry; direct answers at once (and is the least accurate, as answering without reasoning
+is). Every question gets 4 traces: one per style in a random order, and in a quarter of the
+questions one style repeated in place of another (the paper's mixed data also repeats teachers).
+`recognise` maps any generated text to the style whose whole structure it follows, or to "other".
+
+The operands are small and fixed-width so that the tiny model learns to copy them from the prompt
+and add them within about a minute of CPU training: held-out accuracy is learned, not at chance.
+Of the 8,000 possible questions, one in eight is held out (`is_held_out`): training never draws it,
+whatever the seed, and every evaluation (infer.py --data toy, toy_compare.py) uses only those.
 
 The model is a tiny Qwen2 built from a config, with a byte-level BPE tokenizer trained in-process
 on the task text with Qwen's own pre-tokenizer regex (digits split one by one), so nothing is
 downloaded and the same code path as Qwen2.5 (chat template, spare embedding rows) is exercised.
-`train_defaults` are the flags train.py uses with --model toy.
+`TRAIN_DEFAULTS` are the flags train.py uses with --model toy.
 
     python train.py                  # SSFT on this task (train.py's defaults are these)
-    python toy_compare.py            # hungarian vs random vs sft on it (Section 3.3)
+    python toy_compare.py            # hungarian vs random vs sft on it (Section 3.3, Table 1)
 """
 import random
 import re
+import zlib
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -31,11 +39,12 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 STYLES = ["left", "right", "place", "direct"]
 TRACES_PER_QUESTION = 4
 REPEAT_PROB = 0.25  # fraction of questions in which one style appears twice
+LOW, HIGH = 10, 29  # operand range: two digits each, so every digit sits at a fixed position
 HELD_OUT_SEED = 10_000  # seed of the held-out questions (infer.py --data toy, toy_compare.py)
 
-# train.py's defaults for --model toy: a run of about a minute on 2 CPU cores
-TRAIN_DEFAULTS = dict(num_forks=4, match_tokens=16, epochs=6, lr=3e-3, batch_size=64, micro_batch=64,
-                      match_batch=256, max_len=256, activation_checkpointing=False, save_every=0)
+# train.py's defaults for --model toy: `python train.py` is a demonstration of about a minute on 2 CPU cores
+TRAIN_DEFAULTS = dict(num_forks=4, match_tokens=4, epochs=1, lr=3e-3, batch_size=64, micro_batch=64,
+                      match_batch=256, max_len=128, activation_checkpointing=False, save_every=0)
 
 # Qwen2's pre-tokenizer regex: the reloaded Qwen2Tokenizer rebuilds exactly this split.
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -50,15 +59,15 @@ def solve(numbers, style):
     a, b, c = numbers
     total = a + b + c
     end = f"The answer is \\boxed{{{total}}}."
-    if style == "left":
+    if style == "left":  # a running sum from the first operand
         return f"Left to right: {a}+{b}={a + b}, {a + b}+{c}={total}. {end}"
-    if style == "right":
-        return f"Right to left: {c}+{b}={c + b}, {c + b}+{a}={total}. {end}"
-    if style == "place":
+    if style == "right":  # a running sum from the last operand: other partial sums, other errors
+        return f"Right to left: {c}+{b}={c + b}, then {c + b}+{a}={total}. {end}"
+    if style == "place":  # column addition: one-digit sums and an explicit carry
         ones = a % 10 + b % 10 + c % 10
-        tens = a // 10 + b // 10 + c // 10
-        return (f"By place value: ones {a % 10}+{b % 10}+{c % 10}={ones}, "
-                f"tens {a // 10}+{b // 10}+{c // 10}={tens}, {tens * 10}+{ones}={total}. {end}")
+        tens = a // 10 + b // 10 + c // 10 + ones // 10
+        return (f"By place value: ones {a % 10}+{b % 10}+{c % 10}={ones}, carry {ones // 10}, "
+                f"tens {a // 10}+{b // 10}+{c // 10}+{ones // 10}={tens}, so {total}. {end}")
     if style == "direct":
         return f"Directly: {end}"
     raise ValueError(f"unknown style {style!r}")
@@ -66,8 +75,8 @@ def solve(numbers, style):
 
 STYLE_PATTERNS = {
     "left": r"Left to right: \d+\+\d+=\d+, \d+\+\d+=\d+\. ",
-    "right": r"Right to left: \d+\+\d+=\d+, \d+\+\d+=\d+\. ",
-    "place": r"By place value: ones \d\+\d\+\d=\d+, tens \d\+\d\+\d=\d+, \d+\+\d+=\d+\. ",
+    "right": r"Right to left: \d+\+\d+=\d+, then \d+\+\d+=\d+\. ",
+    "place": r"By place value: ones \d\+\d\+\d=\d+, carry \d, tens \d\+\d\+\d\+\d=\d+, so \d+\. ",
     "direct": r"Directly: ",
 }
 
@@ -80,29 +89,37 @@ def recognise(text):
     return "other"
 
 
-def make_questions(num_questions, seed):
-    """Rows in data.py's canonical layout: prompt, traces, answer, sources (the styles)."""
+def is_held_out(prompt):
+    """One question in eight, fixed by its text (a CRC, the same on every machine): evaluation only."""
+    return zlib.crc32(prompt.encode()) % 8 == 0
+
+
+def make_questions(num_questions, seed, held_out=False):
+    """Rows in data.py's canonical layout: prompt, traces, answer, sources (the styles). Training
+    questions (the default) are never held-out ones, and held-out ones never training ones."""
     rng = random.Random(seed)
     rows = []
-    for _ in range(num_questions):
-        numbers = [rng.randint(10, 99) for _ in range(3)]
+    while len(rows) < num_questions:
+        numbers = [rng.randint(LOW, HIGH) for _ in range(3)]
         styles = STYLES[:]
         rng.shuffle(styles)
         if rng.random() < REPEAT_PROB:
             styles[rng.randrange(4)] = rng.choice(STYLES)
-        styles = styles[:TRACES_PER_QUESTION]
-        rows.append({"prompt": "Add {} + {} + {}.".format(*numbers),
-                     "traces": [solve(numbers, s) for s in styles],
-                     "answer": str(sum(numbers)), "sources": styles})
+        prompt = "Add {}+{}+{}.".format(*numbers)
+        if is_held_out(prompt) == held_out:
+            rows.append({"prompt": prompt, "traces": [solve(numbers, s) for s in styles[:TRACES_PER_QUESTION]],
+                         "answer": str(sum(numbers)), "sources": styles[:TRACES_PER_QUESTION]})
     return rows
 
 
-def held_out_questions(num_questions, exclude=()):
-    """The toy's one evaluation set: questions drawn with HELD_OUT_SEED, leaving out any prompt in
-    `exclude` (the training questions)."""
-    exclude = set(exclude)
-    rows = [q for q in make_questions(2 * num_questions + len(exclude), HELD_OUT_SEED) if q["prompt"] not in exclude]
-    return rows[:num_questions]
+def held_out_questions(num_questions):
+    """The toy's one evaluation set: distinct held-out questions (at most 1,000 exist)."""
+    rows, seen = [], set()
+    for q in make_questions(8 * num_questions, HELD_OUT_SEED, held_out=True):
+        if q["prompt"] not in seen and len(rows) < num_questions:
+            rows.append(q)
+            seen.add(q["prompt"])
+    return rows
 
 
 def train_defaults(layout):
@@ -113,8 +130,9 @@ def train_defaults(layout):
     return TRAIN_DEFAULTS
 
 
-def make_tokenizer(vocab_size=320):
-    """A byte-level BPE tokenizer trained on the task's text, with a Qwen-style chat template."""
+def make_tokenizer(vocab_size=400):
+    """A byte-level BPE tokenizer trained on the task's text, with a Qwen-style chat template. 400
+    entries make the template's words ("user", "assistant") and the styles' words single tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),

@@ -51,6 +51,7 @@ class Config:
     data: str = "toy"  # JSONL file (see data.py for the layouts), or "toy" (toy.py's task)
     out_dir: str = "out/ssft"  # config.json, metrics.jsonl, matching.json, checkpoints/, final/
     num_forks: int = 6  # N, the number of global forking tokens <think1>..<thinkN> (toy: 4)
+    fork_style: str = "special"  # special: reserved tokens <thinkI>; text: "<|im_start|><thinkI>\n" as text (data.py)
     match_tokens: int = 1000  # K: the matching cost uses the first K tokens of each trace (Eq. 4) (toy: 16)
     matching: str = "hungarian"  # hungarian (SSFT) | random (ablation) | sft (one token, SFT-mixed)
     layout: str = "batch"  # batch: one row per (token, trace); concat: one row per question (A.5)
@@ -88,6 +89,8 @@ def parse_config(argv=None):
                 f"--matching must be hungarian, random or sft (got {cfg.matching!r})"
                 if cfg.matching not in ("hungarian", "random", "sft") else None,
                 f"--layout must be batch or concat (got {cfg.layout!r})" if cfg.layout not in ("batch", "concat") else None,
+                f"--fork_style must be special or text (got {cfg.fork_style!r})" if cfg.fork_style not in data.FORK_STYLES
+                else None,
                 *(f"--{k} must be >= 1 (got {getattr(cfg, k)})" for k in
                   ("epochs", "batch_size", "micro_batch", "match_batch") if getattr(cfg, k) < 1),
                 f"--lr must be > 0 (got {cfg.lr})" if not cfg.lr > 0 else None,
@@ -104,14 +107,15 @@ def parse_config(argv=None):
 # ----------------------------------------------------------------------------- model
 
 def load_tokenizer(cfg):
-    """(tokenizer with the forking tokens, their ids, the vocabulary size before they were added)."""
+    """(tokenizer with the forking tokens, the token ids of each forking tag, the vocabulary size
+    before any was added)."""
     from transformers import AutoTokenizer
     if cfg.model == "toy":
         tokenizer = toy.make_tokenizer()
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     num_trained = len(tokenizer)
-    return tokenizer, data.add_fork_tokens(tokenizer, cfg.num_forks), num_trained
+    return tokenizer, data.fork_ids(tokenizer, cfg.num_forks, cfg.fork_style), num_trained
 
 
 def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
@@ -132,7 +136,8 @@ def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
             cfg.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
             trust_remote_code=cfg.trust_remote_code, attn_implementation=attn) if rank == 0 else None
     if rank == 0:
-        data.init_fork_rows(full, fork_ids, num_trained, cfg.seed)
+        if cfg.fork_style == "special":  # text tags are ordinary tokens, already trained
+            data.init_fork_rows(full, [ids[0] for ids in fork_ids], num_trained, cfg.seed)
         config.vocab_size = full.get_input_embeddings().weight.shape[0]
         state = {"lm." + k: v for k, v in full.state_dict().items()}
         buffers = {k: v for k, v in full.named_buffers()}
@@ -186,8 +191,9 @@ def shard(lm, device, activation_checkpointing=False, cpu_offload=False):
     return model
 
 
-def save_final(model, tokenizer, config, path, rank):
-    """A consolidated bf16 Hugging Face directory: from_pretrained loads it, forking tokens intact.
+def save_final(model, tokenizer, config, path, rank, forks):
+    """A consolidated bf16 Hugging Face directory: from_pretrained loads it, forking tokens intact,
+    and ssft.json says how the model was prompted ({"fork_style", "num_forks"}: infer.py reads it).
     Written to a temporary name and renamed, so a half-written final/ never exists."""
     from transformers import AutoModelForCausalLM
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -201,6 +207,7 @@ def save_final(model, tokenizer, config, path, rank):
         shutil.rmtree(tmp, ignore_errors=True)
         lm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        write_json(os.path.join(tmp, "ssft.json"), forks)
         if os.path.isdir(path):  # keep the previous final/ until the new one is complete
             os.replace(path, path + ".old")
         os.replace(tmp, path)
@@ -385,7 +392,7 @@ def prepare(cfg):
         tokenizer, fork_ids, num_trained = load_tokenizer(cfg)
     except (OSError, ValueError) as e:
         raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
-    encoded = [data.encode_question(tokenizer, q, cfg.max_len) for q in questions]
+    encoded = [data.encode_question(tokenizer, q, cfg.max_len, max(map(len, fork_ids))) for q in questions]
     done = checkpoints(cfg.out_dir)
     if cfg.max_steps and done and done[-1][0] > cfg.max_steps:
         raise DataError(f"{cfg.out_dir} holds a checkpoint at step {done[-1][0]}, past --max_steps {cfg.max_steps}: "
@@ -459,7 +466,7 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
         start, stats = resume(model, optimizer, cfg.out_dir, rank, device)
     except DataError as e:
         sys.exit(f"error: {e}")
-    stats = stats or match.MatchingStats(cfg.matching, fork_names)
+    stats = stats or match.MatchingStats(cfg.matching, fork_names, cfg.fork_style)
     metrics_path, matching_path = (os.path.join(cfg.out_dir, f) for f in ("metrics.jsonl", "matching.json"))
     if rank == 0:
         write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
@@ -475,7 +482,8 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
     print0(f"{len(questions)} questions, {sum(len(q['traces']) for q in questions)} traces "
            f"({sum(e['truncated'] for e in encoded)} truncated to --max_len {cfg.max_len}), {world} rank(s) on "
            f"{device.type}, steps {start}..{last_step} of {total_steps} ({per_epoch} per epoch of <= {cfg.batch_size} "
-           f"sequences), forking tokens {fork_names[0]}..{fork_names[-1]} = ids {fork_ids[0]}..{fork_ids[-1]}, "
+           f"sequences), forking tags {data.fork_tag(fork_names[0], cfg.fork_style)!r}..{fork_names[-1]} "
+           f"= ids {fork_ids[0]}..{fork_ids[-1]}, "
            f"{cfg.layout} layout, attention {attention_backend(cfg.layout, device)}"
            + (" with a dense boolean tree mask" if cfg.layout == "concat" and device.type != "cuda" else ""))
     skipped = 0
@@ -550,7 +558,7 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
             save_checkpoint(model, optimizer, step + 1, stats, cfg.out_dir, rank)
 
     save_checkpoint(model, optimizer, last_step, stats, cfg.out_dir, rank)
-    save_final(model, tokenizer, hf_config, final, rank)
+    save_final(model, tokenizer, hf_config, final, rank, {"fork_style": cfg.fork_style, "num_forks": cfg.num_forks})
     print0(f"done: {last_step} steps, {skipped} skipped. Outputs in {cfg.out_dir}/: metrics.jsonl "
            f"(one line per step), matching.json (configuration counts per epoch), checkpoints/, "
            f"final/ (Hugging Face model + tokenizer with {fork_names[0]}..{fork_names[-1]})")
