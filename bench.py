@@ -55,7 +55,7 @@ class Config:
     match_tokens: int = 1000  # K, trace tokens in the matching cost (quick: 16)
     match_batch: int = 8  # rows per no-grad forward of the cost matrix (train.py's default)
     prompt_len: int = 256  # prompt tokens of every question (quick: 32)
-    trace_len: int = 4096  # L, tokens of every trace in the ssft/sft bench (quick: 64)
+    trace_len: int = 8192  # L, tokens of every trace in the ssft/sft bench (quick: 64)
     questions: int = 2  # questions per optimiser step in the ssft/sft bench
     streams: str = "6,32"  # parallel responses to one prompt in the decode bench
     new_tokens: int = 128  # tokens decoded per stream; no stop token, so every stream decodes all (quick: 8)
@@ -211,7 +211,7 @@ def bench_train(cfg, shape, device, fork_ids, pad_id, low, peak):
                 ids, labels, _ = (x.to(device) for x in data.collate([seq], pad_id))
                 res[path, t] = measure(f"train {path} {shape} {t}", lambda: hf_step(
                     lm, optimizer, ids, labels, TRAIN.grad_clip, device), cfg, device)
-        del lm, model, optimizer
+        lm = model = optimizer = None  # frees the model before the next one is built
         free_memory(device)
     what = "fwd+bwd+clip+AdamW" if params <= cfg.adamw_max_params else "fwd+bwd+clip, no AdamW (memory)"
     s = SHAPES[shape]
@@ -231,11 +231,12 @@ def bench_ssft(cfg, device, fork_ids, pad_id, low):
     optimizer = adamw(model, params, cfg)
     res = {m: measure(f"step {m}", lambda: train_py_step(model, optimizer, encoded, fork_ids, m, cfg, pad_id, device),
                       cfg, device) for m in ("hungarian", "sft")}
-    del lm, model, optimizer
+    lm = model = optimizer = None
     c = 4 if cfg.activation_checkpointing else 3
     floor = 1 + cfg.num_forks * min(cfg.match_tokens, L) / (c * L)
-    return [row("ssft/sft step s: SSFT | SFT", f"{cfg.shape} N{cfg.num_forks} M{cfg.num_traces} K{cfg.match_tokens} L{L}",
-                res["hungarian"], res["sft"], lambda r: r["s"], f"FLOP floor 1+NK/(cL) = {floor:.3f} (c={c})")]
+    return [{**row("ssft/sft step s: SSFT | SFT", f"{cfg.shape} N{cfg.num_forks} M{cfg.num_traces} K{cfg.match_tokens} "
+                   f"L{L}", res["hungarian"], res["sft"], lambda r: r["s"], f"FLOP floor 1+NK/(cL) = {floor:.3f} (c={c})"),
+             "floor": floor}]
 
 
 def bench_decode(cfg, device, fork_ids, pad_id, low):
@@ -245,8 +246,8 @@ def bench_decode(cfg, device, fork_ids, pad_id, low):
     lm = build_lm(cfg.shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32, "sdpa")[0].eval()
     rows = []
     for s in ints(cfg.streams):
-        firsts = [fork_ids[i % len(fork_ids)] for i in range(s)]  # infer.py's --fork cycle
-        batch = torch.tensor([prompt + [f] for f in firsts], device=device)
+        firsts = [fork_ids[i % len(fork_ids)] for i in range(s)]  # infer.py's --fork all, cycle order
+        batch = torch.tensor([prompt + f for f in firsts], device=device)
 
         def hf_generate():
             out = lm.generate(input_ids=batch, attention_mask=torch.ones_like(batch), do_sample=False, top_p=None,
@@ -270,6 +271,22 @@ def row(bench, case, a, b, metric, note, mfu=lambda r: None):
             "times_s": [r["times"] if r else None for r in (a, b)]}
 
 
+def summary(rows, cfg):
+    """The five ratios the performance targets are stated in (None where a row is missing or ran out
+    of memory): train.py's step over the plain HF step (first shape and length), the 7B MFU, the
+    SSFT/SFT step time over its FLOP floor, and the shared-prefix decoding over model.generate."""
+    def find(bench, case):
+        return next((r for r in rows if r["bench"].startswith(bench) and r["case"].startswith(case)), None)
+    first = f"{cfg.shapes.split(',')[0]} {ints(cfg.seq_lens)[0]} tok"
+    train_row, big, ssft = find("train", first), find("train", f"7b {ints(cfg.seq_lens)[0]} tok"), find("ssft", "")
+    decode = {s: find("decode", f"{cfg.shape} {s} streams") for s in (6, 32)}
+    return {"train_speedup_vs_hf": train_row and train_row["ratio"],
+            "mfu_7b": big and big["mfu"][0],
+            "ssft_overhead_over_floor": ssft and ssft["ratio"] and ssft["ratio"] / ssft["floor"],
+            "decode_speedup_vs_generate_6": decode[6] and decode[6]["ratio"],
+            "decode_speedup_vs_generate_32": decode[32] and decode[32]["ratio"]}
+
+
 def fmt(x, spec):
     return "n/a" if x is None else format(x, spec)
 
@@ -291,7 +308,7 @@ def main(cfg):
     print(json.dumps(dataclasses.asdict(cfg)))
     print(" | ".join(f"{k} {v}" for k, v in env.items()), flush=True)
     tokenizer = toy.make_tokenizer()  # only for a PAD id and N forking-token ids; all text is random ids
-    fork_ids = data.add_fork_tokens(tokenizer, cfg.num_forks)
+    fork_ids = data.fork_ids(tokenizer, cfg.num_forks)  # [[id], ...]: one reserved token per tag
     pad_id, low = tokenizer.pad_token_id, len(tokenizer)  # random ids lie above the forking tokens
     t0 = time.time()
     rows = [r for shape in cfg.shapes.split(",") for r in bench_train(cfg, shape, device, fork_ids, pad_id, low, peak)]
@@ -303,9 +320,12 @@ def main(cfg):
         mfu, mem = (" | ".join(fmt(x, s) for x in r[k]) for k, s in (("mfu", ".1%"), ("peak_gib", ".1f")))
         print(f"{r['bench']:<32}{r['case']:<30}{fmt(r['a'], '11.4g')}{fmt(r['b'], '11.4g')}"
               f"{fmt(r['ratio'], '7.3f')}{mfu:>14}{mem:>15}  {r['note']}")
+    result = summary(rows, cfg)
     print(f"A, B: medians; n/a: out of memory, or MFU and memory on the CPU. {time.time() - t0:.0f} s, {cfg.out}")
+    print("summary: " + json.dumps(result))
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    write_json(cfg.out, {"config": dataclasses.asdict(cfg), "env": env, "rows": rows})
+    write_json(cfg.out, {"device": name, "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+                         "config": dataclasses.asdict(cfg), "env": env, "rows": rows, "summary": result})
     close_distributed()
     return rows
 

@@ -65,11 +65,13 @@ def parse_flags(config_cls, doc, argv=None, positional=()):
     comments = dict(re.findall(r"^\s+(\w+): [\w.]+ = .*?  # (.*)$", inspect.getsource(config_cls), re.M))
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in dataclasses.fields(config_cls):
-        help_text = f"{comments[f.name]} (default {f.default!r})".replace("%", "%%")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        help_text = f"{comments[f.name]} (default {default!r})".replace("%", "%%")
         if f.name in positional:
             parser.add_argument(f.name, type=f.type, nargs="?", default=None, help=help_text)
             continue
-        extra = dict(type=boolean, nargs="?", const=True) if f.type is bool else dict(type=number(f.type))
+        extra = dict(type=boolean, nargs="?", const=True) if f.type is bool else \
+            dict(type=str, nargs="+") if f.type is list else dict(type=number(f.type))
         parser.add_argument(f"--{f.name}", default=None, **extra, help=help_text)
     given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
     return parser, given

@@ -25,13 +25,22 @@ Rows of a JSONL file may use any of these layouts, detected per row:
                one trace per teacher: trajectory + "\\n</think>\\n\\n" + attempt, source = teacher
     sampled    {"question": str, "response": [str, ...], "score": [bool, ...]}: correct ones kept
 
-    python data.py --data ../shared/data/math_cot_100x8.jsonl   # check a file, print statistics
+Files are JSONL or Parquet (by extension; the hub publishes s1K-1.1 as Parquet). The paper's
+pool-to-mixed recipe (Appendix A.3.1) builds a multi-target file from per-teacher files (`mix`).
+
+    python data.py --data ../shared/data/math_cot_100x8.jsonl --model toy  # check a file, print statistics
+    python data.py mix --pool gpt_oss.jsonl s1k.parquet claude.jsonl --traces 4 --per_source 2 \\
+        --correct_only --seed 0 --out s1k_4mixed.jsonl                     # s1k-4mixed-reasoning
 """
 import math
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
-from common import DataError, read_jsonl
+from common import DataError, parse_flags, read_jsonl, write_jsonl
 
 FORK_TOKEN = "<think{}>"  # <think1> ... <thinkN>: the global forking tokens g_1..g_N
 TEXT_TAG = "<|im_start|>{}\n"  # --fork_style text: the tag around a token's name, as plain text
@@ -102,13 +111,29 @@ def parse_row(row, where):
             "answer": None if answer is None else str(answer)}
 
 
+def read_records(path):
+    """[(where, row)] of a data file, by its extension: Parquet (the hub's format, e.g. s1K-1.1; where =
+    "path:row N") or JSONL (where = "path:line"). DataError naming the file for one that cannot be read."""
+    if not path.endswith(".parquet"):
+        return [(f"{path}:{n}", row) for n, row in read_jsonl(path)]
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise DataError(f"{path}: not a regular file")
+    import pyarrow  # here: only Parquet files need it
+    import pyarrow.parquet
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except (OSError, pyarrow.ArrowException) as e:
+        raise DataError(f"{path}: cannot read as Parquet ({str(e).splitlines()[0]})") from None
+    return [(f"{path}:row {n}", row) for n, row in enumerate(rows, start=1)]
+
+
 def load_questions(path):
-    """All questions of a JSONL file. Any bad line raises DataError naming `path:line`."""
+    """All questions of a JSONL or Parquet file. Any bad row raises DataError naming it."""
     questions, skipped = [], 0
-    for n, row in read_jsonl(path):
-        q = parse_row(row, f"{path}:{n}")
+    for where, row in read_records(path):
+        q = parse_row(row, where)
         skipped += q is None
-        questions += [{**q, "where": f"{path}:{n}"}] if q else []  # for errors found later
+        questions += [{**q, "where": where}] if q else []  # for errors found later
     if skipped:
         print(f"{path}: skipped {skipped} rows with no correct response")
     if not questions:
@@ -276,6 +301,12 @@ def tree_mask(branch_ids):
     return (causal & ((k == q) | ((k == 0) & (q >= 0))))[:, None]
 
 
+def tree_attention(branch_ids):
+    """The tree mask in the form the device's attention takes: a FlexAttention BlockMask on CUDA,
+    a dense boolean mask for SDPA elsewhere (FlexAttention has no backward on the CPU)."""
+    return tree_block_mask(branch_ids) if branch_ids.device.type == "cuda" else tree_mask(branch_ids)
+
+
 def tree_block_mask(branch_ids):
     """The same mask as a FlexAttention BlockMask (CUDA): built from the rule, never as an L x L tensor."""
     from torch.nn.attention.flex_attention import create_block_mask
@@ -323,16 +354,115 @@ def num_micro_batches(num_sequences, micro_batch):
     return max(1, math.ceil(num_sequences / micro_batch))
 
 
+# ----------------------------------------------------------------------------- the pool-to-mixed recipe
+
+def mix(pool_paths, num_traces, per_source, correct_only, seed):
+    """The paper's data recipe (Appendix A.3.1): every trace of every file pooled per question (the
+    same prompt text), each with its source (the row's `sources`, the s1K teacher, else the file's
+    name); with `correct_only`, only traces whose final answer the project's grader (score.grade)
+    accepts against the question's gold; at most `per_source` per source (0: all); then
+    `num_traces` sampled per question. Seeded per question, so the same seed gives the same file.
+    Returns (rows in the canonical layout, {source: Counter(pooled, wrong, kept)}, skipped prompts)."""
+    if correct_only:
+        import score  # here: grading pulls in math-verify, which only this command needs
+    pool, counts = {}, {}
+    for path in pool_paths:
+        name = os.path.splitext(os.path.basename(path))[0]
+        for q in load_questions(path):
+            entry = pool.setdefault(q["prompt"], {"answer": q["answer"], "traces": []})
+            entry["answer"] = entry["answer"] or q["answer"]
+            entry["traces"] += zip(q["traces"], q["sources"] or [name] * len(q["traces"]))
+    rows, skipped = [], []
+    for prompt, entry in pool.items():
+        rng, kept = random.Random(f"{seed}:{prompt}"), []
+        for trace, source in entry["traces"]:
+            c = counts.setdefault(source, Counter(pooled=0, wrong=0, kept=0))
+            c["pooled"] += 1
+            if correct_only and not (entry["answer"] and score.grade(trace, entry["answer"])[1]):
+                c["wrong"] += 1
+            else:
+                kept.append((trace, source))
+        if per_source:  # a random per_source of each source's traces
+            rng.shuffle(kept)
+            taken = Counter()
+            kept = [(t, s) for t, s in kept if taken.update([s]) or taken[s] <= per_source]
+        kept = rng.sample(kept, min(num_traces, len(kept)))
+        if not kept:
+            skipped.append(prompt)
+            continue
+        for _, source in kept:
+            counts[source]["kept"] += 1
+        rows.append({"prompt": prompt, "traces": [t for t, _ in kept], "sources": [s for _, s in kept],
+                     "answer": entry["answer"]})
+    return rows, counts, skipped
+
+
+def summary(questions, tokenizer=None):
+    """Lines describing a data set: questions, traces per question and per source, and with a
+    tokenizer the token lengths of prompts and traces (min / median / max: what --max_len and
+    --match_tokens are chosen from)."""
+    m = [len(q["traces"]) for q in questions]
+    sources = Counter(s for q in questions for s in q["sources"] or ["(no source)"] * len(q["traces"]))
+    lines = [f"{len(questions)} questions, {sum(m)} traces, per question min {min(m)} mean {sum(m) / len(m):.2f} "
+             f"max {max(m)}", "traces per source: " + ", ".join(f"{s} {n}" for s, n in sources.most_common())]
+    if tokenizer is not None:
+        for what, texts in (("prompt", [prompt_text(tokenizer, q["prompt"]) for q in questions]),
+                            ("trace", [t for q in questions for t in q["traces"]])):
+            lengths = sorted(len(tokenizer.encode(t, add_special_tokens=False)) for t in texts)
+            lines.append(f"{what} tokens: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]}")
+    return lines
+
+
+@dataclass
+class CheckConfig:
+    data: str = ""  # a JSONL or Parquet file of any layout above
+    model: str = ""  # a tokenizer for the token lengths ('' = none; toy = toy.py's)
+
+
+@dataclass
+class MixConfig:
+    pool: list = field(default_factory=list)  # JSONL or Parquet files of traces for the same questions
+    traces: int = 4  # traces sampled per question (the paper's s1k-4mixed-reasoning: 4)
+    per_source: int = 0  # at most this many traces of one source per question (0: no limit)
+    correct_only: bool = False  # keep only traces whose final answer score.py accepts against the gold
+    seed: int = 0  # the samples are a function of (seed, prompt)
+    out: str = "mixed.jsonl"  # the mixed file, in the canonical layout (prompt, traces, sources, answer)
+
+
+def main(argv):
+    """python data.py --data FILE [--model M]   or   python data.py mix --pool FILE ... --out FILE"""
+    if argv[:1] == ["mix"]:
+        parser, given = parse_flags(MixConfig, mix.__doc__, argv[1:])
+        cfg = MixConfig(**given)
+        if not cfg.pool or cfg.traces < 1 or cfg.per_source < 0:
+            parser.error("need --pool FILE [FILE ...], --traces >= 1 and --per_source >= 0")
+        rows, counts, skipped = mix(cfg.pool, cfg.traces, cfg.per_source, cfg.correct_only, cfg.seed)
+        for source, c in sorted(counts.items()):
+            print(f"{source}: {c['pooled']} pooled, {c['wrong']} dropped as wrong, {c['kept']} kept")
+        if skipped:
+            print(f"{len(skipped)} questions with no trace left, skipped: {[p[:50] for p in skipped[:5]]}")
+        if not rows:
+            raise DataError("no question has a trace left: nothing written")
+        write_jsonl(cfg.out, rows)
+        print(f"wrote {cfg.out}: {len(rows)} questions")
+        return rows
+    parser, given = parse_flags(CheckConfig, __doc__, argv)
+    cfg = CheckConfig(**given)
+    if not cfg.data:
+        parser.error("need --data FILE")
+    tokenizer = None
+    if cfg.model == "toy":
+        import toy
+        tokenizer = toy.make_tokenizer()
+    elif cfg.model:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    print(f"{cfg.data}: " + "\n".join(summary(load_questions(cfg.data), tokenizer)))
+
+
 if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description="Check a data file and print its statistics.")
-    parser.add_argument("--data", required=True)
-    path = parser.parse_args().data
+    import sys
     try:
-        qs = load_questions(path)
+        main(sys.argv[1:])
     except DataError as e:
         raise SystemExit(f"error: {e}")
-    m = [len(q["traces"]) for q in qs]
-    chars = [len(t) for q in qs for t in q["traces"]]
-    print(f"{path}: {len(qs)} questions, traces per question min {min(m)} mean {sum(m) / len(m):.2f} "
-          f"max {max(m)}, {sum(chars) / len(chars):.0f} characters per trace on average")

@@ -50,7 +50,7 @@ from common import (DataError, append_jsonl, changed_settings, close_distributed
 @dataclass
 class Config:
     model: str = "out/ssft/final"  # a final/ directory from train.py, or any Hugging Face causal LM
-    data: str = "../shared/data/math500.jsonl"  # MATH-500/AIME/AMC/GSM8K/GPQA/training JSONL, or toy (held out)
+    data: str = "../shared/data/math500.jsonl"  # MATH-500/AIME/AMC/GSM8K/GPQA/training JSONL or Parquet, or toy
     output: str = ""  # rows JSONL ('' = eval/<data name>.<fork>.jsonl); metrics and config beside it
     fork: str = "all"  # all: every forking token in --tag_order; <thinkK>: all responses use it; none: baseline
     tag_order: str = "cycle"  # cycle: response i gets token i mod N; block: token k the k-th block of samples/N
@@ -149,13 +149,13 @@ def load_problems(path, instruction="auto", limit=0):
     from answer, ground_truth, gt or solution (data.parse_row's order); the id from id, unique_id, idx
     or Record ID, else the row's 0-based position. The prompt is the question in its template."""
     if path == "toy":  # toy.py's held-out questions
-        rows = [(i + 1, {"prompt": q["prompt"], "answer": q["answer"], "id": i})
-                for i, q in enumerate(toy.held_out_questions(100))]
+        rows = [(f"toy:{i + 1}", {"prompt": q["prompt"], "answer": q["answer"], "id": i})
+                for i, q in enumerate(toy.held_out_questions(limit or 100))]
     else:
-        rows = read_jsonl(path)
+        rows = data.read_records(path)
     problems, seen, rng = [], set(), random.Random(CHOICE_SEED)
-    for i, (n, row) in enumerate(rows):
-        row, where = row if isinstance(row, dict) else {}, f"{path}:{n}"
+    for i, (where, row) in enumerate(rows):
+        row = row if isinstance(row, dict) else {}
         pid = row.get("id", row.get("unique_id", row.get("idx", row.get("Record ID", i))))
         if isinstance(pid, bool) or not isinstance(pid, (str, int)):
             raise DataError(f"{where}: an id must be a string or an integer, got {json.dumps(pid)}")

@@ -30,7 +30,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data import IGNORE, collate, make_sequence, micro_batches, num_micro_batches, pad_item
+from data import (IGNORE, collate, collate_branches, make_branches, make_sequence, micro_batches,
+                  num_micro_batches, pad_item, tree_attention)
 
 
 class SequenceNLL(nn.Module):
@@ -46,8 +47,9 @@ class SequenceNLL(nn.Module):
         super().__init__()
         self.lm, self.ce_chunk = lm, ce_chunk
 
-    def forward(self, input_ids, labels, attention_mask=None, position_ids=None):
-        """input_ids, labels: [B, L] -> (nll_sum [B] fp32, num_tokens [B])."""
+    def forward(self, input_ids, labels, attention_mask=None, position_ids=None, groups=None):
+        """input_ids, labels: [B, L] -> (nll_sum [B] fp32, num_tokens [B]). With groups [B, L] (ids
+        0..G-1 per token, e.g. the branches of the concat layout), sums per row and group: [B, G]."""
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids).last_hidden_state  # [B, L, H]
         targets = labels[:, 1:]
@@ -60,6 +62,11 @@ class SequenceNLL(nn.Module):
             token_nll.append(checkpoint(_chunk_nll, *args, use_reentrant=False)
                              if torch.is_grad_enabled() else _chunk_nll(*args))
         token_nll = torch.cat(token_nll) if token_nll else hidden.new_zeros(0, dtype=torch.float32)
+        if groups is not None:  # the sums of each (row, group): index row * G + group
+            size = int(groups.max()) + 1
+            index = rows * size + groups[:, 1:][rows, cols]
+            nll = torch.zeros(len(input_ids) * size, device=hidden.device).index_add(0, index, token_nll)
+            return nll.view(-1, size), torch.bincount(index, minlength=len(input_ids) * size).view(-1, size)
         nll_sum = torch.zeros(len(input_ids), device=hidden.device).index_add(0, rows, token_nll)
         if len(y) == 0:  # an all-PAD micro-batch: still give every parameter a (zero) gradient, so
             nll_sum = nll_sum + 0.0 * (hidden.sum() + weight.sum())  # every rank reduces the same ones
@@ -103,8 +110,39 @@ def cost_matrix(nll_model, prompt_ids, fork_ids, trace_ids, match_tokens, batch_
     return sequence_costs(nll_model, seqs, batch_size, pad_id, device).view(len(fork_ids), len(trace_ids))
 
 
-def num_cost_batches(questions, num_forks, batch_size):
-    """Forwards the matching pass of `questions` needs: its N x M sequences in batches."""
+@torch.no_grad()
+def branch_costs(nll_model, questions, fork_ids, match_tokens, batch_size, pad_id, device, num_batches=None):
+    """Eq. 4 in the concat layout (Appendix A.5's rows, used for the cost matrix): one row per
+    question, its prompt once and then its N x M branches (g_i, first K tokens of y_j) under the tree
+    mask, so that the prompt is computed once instead of N*M times: P + N*M*(1+K) tokens instead of
+    N*M*(P+1+K). A forward holds max(1, batch_size // (N*M)) questions (batch_size counts sequences,
+    as in sequence_costs). Returns every question's N*M costs, fork-major, one after the other: the
+    values sequence_costs gives for the same sequences (a test)."""
+    rows = [make_branches(q["prompt_ids"], [(f, t[:match_tokens]) for f in fork_ids for t in q["trace_ids"]])
+            for q in questions]
+    per_forward = max(1, batch_size // (len(fork_ids) * max([len(q["trace_ids"]) for q in questions] or [1])))
+    num_batches = num_batches or num_micro_batches(len(rows), per_forward)
+    batches, order = micro_batches(rows, per_forward, num_batches, pad_item(pad_id, "concat"))
+    was_training = nll_model.training
+    nll_model.eval()
+    costs = []
+    for batch in batches:
+        input_ids, labels, position_ids, branch_ids = (t.to(device) for t in collate_branches(batch, pad_id))
+        nll, n = nll_model(input_ids, labels, tree_attention(branch_ids), position_ids, groups=branch_ids.clamp(min=0))
+        costs += [(nll[r, 1:] / n[r, 1:].clamp(min=1))[:len(set(b[3]) - {0})].cpu() for r, b in enumerate(batch)]
+    nll_model.train(was_training)
+    by_question = [None] * len(rows)
+    for i, cost in zip(order, costs):  # back from the length-sorted order of micro_batches
+        by_question[i] = cost
+    return torch.cat(by_question) if by_question else torch.zeros(0)
+
+
+def num_cost_batches(questions, num_forks, batch_size, layout="batch"):
+    """Forwards the matching pass of `questions` needs: its N x M sequences in batches (batch
+    layout), or its questions, max(1, batch_size // (N*M)) per forward (concat layout)."""
+    if layout == "concat":
+        per_forward = max(1, batch_size // (num_forks * max([len(q["trace_ids"]) for q in questions] or [1])))
+        return num_micro_batches(len(questions), per_forward)
     return num_micro_batches(num_forks * sum(len(q["trace_ids"]) for q in questions), batch_size)
 
 
@@ -161,15 +199,18 @@ class Matching:
 
 @torch.no_grad()
 def match_questions(nll_model, questions, fork_ids, mode, match_tokens, batch_size, pad_id, device,
-                    rngs, num_batches=None):
+                    rngs, num_batches=None, layout="batch"):
     """Eq. 3-4 for a batch of encoded questions ([{"prompt_ids", "trace_ids"}]): every question's
     N x M cost sequences in one queue of no-grad forwards of `batch_size` sequences, then one
     assignment per question. rngs[k] draws question k's random matching. num_batches: the number
     of forwards to run (>= what is needed; every rank must run the same number under FSDP), PAD
-    batches filling the rest. Returns one Matching per question, in order; raises NonFiniteCost
-    (after all the forwards) if a cost is NaN or inf."""
+    batches filling the rest. layout "concat" computes each prompt once (branch_costs). Returns one
+    Matching per question, in order; raises NonFiniteCost (after all the forwards) if a cost is NaN
+    or inf."""
     costs = None
-    if mode != "sft":  # the SFT baseline needs no cost matrix
+    if mode != "sft" and layout == "concat":
+        costs = branch_costs(nll_model, questions, fork_ids, match_tokens, batch_size, pad_id, device, num_batches)
+    elif mode != "sft":  # the SFT baseline needs no cost matrix
         seqs = [s for q in questions for s in cost_sequences(q["prompt_ids"], fork_ids, q["trace_ids"], match_tokens)]
         costs = sequence_costs(nll_model, seqs, batch_size, pad_id, device, num_batches)
     n, sizes = len(fork_ids), [len(q["trace_ids"]) for q in questions]

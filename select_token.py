@@ -14,8 +14,9 @@ configuration (the set of (fork, trace) edges of one question's optimal matching
      the data has sources, else by trace index; a tie goes to the largest weighted degree
      (Appendix A.2.1), and a tie of both to the lowest token index.
 
-It prints the choice and the table of learned edges, writes <out_dir>/select_token.json, and draws the
-bipartite graph (tokens left, traces or sources right, edge width = weight) when matplotlib is installed.
+It prints the choice and the table of learned edges, writes <out_dir>/select_token.json, and draws
+learned_matchings.png (the bipartite graph: tokens left, traces or sources right, edge width = weight)
+and matching_dynamics.png (Figures 7 and 10: configuration counts per epoch, gap and loss per step).
 
     python select_token.py --out_dir out/ssft                # then: python infer.py --fork "<think3>" ...
     python select_token.py --out_dir out/ssft --min_share 0  # every configuration optimal in the last epoch
@@ -25,7 +26,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
-from common import parse_flags, write_json
+from common import parse_flags, read_json, read_jsonl, write_json
 
 
 @dataclass
@@ -33,7 +34,7 @@ class Config:
     out_dir: str = "out/ssft"  # the training run's directory, holding matching.json
     min_share: float = 0.01  # keep configurations optimal for >= this fraction of the epoch's matchings
     epoch: int = -1  # which logged epoch is "late in training" (-1: the last one)
-    png: str = ""  # the graph's path ('' = <out_dir>/learned_matchings.png; needs matplotlib)
+    png: str = ""  # the graph's path ('' = <out_dir>/learned_matchings.png)
 
 
 def parse_config(argv=None):
@@ -101,11 +102,12 @@ def draw(edges, tokens, chosen, path):
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     keys = sort_keys(k for _, k in edges)
     y_tok = {f: 1 - f / max(len(tokens) - 1, 1) for f in range(len(tokens))}
     y_key = {k: 1 - i / max(len(keys) - 1, 1) for i, k in enumerate(keys)}
     top = max(edges.values(), default=1)
-    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * max(len(tokens), len(keys))))
+    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.45 * max(len(tokens), len(keys))))
     for (f, k), w in edges.items():
         ax.plot([0, 1], [y_tok[f], y_key[k]], color="tab:red" if f == chosen else "tab:blue",
                 linewidth=0.5 + 6 * w / top, alpha=0.7)
@@ -113,10 +115,47 @@ def draw(edges, tokens, chosen, path):
         ax.text(-0.03, y_tok[f], name, ha="right", va="center", fontweight="bold" if f == chosen else None)
     for k in keys:
         ax.text(1.03, y_key[k], str(k), ha="left", va="center")
+    ax.legend(handles=[Line2D([], [], color="tab:blue", linewidth=6.5, label=f"count {top}"),
+                       Line2D([], [], color="tab:blue", linewidth=0.5 + 6 * 0.25, label=f"count {top // 4}"),
+                       Line2D([], [], color="tab:red", linewidth=3, label=f"edges of {tokens[chosen]} (Eq. 6)")],
+              title="edge width = times matched", loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=8)
     ax.set_xlim(-0.4, 1.4)
     ax.axis("off")
     ax.set_title(f"learned matchings (chosen for Pass@1: {tokens[chosen]})")
     fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
+def draw_dynamics(epochs, steps, path):
+    """Figures 7 and 10 of a run: per epoch the counts of the optimal configurations, most frequent
+    first (a few accumulating the mass = learned matchings; a flat spread = none), the number of
+    distinct ones and the top one's share; per step the matching gap and the loss."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for e in epochs:
+        counts = sorted((c["count"] for c in e["configurations"]), reverse=True)
+        axes[0].plot(range(1, len(counts) + 1), counts, marker=".", label=f"epoch {e['epoch']}")
+    axes[0].set(xscale="log", yscale="log", xlabel="configuration, by rank", ylabel="times optimal",
+                title="Figure 7: configuration counts per epoch")
+    axes[0].legend(fontsize=7)
+    x = [e["epoch"] for e in epochs]
+    axes[1].plot(x, [len(e["configurations"]) for e in epochs], marker="o", label="distinct configurations")
+    axes[1].set(xlabel="epoch", ylabel="distinct optimal configurations")
+    share = axes[1].twinx()
+    share.plot(x, [max((c["count"] for c in e["configurations"]), default=0) /
+                   max(sum(c["count"] for c in e["configurations"]), 1) for e in epochs], marker="s", color="tab:orange")
+    share.set(ylim=(0, 1.05))
+    share.set_ylabel("share of the most frequent", color="tab:orange")
+    step = [r["step"] for r in steps]
+    axes[2].plot(step, [r["gap"] if r.get("gap") is not None else float("nan") for r in steps], label="gap")
+    axes[2].set(xlabel="step", ylabel="mean cost of other matchings - optimal", title="Figure 10: matching gap")
+    loss = axes[2].twinx()
+    loss.plot(step, [r["loss"] if r.get("loss") is not None else float("nan") for r in steps], color="tab:green")
+    loss.set_ylabel("loss (Eq. 5)", color="tab:green")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
@@ -142,11 +181,11 @@ def main(cfg):
               "edges": [[f, k, w] for (f, k), w in sorted(edges.items(), key=str)]}
     write_json(os.path.join(cfg.out_dir, "select_token.json"), result)
     png = cfg.png or os.path.join(cfg.out_dir, "learned_matchings.png")
-    try:
-        draw(edges, tokens, chosen, png)
-        print(f"wrote {png}")
-    except ImportError:
-        print("matplotlib is not installed: no graph drawn (pip install matplotlib)")
+    draw(edges, tokens, chosen, png)
+    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
+    steps = [r for _, r in read_jsonl(metrics, drop_truncated_tail=True)] if os.path.exists(metrics) else []
+    draw_dynamics(read_json(path)["epochs"], steps, os.path.join(cfg.out_dir, "matching_dynamics.png"))
+    print(f"wrote {png} and {os.path.join(cfg.out_dir, 'matching_dynamics.png')}")
     return result
 
 

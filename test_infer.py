@@ -397,11 +397,13 @@ def test_select_token_full_tie_goes_to_the_lowest_index_and_trace_indices_count(
                                                        {"fork": 2, "distinct": 1, "weighted": 2}])
 
 
-def test_select_token_draws_the_learned_graph(tmp_path):
-    pytest.importorskip("matplotlib")
-    write_matching(tmp_path / "run", [[([[0, "a"], [1, "b"]], 3)]])
+def test_select_token_draws_the_learned_graph_and_the_matching_dynamics(tmp_path):
+    write_matching(tmp_path / "run", [[([[0, "a"], [1, "b"]], 3), ([[0, "b"], [1, "a"]], 1)], [([[0, "a"], [1, "b"]], 4)]])
+    (tmp_path / "run" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 2.0 / (s + 1), "gap": None if s == 0 else 0.1 * s}) + "\n" for s in range(4)))
     select_token.main(select_token.parse_config(["--out_dir", str(tmp_path / "run")]))
-    assert (tmp_path / "run" / "learned_matchings.png").read_bytes()[:4] == b"\x89PNG"
+    for figure in ("learned_matchings.png", "matching_dynamics.png"):
+        assert (tmp_path / "run" / figure).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_select_token_rejects_a_malformed_log(tmp_path):

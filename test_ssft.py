@@ -143,10 +143,11 @@ def test_cost_matrix_equals_per_pair_forward_loop_for_any_chunking(tiny, style):
     assert ref.std() > 0.01  # rows differ: the test would notice swapped forks
 
 
-@pytest.mark.parametrize("mode", ["hungarian", "random"])
-def test_match_questions_equals_cost_matrix_and_assignment_per_question(tiny, mode):
+@pytest.mark.parametrize("mode, layout", [("hungarian", "batch"), ("random", "batch"), ("hungarian", "concat")])
+def test_match_questions_equals_cost_matrix_and_assignment_per_question(tiny, mode, layout):
     """The batched matching pass (all questions' sequences in one queue, any batch size, PAD
-    forwards beyond what is needed) gives, per question, the reference cost matrix's matching."""
+    forwards beyond what is needed; in the concat layout each prompt once, its N x M branches under
+    the tree mask) gives, per question, the reference cost matrix's matching."""
     tok, model, fork_ids = tiny
     tags, nll = [[i] for i in fork_ids], match.SequenceNLL(model)
     questions = toy.make_questions(5, seed=2)
@@ -155,7 +156,7 @@ def test_match_questions_equals_cost_matrix_and_assignment_per_question(tiny, mo
     encoded = [data.encode_question(tok, q, 256) for q in questions]
     for batch, k, forwards in [(7, 1000, None), (64, 6, 9)]:
         got = match.match_questions(nll, encoded, tags, mode, k, batch, tok.pad_token_id, "cpu",
-                                    [np.random.default_rng(q) for q in range(5)], forwards)
+                                    [np.random.default_rng(q) for q in range(5)], forwards, layout)
         for q, (enc, m) in enumerate(zip(encoded, got)):
             cost = match.cost_matrix(nll, enc["prompt_ids"], tags, enc["trace_ids"], k, 3, tok.pad_token_id).numpy()
             optimal = match.hungarian(cost)
@@ -292,6 +293,92 @@ def test_shared_sampled_file_keeps_only_correct_traces():
     qs = data.load_questions(path)
     assert [len(q["traces"]) for q in qs] == [sum(r["score"]) for r in usable]
     assert qs[0]["traces"] == [t for t, ok in zip(usable[0]["response"], usable[0]["score"]) if ok]
+
+
+S1K_COLUMNS = ["question", "solution", "gemini_thinking_trajectory", "gemini_attempt", "deepseek_thinking_trajectory",
+               "deepseek_attempt"]
+
+
+def write_parquet(path, rows):
+    import pyarrow
+    import pyarrow.parquet
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path)
+    return str(path)
+
+
+def s1k_rows(n):
+    """Rows of the s1K-1.1 columns: toy questions, the gemini and deepseek 'teachers' in two styles."""
+    return [{"question": q["prompt"], "solution": f"so \\boxed{{{q['answer']}}}",
+             "gemini_thinking_trajectory": toy.solve(nums, "left"), "gemini_attempt": f"\\boxed{{{q['answer']}}}",
+             "deepseek_thinking_trajectory": toy.solve(nums, "place"), "deepseek_attempt": f"\\boxed{{{q['answer']}}}"}
+            for q, nums in ((q, [int(x) for x in q["prompt"][4:-1].split("+")]) for q in toy.make_questions(n, seed=5))]
+
+
+def test_parquet_and_jsonl_give_the_same_questions_and_errors_name_the_row(tmp_path):
+    rows = s1k_rows(3)
+    parquet = write_parquet(tmp_path / "s1k.parquet", rows)
+    jsonl = tmp_path / "s1k.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from_parquet, from_jsonl = data.load_questions(parquet), data.load_questions(str(jsonl))
+    assert [{k: v for k, v in q.items() if k != "where"} for q in from_parquet] == \
+        [{k: v for k, v in q.items() if k != "where"} for q in from_jsonl]
+    assert from_parquet[0]["sources"] == ["deepseek", "gemini"] and from_parquet[2]["where"] == f"{parquet}:row 3"
+    bad = write_parquet(tmp_path / "bad.parquet", rows[:1] + [{**rows[1], "question": ""}])
+    with pytest.raises(data.DataError, match="bad.parquet:row 2: no prompt"):
+        data.load_questions(bad)
+    (tmp_path / "junk.parquet").write_text("not parquet")
+    with pytest.raises(data.DataError, match="junk.parquet: cannot read as Parquet"):
+        data.load_questions(str(tmp_path / "junk.parquet"))
+
+
+def test_an_s1k_parquet_file_trains_with_its_teachers_as_sources(tmp_path, run):
+    parquet = write_parquet(tmp_path / "s1k.parquet", s1k_rows(8))
+    done = run([sys.executable, "train.py", "--data", parquet, "--batch_size", "8", "--epochs", "1",
+                "--out_dir", str(tmp_path / "run")])
+    assert done.returncode == 0, done.stderr
+    matching = json.load(open(tmp_path / "run" / "matching.json"))
+    assert {e["source"] for e in matching["epochs"][0]["edges"]} == {"deepseek", "gemini"}
+
+
+def test_mix_pools_sources_keeps_correct_traces_and_is_a_function_of_the_seed(tmp_path, capsys):
+    questions = toy.make_questions(6, seed=8)
+    pools = []
+    for name, styles, wrong in (("alpha", ["left", "right"], False), ("beta", ["place"], True), ("gamma", ["direct"], False)):
+        rows = []
+        for q in questions:
+            nums = [int(x) for x in q["prompt"][4:-1].split("+")]
+            traces = [toy.solve(nums, s) for s in styles]
+            if wrong:  # beta answers one more than the sum: dropped by --correct_only
+                traces = [t.replace(f"{{{q['answer']}}}", f"{{{int(q['answer']) + 1}}}") for t in traces]
+            rows.append({"prompt": q["prompt"], "traces": traces, "answer": q["answer"]})
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        pools.append(str(path))
+    flags = ["mix", "--pool", *pools, "--traces", "2", "--per_source", "1", "--correct_only", "--seed", "3"]
+    first = data.main([*flags, "--out", str(tmp_path / "a.jsonl")])
+    said = capsys.readouterr().out
+    assert "alpha: 12 pooled, 0 dropped as wrong, " in said and "beta: 6 pooled, 6 dropped as wrong, 0 kept" in said
+    assert (tmp_path / "a.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in first)
+    data.main([*flags, "--out", str(tmp_path / "b.jsonl")])
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()  # same seed, same file
+    for q in data.load_questions(str(tmp_path / "a.jsonl")):
+        assert len(q["traces"]) == 2 and sorted(q["sources"]) == ["alpha", "gamma"]  # one per source at most
+        assert all(score.grade(t, q["answer"])[1] for t in q["traces"])
+    other = data.main([*flags[:-1], "4", "--out", str(tmp_path / "c.jsonl")])
+    assert [r["traces"] for r in other] != [r["traces"] for r in first]  # another seed, another sample
+
+
+def test_data_check_prints_sources_and_token_lengths(tmp_path, capsys):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(q) + "\n" for q in toy.make_questions(5, seed=1)))
+    data.main(["--data", str(path), "--model", "toy"])
+    said = capsys.readouterr().out
+    assert "5 questions, 20 traces" in said and "traces per source: " in said
+    tok, qs = toy.make_tokenizer(), toy.make_questions(5, seed=1)
+    prompts = sorted(len(tok.encode(data.prompt_text(tok, q["prompt"]), add_special_tokens=False)) for q in qs)
+    traces = sorted(len(tok.encode(t, add_special_tokens=False)) for q in qs for t in q["traces"])
+    assert f"prompt tokens: min {prompts[0]}, median {prompts[2]}, max {prompts[-1]}" in said
+    assert f"trace tokens: min {traces[0]}, median {traces[10]}, max {traces[-1]}" in said
 
 
 @pytest.mark.parametrize("content, message", [
@@ -511,7 +598,7 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path, run):
     and a micro-batch of PAD sequences occurs (a hang fails the test through its timeout)."""
     path = tmp_path / "varied.jsonl"
     write_varied_data(path)
-    flags = ["--data", str(path), "--batch_size", "10", "--micro_batch", "3", "--match_batch", "7",
+    flags = ["--data", str(path), "--layout", "batch", "--batch_size", "10", "--micro_batch", "3", "--match_batch", "7",
              "--epochs", "2", "--max_len", "60"]
     one = run([sys.executable, "train.py", "--out_dir", str(tmp_path / "one"), *flags])
     assert one.returncode == 0, one.stderr

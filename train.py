@@ -70,7 +70,7 @@ class Config:
     activation_checkpointing: bool = True  # recompute decoder layers in backward (toy: off)
     cpu_offload: bool = False  # keep sharded params, grads and AdamW states in CPU memory (FSDP2)
     skip_nonfinite: bool = False  # skip a batch whose loss is not finite instead of stopping
-    toy_questions: int = 256  # number of questions of the toy task
+    toy_questions: int = 2000  # number of training questions of the toy task
     trust_remote_code: bool = False  # let transformers run code shipped with the model
 
 
@@ -80,7 +80,7 @@ MAX_FORKS = 1024  # bound on --num_forks: each is a vocabulary entry and N forwa
 
 def parse_config(argv=None):
     parser, given = parse_flags(Config, __doc__, argv)
-    toy_defaults = toy.train_defaults(given.get("layout", Config.layout)) if given.get("model", Config.model) == "toy" else {}
+    toy_defaults = toy.train_defaults(given.get("layout")) if given.get("model", Config.model) == "toy" else {}
     cfg = Config(**{**toy_defaults, **given})
     problems = [f"--num_forks must be from 1 to {MAX_FORKS} (got {cfg.num_forks})"
                 if not 1 <= cfg.num_forks <= MAX_FORKS else None,
@@ -346,8 +346,8 @@ def model_inputs(rows, layout, pad_id, device):
         input_ids, labels, attention_mask = (t.to(device) for t in data.collate(rows, pad_id))
         return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
     input_ids, labels, position_ids, branch_ids = (t.to(device) for t in data.collate_branches(rows, pad_id))
-    mask = data.tree_block_mask(branch_ids) if device.type == "cuda" else data.tree_mask(branch_ids)
-    return dict(input_ids=input_ids, labels=labels, attention_mask=mask, position_ids=position_ids)
+    return dict(input_ids=input_ids, labels=labels, attention_mask=data.tree_attention(branch_ids),
+                position_ids=position_ids)
 
 
 def training_pass(model, rows, micro_batch, layout, pad_id, device):
@@ -496,12 +496,12 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
 
         # Eq. 3-4: the matching pass, the same number of no-grad forwards on every rank
         n_forwards = None if cfg.matching == "sft" else \
-            all_max(match.num_cost_batches(mine_encoded, cfg.num_forks, cfg.match_batch), device)
+            all_max(match.num_cost_batches(mine_encoded, cfg.num_forks, cfg.match_batch, cfg.layout), device)
         try:
             matched, bad = match.match_questions(model, mine_encoded, fork_ids, cfg.matching, cfg.match_tokens,
                                                  cfg.match_batch, pad_id, device,
                                                  [np.random.default_rng([cfg.seed, step, q]) for q in mine],
-                                                 n_forwards), []
+                                                 n_forwards, cfg.layout), []
         except match.NonFiniteCost as e:  # diverged weights: every rank learns of it below
             matched, bad = [None] * len(mine), [mine[k] for k in e.questions]
         gathered = [None] * world  # every rank sees every question's matching

@@ -1,0 +1,103 @@
+"""The CUDA code paths, each once: FlexAttention's tree mask (--layout concat), the bf16 FSDP2 step
+against fp32, NCCL, --cpu_offload, and infer.py's decoding on the GPU against the CPU. Skipped on a
+machine without CUDA; gpu_check.sh runs them on one GPU before bench.py.
+
+    python -m pytest -q -rs test_gpu.py
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import infer
+import match
+import toy
+import train
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def sdpa_and_flex_models(hidden, device):
+    """Two tiny Qwen2 models with the same weights: SDPA attention and FlexAttention."""
+    torch.manual_seed(0)
+    sdpa = toy.make_model(toy.make_tokenizer(), hidden=hidden).to(device)
+    flex_cfg = sdpa.config.__class__(**sdpa.config.to_dict())
+    flex_cfg._attn_implementation = "flex_attention"
+    flex = type(sdpa)(flex_cfg).to(device)
+    flex.load_state_dict(sdpa.state_dict())
+    return sdpa, flex
+
+
+def test_flex_attention_block_mask_equals_the_dense_mask_forward_and_backward():
+    sdpa, flex = sdpa_and_flex_models(64, "cuda")
+    rows = [data.make_branches(list(range(1, 40)), [([7], list(range(20, 200))), ([8], list(range(50, 130)))])]
+    input_ids, labels, position_ids, branch_ids = (t.cuda() for t in data.collate_branches(rows, pad_id=0))
+    out = []
+    for model, mask in ((sdpa, data.tree_mask(branch_ids)), (flex, data.tree_block_mask(branch_ids))):
+        total, _ = match.SequenceNLL(model)(input_ids, labels, mask, position_ids)
+        total.sum().backward()
+        out.append((total, {n: p.grad for n, p in model.named_parameters()}))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-4, atol=1e-4)
+    for name, grad in out[0][1].items():
+        torch.testing.assert_close(out[1][1][name], grad, rtol=1e-3, atol=1e-4)
+
+
+def one_step(device):
+    """Cost matrix, loss and gradients of a train.py step of the toy on a device: bf16 compute with
+    fp32 reduction on CUDA (train.shard), fp32 on the CPU. The pairs are fixed (sft), so that both
+    devices train the same sequences whatever ties bf16 breaks in the matching."""
+    cfg = train.parse_config(["--toy_questions", "8", "--micro_batch", "8"])
+    tok, fork_ids, num_trained = train.load_tokenizer(cfg)
+    model, _ = train.load_model(cfg, tok, fork_ids, num_trained, 0, device)
+    encoded = [data.encode_question(tok, q, cfg.max_len) for q in toy.make_questions(8, seed=0)]
+    cost = match.cost_matrix(model, encoded[0]["prompt_ids"], fork_ids, encoded[0]["trace_ids"], cfg.match_tokens,
+                             16, tok.pad_token_id, device)
+    matched = match.match_questions(model, encoded, fork_ids, "sft", cfg.match_tokens, cfg.match_batch,
+                                    tok.pad_token_id, device, [None] * 8)
+    rows = train.training_rows(encoded, matched, fork_ids, "batch")
+    loss, *_ = train.training_pass(model, rows, cfg.micro_batch, "batch", tok.pad_token_id, device)
+    grads = torch.cat([p.grad.full_tensor().float().flatten().cpu() for p in model.parameters()])
+    return cost, loss, grads
+
+
+def test_bf16_step_on_cuda_matches_the_fp32_step_on_the_cpu(world_of_one):
+    """Tolerance: costs and loss within 2% and 1% relative, the gradient's direction within cosine 0.99."""
+    cost_gpu, loss_gpu, grads_gpu = one_step(torch.device("cuda"))
+    cost_cpu, loss_cpu, grads_cpu = one_step(torch.device("cpu"))
+    torch.testing.assert_close(cost_gpu, cost_cpu, rtol=2e-2, atol=2e-2)
+    assert math.isclose(loss_gpu, loss_cpu, rel_tol=1e-2), (loss_gpu, loss_cpu)
+    assert torch.nn.functional.cosine_similarity(grads_gpu, grads_cpu, dim=0) > 0.99
+
+
+def test_decoding_on_cuda_equals_the_cpu_under_greedy(tiny):
+    tokenizer, model, fork_ids = tiny
+    prefix = data.encode_prompt(tokenizer, "Add 12+23+14.")
+    starts = [[f] for f in fork_ids]
+    cpu = infer.generate(model, prefix, starts, 8, 0.0, 1.0, set(), torch.Generator())
+    gpu_model = model.to("cuda")
+    gpu = infer.generate(gpu_model, prefix, starts, 8, 0.0, 1.0, set(), torch.Generator("cuda"))
+    model.to("cpu")
+    assert gpu == cpu
+
+
+@pytest.mark.parametrize("flags", [[], ["--layout", "concat"], ["--cpu_offload", "true"]],
+                         ids=["batch", "concat-flex", "cpu-offload"])
+def test_train_py_runs_on_one_gpu_with_nccl(tmp_path, flags):
+    """torchrun: the NCCL process group, FSDP2 in bf16, final/ written; then infer.py decodes it in bf16."""
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                           "train.py", "--toy_questions", "64", "--max_steps", "3", "--out_dir", str(out), *flags],
+                          cwd=HERE, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on cuda" in done.stdout and all(math.isfinite(json.loads(line)["loss"])
+                                            for line in open(out / "metrics.jsonl"))
+    metrics = infer.main(infer.parse_config(["--model", str(out / "final"), "--data", "toy", "--limit", "2",
+                                             "--samples", "4", "--max_new_tokens", "16",
+                                             "--output", str(tmp_path / "rows.jsonl")]))
+    assert metrics["responses"] == 8
