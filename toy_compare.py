@@ -184,17 +184,17 @@ def plot(summary, path):
         ax.set_xticks(np.arange(len(ticks)) + 0.4 - width / 2, ticks)
         ax.set(ylabel=label, title=f"Figure 5: {label} per forking token")
     colours = dict(zip(toy.STYLES + ["other"], ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:gray"]))
-    ax, x, ticks = axes[1][0], 0, []
+    ax, x, ticks = axes[1][0], 0, {}
     for v, s in variants.items():  # the styles each token starts, seed 0
         for t, p in s["runs"][0]["per_token"].items():
             bottom = 0
             for style, colour in colours.items():
                 ax.bar(x, p["styles"][style], bottom=bottom, color=colour, label=style if x == 0 else None)
                 bottom += p["styles"][style]
-            ticks.append(f"{v[:4]}\n{t[1:-1]}")
+            ticks[x] = f"{v[:4]}\n{t[1:-1]}"
             x += 1
-        x += 0.5
-    ax.set_xticks([i for i in np.arange(x) if i % 1 == 0][:len(ticks)], ticks, fontsize=6)
+        x += 0.5  # a gap between variants
+    ax.set_xticks(list(ticks), list(ticks.values()), fontsize=6)
     ax.set(ylabel="share of the token's responses (seed 0)", title="styles each token starts")
     ax.legend(fontsize=7)
     for v, s in variants.items():

@@ -8,7 +8,7 @@ of 32 sequences, Appendix A.3.2), shares them over the ranks (Algorithm 2) and r
      micro-batches of `micro_batch` sequences with gradient accumulation, normalised by the number
      of trace tokens over all ranks and micro-batches.
 
-    python train.py                                     # toy task, tiny model, CPU, ~1 minute
+    python train.py                                     # toy task, tiny model, CPU, ~1.5 minutes
     python train.py --matching random                   # the random-matching ablation
     torchrun --standalone --nproc_per_node 8 train.py --model Qwen/Qwen2.5-32B-Instruct \\
         --data s1k_4mixed.jsonl --out_dir out/ssft-32b   # Appendix A.3.2 defaults
@@ -48,20 +48,20 @@ from common import (DataError, append_jsonl, changed_settings, close_distributed
 @dataclass
 class Config:
     model: str = "toy"  # Hugging Face id or path, or "toy" (a tiny Qwen2 built in-process)
-    data: str = "toy"  # JSONL file (see data.py for the layouts), or "toy" (toy.py's task)
+    data: str = "toy"  # JSONL or Parquet file (see data.py for the layouts), or "toy" (toy.py's task)
     out_dir: str = "out/ssft"  # config.json, metrics.jsonl, matching.json, checkpoints/, final/
     num_forks: int = 6  # N, the number of global forking tokens <think1>..<thinkN> (toy: 4)
     fork_style: str = "special"  # special: reserved tokens <thinkI>; text: "<|im_start|><thinkI>\n" as text (data.py)
-    match_tokens: int = 1000  # K: the matching cost uses the first K tokens of each trace (Eq. 4) (toy: 16)
+    match_tokens: int = 1000  # K: the matching cost uses the first K tokens of each trace (Eq. 4) (toy: 4)
     matching: str = "hungarian"  # hungarian (SSFT) | random (ablation) | sft (one token, SFT-mixed)
-    layout: str = "batch"  # batch: one row per (token, trace); concat: one row per question (A.5)
-    epochs: int = 6  # passes over the questions (toy: 6)
+    layout: str = "batch"  # batch: one row per (token, trace); concat: one row per question (A.5) (toy: concat)
+    epochs: int = 6  # passes over the questions (toy: 4)
     max_steps: int = 0  # stop after this many optimiser steps in all (0: run all epochs)
     lr: float = 1e-5  # peak learning rate, 5% linear warm-up then cosine to 0 (toy: 3e-3)
     batch_size: int = 32  # sequences (traces) per optimiser step over all ranks; whole questions (toy: 64)
-    micro_batch: int = 1  # rows per forward/backward in the training pass (toy: 64)
+    micro_batch: int = 1  # rows per forward/backward in the training pass: sequences, or questions for concat (toy: 8)
     match_batch: int = 8  # sequences per no-grad forward in the matching pass (toy: 256)
-    max_len: int = 32768  # tokens of prompt + forking token + trace; longer traces are cut (toy: 256)
+    max_len: int = 32768  # tokens of prompt + forking tag + trace; longer traces are cut (toy: 128)
     seed: int = 0  # data order, random matchings and new embedding rows all derive from it
     save_every: int = 50  # a resumable checkpoint every this many steps (0: only at the end)
     warmup: float = 0.05  # fraction of the steps spent in linear warm-up
