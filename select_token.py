@@ -26,6 +26,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass
 
+import data
 from common import parse_flags, read_json, read_jsonl, write_json
 
 
@@ -175,7 +176,9 @@ def main(cfg):
         listed = ", ".join(f"{k}: {mine[k]}" for k in sort_keys(mine))
         mark = "*" if r["fork"] == chosen else " "
         print(f"{mark}{tokens[r['fork']]:>9} {r['distinct']:>6} {r['weighted']:>8}  {listed}")
-    print(f"Pass@1 token (Eq. 6): {tokens[chosen]}")
+    style = read_json(path).get("fork_style", "special")  # as trained; final/ssft.json tells infer.py the same
+    print(f"Pass@1 token (Eq. 6): {tokens[chosen]} (tag {data.fork_tag(tokens[chosen], style)!r}); then:\n"
+          f"    python infer.py --model {os.path.join(cfg.out_dir, 'final')} --fork \"{tokens[chosen]}\" ...")
     result = {"token": tokens[chosen], "fork": chosen, "epoch": record.get("epoch"), "min_share": cfg.min_share,
               "forks": [{**r, "token": tokens[r["fork"]]} for r in rows],
               "edges": [[f, k, w] for (f, k), w in sorted(edges.items(), key=str)]}

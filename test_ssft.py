@@ -1002,9 +1002,10 @@ def test_run_metrics_on_a_hand_made_run(tmp_path):
             {"id": 1, "gold": "33", "completions": [{"fork": f, "text": t, "tokens": 5}
                                                     for f, t in zip(forks, [wrong, wrong, direct, "garbage"])]}]
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (tmp_path / "select_token.json").write_text(json.dumps({"token": "<think2>"}))
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 1.0, "gap": 0.5}) + "\n")
-    (tmp_path / "matching.json").write_text(json.dumps({"epochs": [{"configurations": [{}, {}]}]}))
+    configurations = [{"edges": [[1, "left"], [0, "place"]], "count": 3}, {"edges": [[1, "place"]], "count": 2}]
+    (tmp_path / "matching.json").write_text(json.dumps({"fork_tokens": forks[:2], "epochs": [
+        {"epoch": 0, "configurations": configurations}]}))  # Eq. 6: <think2> reaches 2 sources, <think1> 1
     m = toy_compare.run_metrics("hungarian", str(tmp_path), max_k=4)
     # <think1>: left, left, direct, direct -> majority left (2 of 4); <think2>: place, direct, direct, other
     assert m["per_token"]["<think1>"]["majority"] == "left" and m["per_token"]["<think1>"]["purity"] == 0.5
@@ -1012,7 +1013,7 @@ def test_run_metrics_on_a_hand_made_run(tmp_path):
     assert m["distinct_styles"] == 2 and m["purity"] == 0.5
     assert m["pass@1"] == 4 / 8 and m["pass@1_selected"] == 1 / 4  # <think2> is right once: place
     assert m["cons@1"] == 0.5 and m["cons@4"] == 0.5  # problem 0: 33 wins; problem 1: 34 (two) beats 33
-    assert m["configurations"] == [2] and m["gap"] == [0.5]
+    assert m["selected"] == "<think2>" and m["configurations"] == [2] and m["gap"] == [0.5]
     half = toy_compare.over_seeds([0.2, 0.4, 0.6])
     assert half["mean"] == pytest.approx(0.4) and half["ci95"] == pytest.approx(4.303 * 0.2 / 3 ** 0.5, rel=1e-3)
 

@@ -1,20 +1,23 @@
 """Table 1 and Figures 4-7 in miniature: SSFT against random matching and SFT-mixed on the toy task.
 
 Each variant is trained by train.py on the same data, seeds and step budget (--matching hungarian,
-random, sft), then evaluated by the project's own inference and scoring: select_token.py picks the
-Eq. 6 token from the run's matching.json, infer.py samples 16 responses per held-out question at the
-paper's T = 0.7, top_p 0.95 (SSFT and random matching: 4 per forking token, in turn; SFT: all from
-its one trained token, <think1>, the paper's protocol for single-token baselines) and score.py grades
-them. Every run is a real command, two at a time on a core each (--jobs). Per variant,
+random, sft), then evaluated by the project's own inference and scoring: infer.py samples 16
+responses per held-out question at the paper's T = 0.7, top_p 0.95 (SSFT and random matching: 4 per
+forking token, in turn; SFT: all from its one trained token, <think1>, the paper's protocol for
+single-token baselines), score.py grades them, and select_token.py's Eq. 6 rule picks the Pass@1
+token from the run's matching.json. Every run is a real command, two at a time on a core each
+(--jobs). Per variant,
 summary.json holds, as {"mean", "ci95", "per_seed"} over seeds (ci95: the half-width of Student's t
 interval):
     purity, distinct_styles   does each token start its own style (toy.recognise; Figures 5-6)
     pass@1                    mean accuracy over the tokens (SFT: <think1>)
-    pass@1_selected           accuracy of the Eq. 6 token (SFT: <think1>)
+    pass@1_selected           accuracy of the Eq. 6 token's responses (SFT: <think1>)
     native_cons@N             majority vote of N responses, one per token (SFT: N from <think1>)
     cons@k, pass@k            k = 1..16 (Figure 4)
     per_token                 accuracy and mean length of each token (Figure 5)
-and toy_compare.png draws them with the configuration counts (Figure 7) and the matching gap (Figure 10).
+and, per metric, the difference to SFT and (for SSFT) to random matching, paired by seed (same data
+and initialisation), as {"mean", "ci95", "per_seed"}. toy_compare.png draws them with the
+configuration counts (Figure 7) and the matching gap (Figure 10).
 
     python toy_compare.py                    # 3 variants x 3 seeds (timings in the README)
     python toy_compare.py --seeds 5          # tighter intervals
@@ -34,6 +37,7 @@ import numpy as np
 from scipy import stats
 
 import score
+import select_token
 import toy
 from common import parse_flags, read_json, read_jsonl, write_json
 
@@ -54,16 +58,14 @@ class Config:
 
 
 def run_variant(variant, seed, cfg):
-    """Trains one variant with train.py, picks its Eq. 6 token, samples and scores the held-out
-    questions with infer.py. Returns the run's directory; its commands' output is in run.log."""
+    """Trains one variant with train.py, then samples and scores the held-out questions with
+    infer.py. Returns the run's directory; its commands' output is in run.log."""
     run_dir = os.path.join(cfg.out_dir, "runs", f"{variant}_seed{seed}")
     shutil.rmtree(run_dir, ignore_errors=True)  # always a fresh run, never a resumed one
     os.makedirs(run_dir)
     fork = "<think1>" if variant == "sft" else "all"
     commands = [["train.py", "--matching", variant, "--seed", str(seed), "--out_dir", run_dir,
                  "--toy_questions", str(cfg.toy_questions), "--epochs", str(cfg.epochs)]]
-    if variant != "sft":  # sft trains one token: nothing to select
-        commands.append(["select_token.py", "--out_dir", run_dir])
     commands.append(["infer.py", "--model", os.path.join(run_dir, "final"), "--data", "toy", "--fork", fork,
                      "--samples", str(cfg.samples), "--limit", str(cfg.eval_questions), "--temperature", "0.7",
                      "--top_p", "0.95", "--max_new_tokens", str(cfg.max_new_tokens), "--set_size", "4",
@@ -78,6 +80,13 @@ def run_variant(variant, seed, cfg):
             if done.returncode:
                 raise RuntimeError(f"{' '.join(command)} failed: see {log.name}")
     return run_dir
+
+
+def eq6_token(run_dir):
+    """The Pass@1 token of a run by select_token.py's rule (Eq. 6, its default --min_share)."""
+    tokens, last_epoch = select_token.load_epoch(os.path.join(run_dir, "matching.json"), -1)
+    kept = select_token.learned_configurations(last_epoch["configurations"], select_token.Config.min_share)
+    return tokens[select_token.choose_token(select_token.learned_edges(kept), len(tokens))[0]]
 
 
 def run_metrics(variant, run_dir, max_k):
@@ -95,7 +104,7 @@ def run_metrics(variant, run_dir, max_k):
                         "mean_tokens": float(np.mean([c["tokens"] for c in mine])),
                         "styles": {s: styles[s] / len(mine) for s in toy.STYLES + ["other"]},
                         "majority": top if styles[top] else None, "purity": styles[top] / len(mine)}
-    selected = read_json(os.path.join(run_dir, "select_token.json"))["token"] if variant != "sft" else "<think1>"
+    selected = eq6_token(run_dir) if variant != "sft" else "<think1>"  # sft trains one token
     metrics = score.aggregate(rows, set_size=4)
     native = next(v for k, v in metrics.items() if k.startswith("native_cons@"))
     out = {"purity": float(np.mean([p["purity"] for p in per_token.values()])),
@@ -141,6 +150,10 @@ def compare(cfg):
             "per_token": {t: {m: over_seeds([r["per_token"][t][m] for r in rs]) for m in ("accuracy", "mean_tokens")}
                           for t in tokens},
             "runs": rs}
+    pairs = [(v, "sft") for v in variants if v != "sft" and "sft" in variants]
+    pairs += [("hungarian", "random")] if {"hungarian", "random"} <= set(variants) else []
+    summary["differences"] = {f"{a} - {b}": {k: over_seeds([x[k] - y[k] for x, y in zip(results[a], results[b])])
+                                             for k in keys[2:5] + [f"cons@{cfg.samples}"]} for a, b in pairs}
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     print_table(summary)
     print(f"{cfg.seeds} seed(s), {summary['time_s']:.0f} s, {os.cpu_count()} CPUs, load average before "
@@ -151,10 +164,13 @@ def compare(cfg):
 
 def print_table(summary):
     n = summary["config"]["samples"]
-    shown = ["pass@1", "pass@1_selected", "native_cons@N", f"cons@{n}", f"pass@{n}", "purity", "distinct_styles"]
+    shown = ["pass@1", "pass@1_selected", "native_cons@N", f"cons@{n}", "pass@4", "purity", "distinct_styles"]
     print("\n| variant | " + " | ".join(shown) + " |\n|---|" + "---:|" * len(shown))
     for v, s in summary["variants"].items():
         print(f"| {v} | " + " | ".join(f"{s[k]['mean']:.3f} ± {s[k]['ci95']:.3f}" for k in shown) + " |")
+    for pair, d in summary["differences"].items():  # paired by seed
+        print(f"| {pair} | " + " | ".join(f"{d[k]['mean']:+.3f} ± {d[k]['ci95']:.3f}" if k in d else ""
+                                         for k in shown) + " |")
 
 
 def plot(summary, path):
