@@ -146,8 +146,8 @@ def load_questions(path):
 def fork_ids(tokenizer, num_forks, style="special"):
     """The token ids of each forking tag, [[ids of g_1], ..., [ids of g_N]]: one reserved special
     token each (added to the tokenizer by add_fork_tokens), or for style "text" the ordinary tokens
-    of "<|im_start|><think{i}>\\n" (nothing added; 5 tokens each for Qwen2.5: <|im_start|>, <th, ink,
-    i, >\\n). DataError when the tokenizer cannot express the style."""
+    of "<|im_start|><think{i}>\\n" (nothing added; for Qwen2.5 and i < 10 the 5 tokens <|im_start|>,
+    <th, ink, i, >\\n). DataError when the tokenizer cannot express the style."""
     if style == "special":
         return [[i] for i in add_fork_tokens(tokenizer, num_forks)]
     if style != "text":

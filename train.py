@@ -196,6 +196,8 @@ def save_final(model, tokenizer, config, path, rank, forks):
     and ssft.json says how the model was prompted ({"fork_style", "num_forks"}: infer.py reads it).
     Written to a temporary name and renamed, so a half-written final/ never exists."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+    logging.disable_progress_bar()  # a bar for one shard says nothing
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         with torch.device("meta"):
