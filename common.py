@@ -40,10 +40,11 @@ def init_distributed():
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"  # NCCL for GPU tensors, gloo for CPU ones
         if "RANK" in os.environ:
-            dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+            dist.init_process_group(backend, device_id=device if cuda else None)
         else:
-            dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
         _OWN_GROUP = True
     return dist.get_rank(), dist.get_world_size(), device
 

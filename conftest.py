@@ -34,8 +34,9 @@ def tiny():
 @pytest.fixture(scope="session")
 def world_of_one():
     """A world of one process, so that train.py's passes (which all-reduce) run in-process."""
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not dist.is_initialized():  # as common.init_distributed makes it, but owned by the tests
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     yield
 
 
@@ -47,3 +48,18 @@ def run():
     return run
 
 
+
+
+@pytest.fixture(scope="session")
+def sdpa_and_flex_models():
+    """build(hidden, device) -> two tiny Qwen2 models with the same weights: SDPA attention and
+    FlexAttention (the concat layout's attention on CUDA)."""
+    def build(hidden, device):
+        torch.manual_seed(0)
+        sdpa = toy.make_model(toy.make_tokenizer(), hidden=hidden).to(device)
+        flex_cfg = sdpa.config.__class__(**sdpa.config.to_dict())
+        flex_cfg._attn_implementation = "flex_attention"
+        flex = type(sdpa)(flex_cfg).to(device)
+        flex.load_state_dict(sdpa.state_dict())
+        return sdpa, flex
+    return build

@@ -23,18 +23,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def sdpa_and_flex_models(hidden, device):
-    """Two tiny Qwen2 models with the same weights: SDPA attention and FlexAttention."""
-    torch.manual_seed(0)
-    sdpa = toy.make_model(toy.make_tokenizer(), hidden=hidden).to(device)
-    flex_cfg = sdpa.config.__class__(**sdpa.config.to_dict())
-    flex_cfg._attn_implementation = "flex_attention"
-    flex = type(sdpa)(flex_cfg).to(device)
-    flex.load_state_dict(sdpa.state_dict())
-    return sdpa, flex
-
-
-def test_flex_attention_block_mask_equals_the_dense_mask_forward_and_backward():
+def test_flex_attention_block_mask_equals_the_dense_mask_forward_and_backward(sdpa_and_flex_models):
     sdpa, flex = sdpa_and_flex_models(64, "cuda")
     rows = [data.make_branches(list(range(1, 40)), [([7], list(range(20, 200))), ([8], list(range(50, 130)))])]
     input_ids, labels, position_ids, branch_ids = (t.cuda() for t in data.collate_branches(rows, pad_id=0))

@@ -884,19 +884,9 @@ def test_concat_branches_are_isolated(tiny):
         torch.testing.assert_close(model(alone).logits[0, 4:], logits[0][branch_ids[0] >= 0][-3:], rtol=1e-5, atol=1e-5)
 
 
-def sdpa_and_flex_models(hidden, device):
-    """Two tiny Qwen2 models with the same weights: SDPA attention and FlexAttention."""
-    torch.manual_seed(0)
-    sdpa = toy.make_model(toy.make_tokenizer(), hidden=hidden).to(device)
-    flex_cfg = sdpa.config.__class__(**sdpa.config.to_dict())
-    flex_cfg._attn_implementation = "flex_attention"
-    flex = type(sdpa)(flex_cfg).to(device)
-    flex.load_state_dict(sdpa.state_dict())
-    return sdpa, flex
-
-
-def test_flex_attention_block_mask_equals_dense_mask_forward():
-    """FlexAttention (the CUDA path) against SDPA with the dense mask, forward on the CPU."""
+def test_flex_attention_block_mask_equals_dense_mask_forward(sdpa_and_flex_models):
+    """FlexAttention (the CUDA path) against SDPA with the dense mask, forward on the CPU (the
+    backward on CUDA is in test_gpu.py)."""
     sdpa, flex = sdpa_and_flex_models(32, "cpu")
     rows = [data.make_branches([1, 2, 3], [([7], list(range(20, 40))), ([8, 9], list(range(50, 61)))]),
             data.make_branches([1, 2], [([9], [4, 5, 6])])]
@@ -907,21 +897,6 @@ def test_flex_attention_block_mask_equals_dense_mask_forward():
                      position_ids=position_ids).logits
     real = branch_ids >= 0
     torch.testing.assert_close(block[real], dense[real], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_flex_attention_equals_sdpa_forward_and_backward_on_cuda():
-    sdpa, flex = sdpa_and_flex_models(64, "cuda")
-    rows = [data.make_branches(list(range(1, 40)), [([7], list(range(20, 200))), ([8], list(range(50, 130)))])]
-    input_ids, labels, position_ids, branch_ids = (t.cuda() for t in data.collate_branches(rows, pad_id=0))
-    out = []
-    for model, mask in ((sdpa, data.tree_mask(branch_ids)), (flex, data.tree_block_mask(branch_ids))):
-        total, _ = match.SequenceNLL(model)(input_ids, labels, mask, position_ids)
-        total.sum().backward()
-        out.append((total, {n: p.grad for n, p in model.named_parameters()}))
-    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-4, atol=1e-4)
-    for name, grad in out[0][1].items():
-        torch.testing.assert_close(out[1][1][name], grad, rtol=1e-3, atol=1e-4)
 
 
 def test_concat_layout_loss_and_gradients_equal_batch_layout(world_of_one):
