@@ -120,7 +120,7 @@ def branch_costs(nll_model, questions, fork_ids, match_tokens, batch_size, pad_i
     values sequence_costs gives for the same sequences (a test)."""
     rows = [make_branches(q["prompt_ids"], [(f, t[:match_tokens]) for f in fork_ids for t in q["trace_ids"]])
             for q in questions]
-    per_forward = max(1, batch_size // (len(fork_ids) * max([len(q["trace_ids"]) for q in questions] or [1])))
+    per_forward = questions_per_forward(questions, len(fork_ids), batch_size)
     num_batches = num_batches or num_micro_batches(len(rows), per_forward)
     batches, order = micro_batches(rows, per_forward, num_batches, pad_item(pad_id, "concat"))
     was_training = nll_model.training
@@ -141,9 +141,13 @@ def num_cost_batches(questions, num_forks, batch_size, layout="batch"):
     """Forwards the matching pass of `questions` needs: its N x M sequences in batches (batch
     layout), or its questions, max(1, batch_size // (N*M)) per forward (concat layout)."""
     if layout == "concat":
-        per_forward = max(1, batch_size // (num_forks * max([len(q["trace_ids"]) for q in questions] or [1])))
-        return num_micro_batches(len(questions), per_forward)
+        return num_micro_batches(len(questions), questions_per_forward(questions, num_forks, batch_size))
     return num_micro_batches(num_forks * sum(len(q["trace_ids"]) for q in questions), batch_size)
+
+
+def questions_per_forward(questions, num_forks, batch_size):
+    """Questions in one forward of branch_costs: as many as hold batch_size sequences, at least one."""
+    return max(1, batch_size // (num_forks * max([len(q["trace_ids"]) for q in questions] or [1])))
 
 
 # ----------------------------------------------------------------------------- Eq. 3: matching

@@ -20,7 +20,13 @@ def test_quick_run_prints_and_saves_every_row_with_positive_finite_numbers(tmp_p
     run = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=HERE,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    saved = json.loads(out.read_text())
+    rows = saved["rows"]
+    assert set(saved["summary"]) == {"train_speedup_vs_hf", "mfu_7b", "ssft_overhead_over_floor",
+                                     "decode_speedup_vs_generate_6", "decode_speedup_vs_generate_32"}
+    assert saved["summary"]["mfu_7b"] is None  # no 7B shape in --quick, and no MFU on the CPU
+    assert all(v > 0 for k, v in saved["summary"].items() if k != "mfu_7b")
+    assert saved["device"].startswith("cpu") and "bench.py --quick" in saved["command"]
     expected = [("train tok/s: train.py | HF", "tiny 128 tok"), ("train tok/s: train.py | HF", "tiny 256 tok"),
                 ("ssft/sft step s: SSFT | SFT", "tiny N6 M4 K16 L64"),
                 ("decode tok/s: infer | HF", "tiny 6 streams P32"), ("decode tok/s: infer | HF", "tiny 32 streams P32")]
