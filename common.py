@@ -1,5 +1,6 @@
 """Plumbing every script shares: rank-0 printing, process-group set-up, flags from a config
-dataclass, and JSON files that a kill never leaves half-written. Nothing here knows about SSFT.
+dataclass, JSON files that a kill never leaves half-written, and one run at a time in an output
+directory. Nothing here knows about SSFT.
 """
 import argparse
 import dataclasses
@@ -133,23 +134,38 @@ def write_jsonl(path, rows):
 
 def append_jsonl(path, obj):
     """One JSON line, synced to disk. A kill loses at most this line: readers skip an unfinished
-    last line (read_jsonl), and the next append cuts it first, so that rows always start a line."""
+    last line (read_jsonl), and the next append cuts it first, so that rows always start a line
+    (a last row that is whole but lacks its newline, as other tools write, gets one instead)."""
     with open(path, "ab+") as f:
         end = f.seek(0, os.SEEK_END)
         if end:
             f.seek(end - 1)
-            if f.read(1) != b"\n":  # the unfinished row of a killed run
+            if f.read(1) != b"\n":
                 f.seek(0)
-                f.truncate(f.read().rfind(b"\n") + 1)
+                text = f.read()
+                start = text.rfind(b"\n") + 1
+                if whole(text[start:]):
+                    f.write(b"\n")
+                else:  # the unfinished row of a killed run
+                    f.truncate(start)
         f.write((json.dumps(strict(obj), allow_nan=False) + "\n").encode())
         f.flush()
         os.fsync(f.fileno())
 
 
+def whole(line):
+    """Whether the bytes of a last line without its newline are a whole JSON value."""
+    try:
+        json.loads(line.decode("utf-8"))
+        return True
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
 def read_jsonl(path, drop_truncated_tail=False):
     """[(line number, object)] of a JSONL file. A missing file, non-UTF-8 bytes or malformed JSON
     raise DataError naming path:line, except, with drop_truncated_tail, an unterminated last line
-    (a run killed mid-write), which is dropped."""
+    that is not whole JSON (a run killed mid-write), which is dropped."""
     if os.path.exists(path) and not os.path.isfile(path):  # a directory or a FIFO would block or fail
         raise DataError(f"{path}: not a regular file")
     try:
@@ -157,7 +173,7 @@ def read_jsonl(path, drop_truncated_tail=False):
             lines = f.read().split(b"\n")
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror})") from None
-    if drop_truncated_tail:
+    if drop_truncated_tail and not whole(lines[-1]):
         lines[-1] = b""  # after the last newline: empty, or the unfinished row of a killed run
     rows = []
     for n, line in enumerate(lines, start=1):

@@ -46,6 +46,7 @@ FORK_TOKEN = "<think{}>"  # <think1> ... <thinkN>: the global forking tokens g_1
 TEXT_TAG = "<|im_start|>{}\n"  # --fork_style text: the tag around a token's name, as plain text
 FORK_STYLES = ("special", "text")
 FALLBACK_PROMPT = "Question: {}\nAnswer: "
+GOLD_FIELDS = ("answer", "ground_truth", "gt", "solution")  # where a row's gold answer is, first found wins
 IGNORE = -100  # label of tokens that carry no loss
 
 
@@ -73,11 +74,11 @@ def parse_row(row, where):
     no correct response; raises DataError at `where`."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    prompt = row.get("prompt", row.get("question"))
+    prompt = first(row, "prompt", "question")
     if not isinstance(prompt, str) or not prompt.strip():
         raise DataError(f"{where}: no prompt (a non-empty 'prompt' or 'question' string)")
     teachers = sorted(k[:-len("_thinking_trajectory")] for k in row if k.endswith("_thinking_trajectory"))
-    if "traces" in row:
+    if row.get("traces") is not None:
         traces, sources = row["traces"], row.get("sources")
     elif teachers:  # s1K-1.1
         traces, sources = [], []
@@ -86,7 +87,7 @@ def parse_row(row, where):
             if isinstance(thinking, str) and thinking.strip():
                 traces.append(thinking.strip() + "\n</think>\n\n" + (attempt or "").strip())
                 sources.append(t)
-    elif "response" in row:  # sampled responses with correctness scores
+    elif row.get("response") is not None:  # sampled responses with correctness scores
         responses, scores = row["response"], row.get("score")
         if not isinstance(responses, list) or not isinstance(scores, list) or len(scores) != len(responses):
             raise DataError(f"{where}: 'response' and 'score' must be lists of the same length")
@@ -106,9 +107,15 @@ def parse_row(row, where):
     if sources is not None and (not isinstance(sources, list) or len(sources) != len(traces)):
         raise DataError(f"{where}: 'sources' must be a list with one name per trace "
                         f"({len(traces)} traces)")
-    answer = row.get("answer", row.get("gt", row.get("solution")))
+    answer = first(row, *GOLD_FIELDS)
     return {"prompt": prompt, "traces": traces, "sources": [str(s) for s in sources] if sources else None,
             "answer": None if answer is None else str(answer)}
+
+
+def first(row, *keys):
+    """The value of the first of `keys` that `row` holds and is not null (Parquet columns hold nulls
+    where JSONL rows leave a key out), else None."""
+    return next((row[k] for k in keys if row.get(k) is not None), None)
 
 
 def read_records(path):
@@ -308,14 +315,15 @@ def tree_attention(branch_ids):
 
 
 def tree_block_mask(branch_ids):
-    """The same mask as a FlexAttention BlockMask (CUDA): built from the rule, never as an L x L tensor."""
+    """The same mask as a FlexAttention BlockMask (CUDA): built from the rule block by block under
+    torch.compile, never as an L x L tensor (on the CPU, where only the tests use it, eagerly)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def rule(b, h, q, k):
         bq, bk = branch_ids[b, q], branch_ids[b, k]
         return (k <= q) & ((bk == bq) | ((bk == 0) & (bq >= 0)))
-    batch, length = branch_ids.shape
-    return create_block_mask(rule, batch, None, length, length, device=branch_ids.device)
+    batch, length = branch_ids.shape  # compiled on CUDA: without it the rule is evaluated on the full grid
+    return create_block_mask(rule, batch, None, length, length, device=branch_ids.device, _compile=branch_ids.is_cuda)
 
 
 # ----------------------------------------------------------------------------- batching
@@ -384,8 +392,12 @@ def mix(pool_paths, num_traces, per_source, correct_only, seed):
                 kept.append((trace, source))
         if per_source:  # a random per_source of each source's traces
             rng.shuffle(kept)
-            taken = Counter()
-            kept = [(t, s) for t, s in kept if taken.update([s]) or taken[s] <= per_source]
+            taken, chosen = Counter(), []
+            for trace, source in kept:
+                if taken[source] < per_source:
+                    chosen.append((trace, source))
+                    taken[source] += 1
+            kept = chosen
         kept = rng.sample(kept, min(num_traces, len(kept)))
         if not kept:
             skipped.append(prompt)
@@ -443,6 +455,7 @@ def main(argv):
             print(f"{len(skipped)} questions with no trace left, skipped: {[p[:50] for p in skipped[:5]]}")
         if not rows:
             raise DataError("no question has a trace left: nothing written")
+        os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
         write_jsonl(cfg.out, rows)
         print(f"wrote {cfg.out}: {len(rows)} questions")
         return rows
@@ -456,7 +469,10 @@ def main(argv):
         tokenizer = toy.make_tokenizer()
     elif cfg.model:
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        except (OSError, ValueError) as e:
+            raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
     print(f"{cfg.data}: " + "\n".join(summary(load_questions(cfg.data), tokenizer)))
 
 

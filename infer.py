@@ -14,7 +14,7 @@ multiple-choice files (GPQA-Diamond) its multiple-choice prompt, the ones the pa
 (lighteval 0.10.1.dev0 as vendored by the authors' repository Sheng-J/SSFT; the same text from
 lighteval PR #586 to v0.12); training layouts and the toy get their prompt as it is, as in training.
 --protocol official evaluates the authors' released checkpoint their way: text tags
-"<|im_start|><thinkI>\\n", block order (token 1 the first S = samples/N responses, token 2 the
+"<|im_start|><thinkI>\\n" for N = 6 (unless the model's final/ssft.json says otherwise), block order (token 1 the first S = samples/N responses, token 2 the
 next S, ...), 66 samples on AIME and 36 elsewhere (32 of one token with --fork <thinkK>), T = 0.7,
 top_p 0.95, 32768 new tokens (docs/reproducing.md).
 
@@ -80,8 +80,8 @@ MATH_TEMPLATE = ("Solve the following math problem efficiently and clearly.  The
 CHOICE_TEMPLATE = ("Answer the following multiple choice question. The last line of your response should be of the "
                    "following format: 'Answer: $LETTER' (without quotes) where LETTER is one of ABCD. Think step by "
                    "step before answering.\n\n{question}")
-OFFICIAL = dict(fork_style="text", tag_order="block", num_forks=6, instruction="auto", temperature=0.7, top_p=0.95,
-                max_new_tokens=32768)  # --protocol official; samples: official_samples
+OFFICIAL = dict(tag_order="block", instruction="auto", temperature=0.7, top_p=0.95, max_new_tokens=32768)
+OFFICIAL_TAGS = ("text", 6)  # --protocol official's tags, where the model has no ssft.json to say otherwise
 CHOICE_SEED = 1234  # LightEval's: one generator, one draw per GPQA problem in file order, places the gold
 
 
@@ -146,8 +146,8 @@ def choice_problem(row, rng, where):
 def load_problems(path, instruction="auto", limit=0):
     """[{"id", "prompt", "gold", "kind", "template"}] of an evaluation file, a training layout or the toy:
     the question from prompt, problem or question (or a multiple-choice row, kind "choice"); the gold
-    from answer, ground_truth, gt or solution (data.parse_row's order); the id from id, unique_id, idx
-    or Record ID, else the row's 0-based position. The prompt is the question in its template."""
+    from data.GOLD_FIELDS; the id from id, unique_id, idx or Record ID, else the row's 0-based
+    position (a null counts as absent). The prompt is the question in its template."""
     if path == "toy":  # toy.py's held-out questions
         rows = [(f"toy:{i + 1}", {"prompt": q["prompt"], "answer": q["answer"], "id": i})
                 for i, q in enumerate(toy.held_out_questions(limit or 100))]
@@ -156,23 +156,24 @@ def load_problems(path, instruction="auto", limit=0):
     problems, seen, rng = [], set(), random.Random(CHOICE_SEED)
     for i, (where, row) in enumerate(rows):
         row = row if isinstance(row, dict) else {}
-        pid = row.get("id", row.get("unique_id", row.get("idx", row.get("Record ID", i))))
+        pid = data.first(row, "id", "unique_id", "idx", "Record ID")
+        pid = i if pid is None else pid
         if isinstance(pid, bool) or not isinstance(pid, (str, int)):
             raise DataError(f"{where}: an id must be a string or an integer, got {json.dumps(pid)}")
         if pid in seen:
             raise DataError(f"{where}: duplicate id {pid!r}")
         seen.add(pid)
-        kind = "choice" if "Correct Answer" in row or "choices" in row else "math"
+        kind = "choice" if data.first(row, "Correct Answer", "choices") is not None else "math"
         if kind == "choice":
             question, gold = choice_problem(row, rng, where)
         else:
             question = next((row[k] for k in ("prompt", "problem", "question") if isinstance(row.get(k), str)), "")
-            gold = next((row[k] for k in ("answer", "ground_truth", "gt", "solution") if row.get(k) is not None), None)
+            gold = data.first(row, *data.GOLD_FIELDS)
             if not question.strip() or gold is None or not str(gold).strip():
                 raise DataError(f"{where}: need a prompt ('prompt', 'problem' or 'question') and a gold "
                                 "answer ('answer', 'ground_truth', 'gt' or 'solution')")
             gold = score.gold_answer(gold)
-        plain = path == "toy" or any(k in row for k in ("traces", "response")) \
+        plain = path == "toy" or data.first(row, "traces", "response") is not None \
             or any(k.endswith("_thinking_trajectory") for k in row)
         form = template(instruction, kind, plain)
         problems.append({"id": pid, "prompt": form.replace("{question}", question), "gold": gold, "kind": kind,
@@ -191,14 +192,16 @@ def response_tags(tokenizer, cfg):
         return [None] * cfg.samples, {}, None
     saved = os.path.join(cfg.model, "ssft.json")
     saved = read_json(saved) if os.path.isfile(saved) else {}
-    style = cfg.fork_style if cfg.fork_style != "auto" else saved.get("fork_style", "special")
-    n = cfg.num_forks or saved.get("num_forks") or (data.count_fork_tokens(tokenizer) if style == "special" else 0)
-    if style == "special" and n > data.count_fork_tokens(tokenizer):
-        n = 0
+    default_style, default_n = OFFICIAL_TAGS if cfg.protocol == "official" else ("special", 0)
+    style = cfg.fork_style if cfg.fork_style != "auto" else saved.get("fork_style", default_style)
+    reserved = data.count_fork_tokens(tokenizer)
+    n = cfg.num_forks or saved.get("num_forks") or (reserved if style == "special" else default_n)
+    if style == "special" and n > reserved:
+        raise SystemExit(f"error: --model {cfg.model} holds {reserved} reserved forking tokens, not {n}"
+                         + (": --fork none for a baseline, or --fork_style text --num_forks N for a model trained on "
+                            "text tags (the authors' released checkpoint: --protocol official)" if not reserved else ""))
     if not n:
-        raise SystemExit(f"error: --model {cfg.model} has no forking tokens of style {style}: --fork none for a "
-                         "baseline, or --fork_style text --num_forks N for a model trained on text tags "
-                         "(the authors' released checkpoint: --protocol official)")
+        raise SystemExit("error: --fork_style text needs --num_forks N (the model has no ssft.json to tell it)")
     names = data.fork_tokens(n)
     if cfg.fork != "all" and cfg.fork not in names:
         raise SystemExit(f"error: --fork {cfg.fork}: the forking tokens of --model {cfg.model} are "
@@ -371,7 +374,7 @@ def main(cfg):
 
         metrics = None
         if rank == 0:  # the rows of this run's problems, scored
-            by_id = {r["id"]: r for r in score.read_rows(output)}
+            by_id = {r.get("id"): r for r in score.read_rows(output)}
             metrics = score.score_rows([by_id[p["id"]] for p in problems], output, cfg.set_size)
         return metrics
     finally:

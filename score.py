@@ -35,7 +35,7 @@ over the problems that have enough responses (metrics["counts"][metric] = how ma
 infer.py writes the rows and scores them with `score_rows`; any rows file (infer.py's, or one from vLLM
 with only "gold" and each completion's "text" and "fork") is scored without a model by
 
-    python score.py eval/aime24.cycle.jsonl --set_size 6   # prints the table, writes eval/aime24.cycle.metrics.json
+    python score.py eval/aime24.all.jsonl --set_size 6   # prints the table, writes eval/aime24.all.metrics.json
 """
 import functools
 import importlib.metadata

@@ -27,7 +27,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import data
-from common import parse_flags, read_json, read_jsonl, write_json
+from common import DataError, parse_flags, read_jsonl, write_json
 
 
 @dataclass
@@ -46,25 +46,35 @@ def parse_config(argv=None):
     return cfg
 
 
-def load_epoch(path, epoch):
-    """(fork_tokens, the chosen epoch's record) from matching.json; SystemExit naming the file."""
+def load_log(path, epoch):
+    """(matching.json's whole log, the chosen epoch's record); SystemExit naming the file."""
     try:
         with open(path) as f:
             log = json.load(f)
         tokens, epochs = log["fork_tokens"], log["epochs"]
         for e in epochs:
             for c in e["configurations"]:
-                assert all(0 <= fork < len(tokens) for fork, _ in c["edges"]) and c["count"] >= 0
+                if not (all(0 <= fork < len(tokens) for fork, _ in c["edges"]) and c["count"] >= 0):
+                    raise ValueError("an edge's fork is out of range or a count is negative")
     except OSError as e:
         raise SystemExit(f"error: {path}: cannot read ({e.strerror}); run train.py first")
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: {path}: malformed JSON ({e.msg}, line {e.lineno})")
-    except (KeyError, TypeError, ValueError, AssertionError):
+    except (KeyError, TypeError, ValueError):
         raise SystemExit(f"error: {path}: not a matching log (expected fork_tokens and epochs of "
                          "configurations [{edges: [[fork, key], ...], count}] with 0 <= fork < N)")
     if not -len(epochs) <= epoch < len(epochs):
         raise SystemExit(f"error: --epoch {epoch}: {path} has {len(epochs)} epochs")
-    return tokens, epochs[epoch]
+    return log, epochs[epoch]
+
+
+def select(configurations, num_forks, min_share):
+    """Steps 1-3 above for one epoch's configurations: (chosen fork index, per-fork rows, the
+    learned edges, the kept configurations)."""
+    kept = learned_configurations(configurations, min_share)
+    edges = learned_edges(kept)
+    chosen, rows = choose_token(edges, num_forks)
+    return chosen, rows, edges, kept
 
 
 def learned_configurations(configurations, min_share):
@@ -162,11 +172,9 @@ def draw_dynamics(epochs, steps, path):
 
 def main(cfg):
     path = os.path.join(cfg.out_dir, "matching.json")
-    tokens, record = load_epoch(path, cfg.epoch)
-    configs = record["configurations"]
-    kept = learned_configurations(configs, cfg.min_share)
-    edges = learned_edges(kept)
-    chosen, rows = choose_token(edges, len(tokens))
+    log, record = load_log(path, cfg.epoch)
+    tokens, configs = log["fork_tokens"], record["configurations"]
+    chosen, rows, edges, kept = select(configs, len(tokens), cfg.min_share)
     print(f"{path}: epoch {record.get('epoch', cfg.epoch)}: {len(kept)} of {len(configs)} configurations "
           f"still accumulate mass (>= {cfg.min_share:g} of the epoch's matchings), covering "
           f"{sum(c['count'] for c in kept)} of {sum(c['count'] for c in configs)} matchings")
@@ -176,7 +184,7 @@ def main(cfg):
         listed = ", ".join(f"{k}: {mine[k]}" for k in sort_keys(mine))
         mark = "*" if r["fork"] == chosen else " "
         print(f"{mark}{tokens[r['fork']]:>9} {r['distinct']:>6} {r['weighted']:>8}  {listed}")
-    style = read_json(path).get("fork_style", "special")  # as trained; final/ssft.json tells infer.py the same
+    style = log.get("fork_style", "special")  # as trained; final/ssft.json tells infer.py the same
     print(f"Pass@1 token (Eq. 6): {tokens[chosen]} (tag {data.fork_tag(tokens[chosen], style)!r}); then:\n"
           f"    python infer.py --model {os.path.join(cfg.out_dir, 'final')} --fork \"{tokens[chosen]}\" ...")
     result = {"token": tokens[chosen], "fork": chosen, "epoch": record.get("epoch"), "min_share": cfg.min_share,
@@ -187,10 +195,13 @@ def main(cfg):
     draw(edges, tokens, chosen, png)
     metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
     steps = [r for _, r in read_jsonl(metrics, drop_truncated_tail=True)] if os.path.exists(metrics) else []
-    draw_dynamics(read_json(path)["epochs"], steps, os.path.join(cfg.out_dir, "matching_dynamics.png"))
+    draw_dynamics(log["epochs"], steps, os.path.join(cfg.out_dir, "matching_dynamics.png"))
     print(f"wrote {png} and {os.path.join(cfg.out_dir, 'matching_dynamics.png')}")
     return result
 
 
 if __name__ == "__main__":
-    main(parse_config())
+    try:
+        main(parse_config())
+    except DataError as e:
+        raise SystemExit(f"error: {e}")

@@ -41,7 +41,7 @@ def one_step(device):
     """Cost matrix, loss and gradients of a train.py step of the toy on a device: bf16 compute with
     fp32 reduction on CUDA (train.shard), fp32 on the CPU. The pairs are fixed (sft), so that both
     devices train the same sequences whatever ties bf16 breaks in the matching."""
-    cfg = train.parse_config(["--toy_questions", "8", "--micro_batch", "8"])
+    cfg = train.parse_config(["--toy_questions", "8", "--layout", "batch", "--micro_batch", "8"])
     tok, fork_ids, num_trained = train.load_tokenizer(cfg)
     model, _ = train.load_model(cfg, tok, fork_ids, num_trained, 0, device)
     encoded = [data.encode_question(tok, q, cfg.max_len) for q in toy.make_questions(8, seed=0)]
@@ -69,9 +69,10 @@ def test_decoding_on_cuda_equals_the_cpu_under_greedy(tiny):
     prefix = data.encode_prompt(tokenizer, "Add 12+23+14.")
     starts = [[f] for f in fork_ids]
     cpu = infer.generate(model, prefix, starts, 8, 0.0, 1.0, set(), torch.Generator())
-    gpu_model = model.to("cuda")
-    gpu = infer.generate(gpu_model, prefix, starts, 8, 0.0, 1.0, set(), torch.Generator("cuda"))
-    model.to("cpu")
+    try:
+        gpu = infer.generate(model.to("cuda"), prefix, starts, 8, 0.0, 1.0, set(), torch.Generator("cuda"))
+    finally:
+        model.to("cpu")  # the fixture is shared with the CPU tests
     assert gpu == cpu
 
 

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -261,7 +262,7 @@ def test_bad_model_or_ids_give_one_line_and_a_refused_start_leaves_nothing_behin
     assert sorted(os.listdir(tmp_path)) == ["empty", "ok.jsonl"]  # no config locks out the corrected command
     (tmp_path / "out.config.json").write_text(json.dumps({"temperature": 1.5}))  # settings of a run with no rows
     assert run_infer(model_dir, problems, out)["problems"] == 1  # compared only when rows exist
-    for bad_id in ([1, 2], {"a": 1}, True, None):
+    for bad_id in ([1, 2], {"a": 1}, True):  # (a null id is an absent one: the row's position)
         (tmp_path / "ids.jsonl").write_text(json.dumps({"problem": "1 + 1?", "answer": "2", "id": bad_id}) + "\n")
         with pytest.raises(data.DataError, match="ids.jsonl:1: an id must be a string or an integer"):
             run_infer(model_dir, str(tmp_path / "ids.jsonl"), out)
@@ -297,8 +298,7 @@ def test_show_prompts_of_the_official_protocol_print_the_authors_prompt_and_text
         path = tmp_path / "math500.jsonl"
         path.write_text(json.dumps({"problem": "Convert the point $(0,3)$.", "answer": "(3, \\frac{\\pi}{2})"}) + "\n")
     cfg = infer.parse_config(["--model", model_dir, "--data", str(path), "--protocol", "official", "--show_prompts"])
-    assert (cfg.fork_style, cfg.tag_order, cfg.num_forks, cfg.samples, cfg.temperature, cfg.top_p,
-            cfg.max_new_tokens) == ("text", "block", 6, 36, 0.7, 0.95, 32768)
+    assert (cfg.tag_order, cfg.samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens) == ("block", 36, 0.7, 0.95, 32768)
     assert infer.parse_config(["--data", "x/aime24.jsonl", "--protocol", "official"]).samples == 66
     assert infer.parse_config(["--data", "x/aime24.jsonl", "--protocol", "official", "--fork", "<think1>"]).samples == 32
     assert infer.parse_config(["--protocol", "official", "--samples", "12"]).samples == 12  # a flag given wins
@@ -335,6 +335,27 @@ def test_a_text_style_model_is_prompted_with_its_text_tags(noisy, tmp_path, caps
     run_infer(str(path), problems, tmp_path / "out.jsonl", "--max_new_tokens", "3")
     row = json.loads(open(tmp_path / "out.jsonl").readline())
     assert [c["fork"] for c in row["completions"]] == data.fork_tokens(3) * 2
+
+
+def test_the_models_own_tags_win_over_the_official_protocols_and_a_wrong_count_is_named(model_dir, tmp_path, capsys):
+    problems = write_problems(tmp_path / "p.jsonl", n=1)
+    shutil.copytree(model_dir, tmp_path / "special")
+    common.write_json(str(tmp_path / "special" / "ssft.json"), {"fork_style": "special", "num_forks": NUM_FORKS})
+    infer.main(infer.parse_config(["--model", str(tmp_path / "special"), "--data", problems, "--protocol", "official",
+                                   "--show_prompts"]))
+    shown = capsys.readouterr().out
+    assert "<|im_start|><think" not in shown and shown.count("-----") == NUM_FORKS  # its 4 reserved tokens
+    with pytest.raises(SystemExit, match=f"holds {NUM_FORKS} reserved forking tokens, not 6"):
+        run_infer(model_dir, problems, tmp_path / "out.jsonl", "--num_forks", "6")
+
+
+def test_a_rows_file_whose_last_row_lacks_its_newline_is_read_whole(tmp_path):
+    rows = [{"id": i, "gold": "7", "completions": [{"text": "\\boxed{7}"}]} for i in range(2)]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))  # as many tools write: no final newline
+    assert [r["id"] for r in score.read_rows(str(path))] == [0, 1]
+    common.append_jsonl(str(path), {"id": 2, "gold": "7", "completions": [{"text": "7"}]})
+    assert [r["id"] for r in score.read_rows(str(path))] == [0, 1, 2]
 
 
 def test_baseline_samples_from_the_plain_prompt_and_votes_in_blocks(model_dir, tmp_path):

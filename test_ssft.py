@@ -314,6 +314,13 @@ def s1k_rows(n):
             for q, nums in ((q, [int(x) for x in q["prompt"][4:-1].split("+")]) for q in toy.make_questions(n, seed=5))]
 
 
+def test_a_null_field_counts_as_absent_as_parquet_columns_hold_nulls():
+    q = data.parse_row({"prompt": None, "question": "q", "traces": ["t"], "answer": None, "gt": "3"}, "x:1")
+    assert q["prompt"] == "q" and q["answer"] == "3"
+    q = data.parse_row({"question": "q", "traces": None, "response": ["a", "b"], "score": [False, True]}, "x:2")
+    assert q["traces"] == ["b"]
+
+
 def test_parquet_and_jsonl_give_the_same_questions_and_errors_name_the_row(tmp_path):
     rows = s1k_rows(3)
     parquet = write_parquet(tmp_path / "s1k.parquet", rows)
@@ -428,7 +435,8 @@ def test_bad_input_stops_before_training_and_leaves_out_dir_untouched(tmp_path, 
              (["--weight_decay", "-0.1"], "--weight_decay must be >= 0"),
              (["--num_forks", "100000"], f"--num_forks must be from 1 to {train.MAX_FORKS}"),
              (["--lr", "nan"], "--lr: expected a finite number, got 'nan'"),
-             (["--lr", "inf"], "--lr: expected a finite number, got 'inf'")]
+             (["--lr", "inf"], "--lr: expected a finite number, got 'inf'"),
+             (["--toy_questions", "0"], "--toy_questions must be >= 1")]
     for flags, message in cases:
         with pytest.raises(SystemExit) as stop:
             train.main(train.parse_config(["--out_dir", str(out), *flags]))
@@ -940,7 +948,7 @@ def test_a_text_style_run_adds_no_token_and_its_final_model_says_how_it_was_prom
     done = run([sys.executable, "train.py", "--fork_style", "text", "--toy_questions", "32", "--max_steps", "2",
                 "--out_dir", str(out)])
     assert done.returncode == 0, done.stderr
-    assert "forking tags '<|im_start|><think1>\\n'..<think4>" in done.stdout, done.stdout
+    assert "forking tags '<|im_start|><think1>\\n'..'<|im_start|><think4>\\n'" in done.stdout, done.stdout
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(out / "final")
     assert data.count_fork_tokens(tok) == 0 and len(tok) == len(toy.make_tokenizer())

@@ -154,8 +154,8 @@ def make_tokenizer(vocab_size=400):
 def make_model(tokenizer, hidden=128, layers=2, spare_rows=16):
     """A random-init tiny Qwen2 (342k parameters). The embedding gets spare rows (as Qwen2.5
     checkpoints do), so adding the forking tokens uses them instead of resizing. The MLP is 2x
-    hidden, not Qwen's 5x: on 2 CPU cores it trains a quarter faster than 4x and learns the toy as
-    well (held-out accuracy measured on two seeds)."""
+    hidden: on 2 CPU cores it trained a quarter faster than a 4x MLP and reached the same held-out
+    accuracy on the two seeds compared."""
     config = Qwen2Config(vocab_size=len(tokenizer) + spare_rows, hidden_size=hidden,
                          intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,

@@ -84,9 +84,9 @@ def run_variant(variant, seed, cfg):
 
 def eq6_token(run_dir):
     """The Pass@1 token of a run by select_token.py's rule (Eq. 6, its default --min_share)."""
-    tokens, last_epoch = select_token.load_epoch(os.path.join(run_dir, "matching.json"), -1)
-    kept = select_token.learned_configurations(last_epoch["configurations"], select_token.Config.min_share)
-    return tokens[select_token.choose_token(select_token.learned_edges(kept), len(tokens))[0]]
+    log, last_epoch = select_token.load_log(os.path.join(run_dir, "matching.json"), -1)
+    tokens = log["fork_tokens"]
+    return tokens[select_token.select(last_epoch["configurations"], len(tokens), select_token.Config.min_share)[0]]
 
 
 def run_metrics(variant, run_dir, max_k):

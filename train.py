@@ -8,7 +8,7 @@ of 32 sequences, Appendix A.3.2), shares them over the ranks (Algorithm 2) and r
      micro-batches of `micro_batch` sequences with gradient accumulation, normalised by the number
      of trace tokens over all ranks and micro-batches.
 
-    python train.py                                     # toy task, tiny model, CPU, ~1.5 minutes
+    python train.py                                     # toy task, tiny model, CPU, about a minute
     python train.py --matching random                   # the random-matching ablation
     torchrun --standalone --nproc_per_node 8 train.py --model Qwen/Qwen2.5-32B-Instruct \\
         --data s1k_4mixed.jsonl --out_dir out/ssft-32b   # Appendix A.3.2 defaults
@@ -59,7 +59,7 @@ class Config:
     max_steps: int = 0  # stop after this many optimiser steps in all (0: run all epochs)
     lr: float = 1e-5  # peak learning rate, 5% linear warm-up then cosine to 0 (toy: 3e-3)
     batch_size: int = 32  # sequences (traces) per optimiser step over all ranks; whole questions (toy: 64)
-    micro_batch: int = 1  # rows per forward/backward in the training pass: sequences, or questions for concat (toy: 8)
+    micro_batch: int = 1  # rows per forward/backward in the training pass: sequences, or questions for concat (toy: 8 questions)
     match_batch: int = 8  # sequences per no-grad forward in the matching pass (toy: 256)
     max_len: int = 32768  # tokens of prompt + forking tag + trace; longer traces are cut (toy: 128)
     seed: int = 0  # data order, random matchings and new embedding rows all derive from it
@@ -92,7 +92,7 @@ def parse_config(argv=None):
                 f"--fork_style must be special or text (got {cfg.fork_style!r})" if cfg.fork_style not in data.FORK_STYLES
                 else None,
                 *(f"--{k} must be >= 1 (got {getattr(cfg, k)})" for k in
-                  ("epochs", "batch_size", "micro_batch", "match_batch") if getattr(cfg, k) < 1),
+                  ("epochs", "batch_size", "micro_batch", "match_batch", "toy_questions") if getattr(cfg, k) < 1),
                 f"--lr must be > 0 (got {cfg.lr})" if not cfg.lr > 0 else None,
                 f"--grad_clip must be > 0 (got {cfg.grad_clip})" if not cfg.grad_clip > 0 else None,
                 f"--warmup must be in [0, 1) (got {cfg.warmup})" if not 0 <= cfg.warmup < 1 else None,
@@ -289,14 +289,14 @@ def lr_at(step, total, peak, warmup):
 
 def epoch_batches(sizes, batch_size, seed, epoch):
     """The optimiser steps of one epoch, each a list of question indices. sizes[q]: question q's
-    number of traces (its sequences: one per trace, under SSFT and SFT alike). Questions are taken
+    number of traces, the sequences it trains (under SSFT, N of them if M > N). Questions are taken
     in the epoch's seeded order and packed until a step holds batch_size sequences: a question's
     traces stay in one step (its matching needs all of them), so a question that would overflow
     starts the next step, and one larger than batch_size is a step of its own. Every question
     trains once per epoch."""
-    steps, held = [[]], 0
+    steps, held = [], 0
     for q in np.random.default_rng([seed, epoch]).permutation(len(sizes)).tolist():
-        if steps[-1] and held + sizes[q] > batch_size:
+        if not steps or held + sizes[q] > batch_size:
             steps.append([])
             held = 0
         steps[-1].append(q)
@@ -414,7 +414,7 @@ def on_stop_signal(signum, frame):
     if STOP:
         raise KeyboardInterrupt
     STOP.append(signum)
-    print(f"{signal.Signals(signum).name}: finishing this step, then a checkpoint (again to stop at once)", flush=True)
+    print0(f"{signal.Signals(signum).name}: finishing this step, then a checkpoint (again to stop at once)")
 
 
 def main(cfg):
@@ -484,7 +484,8 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
     print0(f"{len(questions)} questions, {sum(len(q['traces']) for q in questions)} traces "
            f"({sum(e['truncated'] for e in encoded)} truncated to --max_len {cfg.max_len}), {world} rank(s) on "
            f"{device.type}, steps {start}..{last_step} of {total_steps} ({per_epoch} per epoch of <= {cfg.batch_size} "
-           f"sequences), forking tags {data.fork_tag(fork_names[0], cfg.fork_style)!r}..{fork_names[-1]} "
+           f"sequences), forking tags {data.fork_tag(fork_names[0], cfg.fork_style)!r}.."
+           f"{data.fork_tag(fork_names[-1], cfg.fork_style)!r} "
            f"= ids {fork_ids[0]}..{fork_ids[-1]}, "
            f"{cfg.layout} layout, attention {attention_backend(cfg.layout, device)}"
            + (" with a dense boolean tree mask" if cfg.layout == "concat" and device.type != "cuda" else ""))
