@@ -39,7 +39,7 @@ from scipy import stats
 import score
 import select_token
 import toy
-from common import parse_flags, read_json, read_jsonl, write_json
+from common import parse_flags, read_jsonl, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -82,30 +82,28 @@ def run_variant(variant, seed, cfg):
     return run_dir
 
 
-def eq6_token(run_dir):
-    """The Pass@1 token of a run by select_token.py's rule (Eq. 6, its default --min_share)."""
-    log, last_epoch = select_token.load_log(os.path.join(run_dir, "matching.json"), -1)
+def eq6_token(log):
+    """The Pass@1 token of a run's matching.json log by select_token.py's rule (Eq. 6 on the last
+    epoch, its default --min_share)."""
     tokens = log["fork_tokens"]
-    return tokens[select_token.select(last_epoch["configurations"], len(tokens), select_token.Config.min_share)[0]]
+    return tokens[select_token.select(log["epochs"][-1]["configurations"], len(tokens), select_token.Config.min_share)[0]]
 
 
 def run_metrics(variant, run_dir, max_k):
     """One run's numbers: the style purity of its tokens, its accuracies, votes and pass@k, its
     Eq. 6 token, per-token accuracy and length, and its training curves."""
     rows = score.read_rows(os.path.join(run_dir, "eval.jsonl"))
+    metrics = score.aggregate(rows, set_size=4)  # its per_fork holds each token's accuracy and length
     completions = [c for r in rows for c in r["completions"]]
-    forks = list(dict.fromkeys(c["fork"] for c in completions))
     per_token = {}
-    for f in forks:
-        mine = [c for c in completions if c["fork"] == f]
-        styles = Counter(toy.recognise(c["text"]) for c in mine)
-        top = max(toy.STYLES, key=lambda s: styles[s])  # "other" never counts as a style
-        per_token[f] = {"accuracy": float(np.mean([c["correct"] for c in mine])),
-                        "mean_tokens": float(np.mean([c["tokens"] for c in mine])),
-                        "styles": {s: styles[s] / len(mine) for s in toy.STYLES + ["other"]},
-                        "majority": top if styles[top] else None, "purity": styles[top] / len(mine)}
-    selected = eq6_token(run_dir) if variant != "sft" else "<think1>"  # sft trains one token
-    metrics = score.aggregate(rows, set_size=4)
+    for f, s in metrics["per_fork"].items():
+        styles = Counter(toy.recognise(c["text"]) for c in completions if c["fork"] == f)
+        top = max(toy.STYLES, key=lambda style: styles[style])  # "other" never counts as a style
+        per_token[f] = {"accuracy": s["accuracy"], "mean_tokens": s["mean_tokens"],
+                        "styles": {style: styles[style] / s["responses"] for style in toy.STYLES + ["other"]},
+                        "majority": top if styles[top] else None, "purity": styles[top] / s["responses"]}
+    log = select_token.load_log(os.path.join(run_dir, "matching.json"), -1)[0]
+    selected = eq6_token(log) if variant != "sft" else "<think1>"  # sft trains one token
     native = next(v for k, v in metrics.items() if k.startswith("native_cons@"))
     out = {"purity": float(np.mean([p["purity"] for p in per_token.values()])),
            "distinct_styles": len({p["majority"] for p in per_token.values()} - {None}),
@@ -115,9 +113,8 @@ def run_metrics(variant, run_dir, max_k):
         out[f"pass@{k}"] = float(np.mean([score.pass_at_k(len(r["completions"]),
                                                           sum(c["correct"] for c in r["completions"]), k) for r in rows]))
     steps = [m for _, m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
-    matching = read_json(os.path.join(run_dir, "matching.json"))["epochs"]
     return {**out, "selected": selected, "per_token": per_token,
-            "configurations": [len(e["configurations"]) for e in matching] if variant != "sft" else None,
+            "configurations": [len(e["configurations"]) for e in log["epochs"]] if variant != "sft" else None,
             "loss": [m["loss"] for m in steps], "gap": [m["gap"] for m in steps]}
 
 
