@@ -166,8 +166,7 @@ def read_jsonl(path, drop_truncated_tail=False):
     """[(line number, object)] of a JSONL file. A missing file, non-UTF-8 bytes or malformed JSON
     raise DataError naming path:line, except, with drop_truncated_tail, an unterminated last line
     that is not whole JSON (a run killed mid-write), which is dropped."""
-    if os.path.exists(path) and not os.path.isfile(path):  # a directory or a FIFO would block or fail
-        raise DataError(f"{path}: not a regular file")
+    regular_file(path)
     try:
         with open(path, "rb") as f:
             lines = f.read().split(b"\n")
@@ -187,6 +186,13 @@ def read_jsonl(path, drop_truncated_tail=False):
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
     return rows
+
+
+def regular_file(path):
+    """DataError unless `path` is missing (the reader names that) or a regular file: reading a FIFO
+    with no writer would block forever, a directory fails obscurely."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise DataError(f"{path}: not a regular file")
 
 
 def read_json(path):

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from common import DataError, parse_flags, read_jsonl, write_jsonl
+from common import DataError, parse_flags, read_jsonl, regular_file, write_jsonl
 
 FORK_TOKEN = "<think{}>"  # <think1> ... <thinkN>: the global forking tokens g_1..g_N
 TEXT_TAG = "<|im_start|>{}\n"  # --fork_style text: the tag around a token's name, as plain text
@@ -123,8 +123,7 @@ def read_records(path):
     "path:row N") or JSONL (where = "path:line"). DataError naming the file for one that cannot be read."""
     if not path.endswith(".parquet"):
         return [(f"{path}:{n}", row) for n, row in read_jsonl(path)]
-    if os.path.exists(path) and not os.path.isfile(path):
-        raise DataError(f"{path}: not a regular file")
+    regular_file(path)
     import pyarrow  # here: only Parquet files need it
     import pyarrow.parquet
     try:
