@@ -59,7 +59,7 @@ def test_stages_import_downward_only():
         return set().union(*({n} | reach(n, seen + (m,)) for n in graph[m] if n not in seen)) if graph[m] else set()
     for m in graph:
         assert m not in reach(m), f"{m} imports itself through {graph[m]}"
-    for m in ("data", "match", "infer", "score", "select_token", "toy", "common"):
+    for m in ("data", "match", "infer", "score", "select_token", "toy", "common", "fsdp"):
         assert "train" not in reach(m), f"{m} reaches train.py"
     assert graph["common"] == set() and graph["toy"] <= {"data"}
 
@@ -629,7 +629,7 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path, run):
 
 FAULT = """
 import os, signal, sys
-import match, train
+import fsdp, match, train
 kind, when = sys.argv[1], int(sys.argv[2])
 calls = []
 
@@ -645,12 +645,12 @@ if kind == "kill_in_step":  # SIGKILL itself at the start of the training pass o
         return real_pass(*args, **kwargs)
     train.training_pass = training_pass
 elif kind == "kill_in_checkpoint":  # SIGKILL after the `when`-th checkpoint's shards, before its rename
-    real_save = train.dcp.save
+    real_save = fsdp.dcp.save
     def save(*args, **kwargs):
         real_save(*args, **kwargs)
         if after(when):
             os.kill(os.getpid(), signal.SIGKILL)
-    train.dcp.save = save
+    fsdp.dcp.save = save
 elif kind == "nan_in_step":  # the loss of step `when` becomes NaN (and so do its gradients)
     real_forward = match.SequenceNLL.forward
     def forward(self, *args, **kwargs):

@@ -21,8 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import re
-import shutil
 import signal
 import sys
 import time
@@ -31,18 +29,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 import data
+import fsdp
 import match
 import toy
-from common import (DataError, append_jsonl, changed_settings, close_distributed, init_distributed, lock_dir,
-                    parse_flags, print0, read_json, read_jsonl, writable_dir, write_json, write_jsonl)
+from common import (STOP, DataError, all_max, all_sum, append_jsonl, changed_settings, close_distributed,
+                    init_distributed, parse_flags, print0, read_json, read_jsonl, stage_run, writable_dir,
+                    write_json, write_jsonl)
 
 
 @dataclass
@@ -119,162 +113,13 @@ def load_tokenizer(cfg):
 
 
 def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
-    """Returns (SequenceNLL-wrapped FSDP2 model, hf_config), the forking-token rows initialised.
-
-    Only rank 0 reads the weights (a 32B model is not loaded as 8 CPU copies); the other ranks
-    build the model on the meta device, and the full state dict is broadcast from rank 0 while
-    each rank keeps its own shard (`broadcast_from_rank0`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    attn = attention_backend(cfg.layout, device)
-    torch.manual_seed(cfg.seed)
-    if cfg.model == "toy":
-        full = toy.make_model(tokenizer) if rank == 0 else None
-        config = toy.make_model(tokenizer).config if rank != 0 else full.config
-    else:
-        config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        full = AutoModelForCausalLM.from_pretrained(
-            cfg.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-            trust_remote_code=cfg.trust_remote_code, attn_implementation=attn) if rank == 0 else None
-    if rank == 0:
-        if cfg.fork_style == "special":  # text tags are ordinary tokens, already trained
+    """(SequenceNLL-wrapped FSDP2 model, hf_config) of --model, its new forking-token rows initialised
+    (special style; text tags are ordinary tokens, already trained): fsdp.load_model."""
+    def init_fork_rows(full):
+        if cfg.fork_style == "special":
             data.init_fork_rows(full, [ids[0] for ids in fork_ids], num_trained, cfg.seed)
-        config.vocab_size = full.get_input_embeddings().weight.shape[0]
-        state = {"lm." + k: v for k, v in full.state_dict().items()}
-        buffers = {k: v for k, v in full.named_buffers()}
-    rows = torch.tensor([config.vocab_size if rank == 0 else 0], device=device)
-    dist.broadcast(rows, src=0)  # all ranks agree on the (possibly resized) vocabulary
-    config.vocab_size = int(rows)
-    config.use_cache = False
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32,
-                                              trust_remote_code=cfg.trust_remote_code)
-    model = shard(lm, device, cfg.activation_checkpointing, cfg.cpu_offload)
-    model.to_empty(device="cpu" if cfg.cpu_offload else device)
-    set_model_state_dict(model, state if rank == 0 else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for prefix, module in lm.named_modules():  # non-persistent buffers (rotary inv_freq) are not in
-        for name, buf in list(module.named_buffers(recurse=False)):  # the state dict: broadcast them
-            value = buffers[f"{prefix}.{name}" if prefix else name].to(device) if rank == 0 \
-                else torch.empty(buf.shape, dtype=buf.dtype, device=device)
-            dist.broadcast(value, src=0)
-            setattr(module, name, value)  # on the GPU even when parameters are offloaded
-    return model, config
-
-
-def attention_backend(layout, device):
-    """batch layout: flash-attn when installed on CUDA, else PyTorch SDPA. concat layout: its tree
-    mask needs FlexAttention on CUDA (a BlockMask, no dense L x L mask) and SDPA with a dense boolean
-    mask on CPU, where FlexAttention has no backward."""
-    if device.type != "cuda":
-        return "sdpa"
-    if layout == "concat":
-        return "flex_attention"
-    try:
-        import flash_attn  # noqa: F401  (optional, used when installed)
-        return "flash_attention_2"
-    except ImportError:
-        return "sdpa"
-
-
-def shard(lm, device, activation_checkpointing=False, cpu_offload=False):
-    """SequenceNLL(lm) under FSDP2, the canonical recipe: fully_shard each decoder layer, then the
-    root (embeddings, final norm, lm_head). bf16 compute with fp32 gradient reduction on GPU."""
-    if activation_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = match.SequenceNLL(lm)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    for layer in lm.model.layers:
-        fully_shard(layer, mp_policy=mp, offload_policy=offload)
-    fully_shard(model, mp_policy=mp, offload_policy=offload)
-    return model
-
-
-def save_final(model, tokenizer, config, path, rank, forks):
-    """A consolidated bf16 Hugging Face directory: from_pretrained loads it, forking tokens intact,
-    and ssft.json says how the model was prompted ({"fork_style", "num_forks"}: infer.py reads it).
-    Written to a temporary name and renamed, so a half-written final/ never exists."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-    logging.disable_progress_bar()  # a bar for one shard says nothing
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(config)
-        lm.load_state_dict({k[3:]: v.to(torch.bfloat16) for k, v in full.items()}, assign=True)
-        lm.config.use_cache = lm.generation_config.use_cache = True  # training turned the KV cache off
-        lm.config.dtype = torch.bfloat16
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        lm.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(os.path.join(tmp, "ssft.json"), forks)
-        if os.path.isdir(path):  # keep the previous final/ until the new one is complete
-            os.replace(path, path + ".old")
-        os.replace(tmp, path)
-        shutil.rmtree(path + ".old", ignore_errors=True)
-    dist.barrier()
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def checkpoints(out_dir):
-    """[(step, path)] of the complete checkpoints, oldest first (a half-written one ends in .tmp,
-    one that failed to load in .corrupt)."""
-    root = os.path.join(out_dir, "checkpoints")
-    names = os.listdir(root) if os.path.isdir(root) else []
-    return sorted((int(d[5:]), os.path.join(root, d)) for d in names if re.fullmatch(r"step_\d+", d))
-
-
-def save_checkpoint(model, optimizer, step, stats, out_dir, rank):
-    """Sharded model + optimiser (torch.distributed.checkpoint) and trainer state. The data order,
-    random matchings and lr are pure functions of (seed, step), so `step` is all the RNG state."""
-    path = os.path.join(out_dir, "checkpoints", f"step_{step:06d}")
-    if os.path.isdir(path):  # complete already (a rerun of a finished run)
-        return path
-    tmp = path + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    if rank == 0:
-        write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "matching": stats.to_json()})
-        os.replace(tmp, path)  # only a complete checkpoint gets a step_ name
-    dist.barrier()
-    return path
-
-
-def resume(model, optimizer, out_dir, rank, device):
-    """(step, MatchingStats) of the newest checkpoint that loads, or (0, None) without one. A
-    checkpoint that fails to load (truncated shards, a missing trainer_state.json) is named, set
-    aside as step_N.corrupt (never deleted) and the one before it is tried."""
-    set_aside = []
-    for step, path in reversed(checkpoints(out_dir)):
-        try:
-            trainer = read_json(os.path.join(path, "trainer_state.json"))
-            stats = match.MatchingStats.from_json(trainer["matching"])
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=path)
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-            error = None
-        except (Exception, CheckpointException) as e:  # any failure to read it means: not usable
-            e = next(iter(e.failures.values()), e) if isinstance(e, CheckpointException) else e  # rank's cause
-            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}"
-        if all_max(error is not None, device) == 0:
-            print0(f"resumed from {path} at step {trainer['step']}")
-            return trainer["step"], stats
-        print0(f"warning: checkpoint {path} does not load ({error}); set aside as {path}.corrupt")
-        if rank == 0:
-            os.replace(path, path + ".corrupt")
-        set_aside.append(path)
-        dist.barrier()
-    if set_aside:  # the model may hold part of a failed load: never train on from there
-        raise DataError(f"{out_dir}: no checkpoint loads ({', '.join(set_aside)} set aside); "
-                        "move the directory away to start afresh")
-    return 0, None
+    return fsdp.load_model(cfg.model, tokenizer, rank, device, cfg.layout, cfg.seed, cfg.activation_checkpointing,
+                           cfg.cpu_offload, cfg.trust_remote_code, edit=init_fork_rows)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -308,25 +153,6 @@ def schedule(sizes, batch_size, seed, epochs):
     """[(epoch, question indices)] of every optimiser step of the run: a pure function of the data
     and the seed, so that a resumed run takes the same steps as an uninterrupted one."""
     return [(e, batch) for e in range(epochs) for batch in epoch_batches(sizes, batch_size, seed, e)]
-
-
-def all_max(x, device):
-    t = torch.tensor([x], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
-
-
-def broadcast(obj):
-    """Rank 0's value of a picklable object, on every rank."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_sum(values, device):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
 
 
 # ----------------------------------------------------------------------------- one step
@@ -395,7 +221,7 @@ def prepare(cfg):
     except (OSError, ValueError) as e:
         raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
     encoded = [data.encode_question(tokenizer, q, cfg.max_len, max(map(len, fork_ids))) for q in questions]
-    done = checkpoints(cfg.out_dir)
+    done = fsdp.checkpoints(cfg.out_dir)
     if cfg.max_steps and done and done[-1][0] > cfg.max_steps:
         raise DataError(f"{cfg.out_dir} holds a checkpoint at step {done[-1][0]}, past --max_steps {cfg.max_steps}: "
                         "a run never goes back; choose another --out_dir to train fewer steps")
@@ -406,40 +232,16 @@ def prepare(cfg):
     return questions, encoded, tokenizer, fork_ids, num_trained
 
 
-STOP = []  # the signals received: SIGTERM (a scheduler about to preempt) or SIGINT (Ctrl-C)
-
-
-def on_stop_signal(signum, frame):
-    """First signal: finish the optimiser step, write a checkpoint, exit. A second: stop at once."""
-    if STOP:
-        raise KeyboardInterrupt
-    STOP.append(signum)
-    print0(f"{signal.Signals(signum).name}: finishing this step, then a checkpoint (again to stop at once)")
-
-
 def main(cfg):
     try:
         questions, encoded, tokenizer, fork_ids, num_trained = prepare(cfg)
     except DataError as e:
         sys.exit(f"error: {e}")
     rank, world, device = init_distributed()
-    lock, refused = None, None
-    try:  # one run at a time in a directory: a second one would interleave logs and checkpoints
-        lock = lock_dir(cfg.out_dir) if rank == 0 else None
-    except DataError as e:
-        refused = str(e)
-    handlers = {s: signal.signal(s, on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    STOP.clear()
     try:
-        refused = broadcast(refused)
-        if refused:
-            sys.exit(f"error: {refused}")
-        train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world, device)
+        with stage_run(cfg.out_dir, rank):
+            train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world, device)
     finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        if lock:
-            lock.close()
         close_distributed()
 
 
@@ -450,7 +252,7 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
     total_steps = len(plan)
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     final = os.path.join(cfg.out_dir, "final")
-    done = checkpoints(cfg.out_dir)
+    done = fsdp.checkpoints(cfg.out_dir)
     if done and done[-1][0] >= last_step and os.path.isdir(final):
         if rank == 0:  # nothing to train; a matching.json that no longer reads is rebuilt, exactly
             try:
@@ -465,7 +267,8 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     fork_names = data.fork_tokens(cfg.num_forks)
     try:
-        start, stats = resume(model, optimizer, cfg.out_dir, rank, device)
+        start, stats = fsdp.resume(model, optimizer, cfg.out_dir, rank, device,
+                                   lambda state: match.MatchingStats.from_json(state["matching"]))
     except DataError as e:
         sys.exit(f"error: {e}")
     stats = stats or match.MatchingStats(cfg.matching, fork_names, cfg.fork_style)
@@ -487,7 +290,7 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
            f"sequences), forking tags {data.fork_tag(fork_names[0], cfg.fork_style)!r}.."
            f"{data.fork_tag(fork_names[-1], cfg.fork_style)!r} "
            f"= ids {fork_ids[0]}..{fork_ids[-1]}, "
-           f"{cfg.layout} layout, attention {attention_backend(cfg.layout, device)}"
+           f"{cfg.layout} layout, attention {fsdp.attention_backend(cfg.layout, device)}"
            + (" with a dense boolean tree mask" if cfg.layout == "concat" and device.type != "cuda" else ""))
     skipped = 0
 
@@ -554,14 +357,14 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
                   f"{record['gap'] if record['gap'] is not None else float('nan'):.4f} | "
                   f"{record['tokens_per_s']:7.0f} tok/s | pad {pad_fraction:.2f}", flush=True)
         if all_max(bool(STOP), device) and step + 1 < last_step:  # preempted: every rank stops here
-            path = save_checkpoint(model, optimizer, step + 1, stats, cfg.out_dir, rank)
+            path = fsdp.save_checkpoint(model, optimizer, step + 1, {"matching": stats.to_json()}, cfg.out_dir, rank)
             print0(f"stopped by a signal after step {step + 1}: checkpoint {path}; the same command resumes")
             sys.exit(128 + (STOP[0] if STOP else signal.SIGTERM))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < last_step:
-            save_checkpoint(model, optimizer, step + 1, stats, cfg.out_dir, rank)
+            fsdp.save_checkpoint(model, optimizer, step + 1, {"matching": stats.to_json()}, cfg.out_dir, rank)
 
-    save_checkpoint(model, optimizer, last_step, stats, cfg.out_dir, rank)
-    save_final(model, tokenizer, hf_config, final, rank, {"fork_style": cfg.fork_style, "num_forks": cfg.num_forks})
+    fsdp.save_checkpoint(model, optimizer, last_step, {"matching": stats.to_json()}, cfg.out_dir, rank)
+    fsdp.save_final(model, tokenizer, hf_config, final, rank, {"fork_style": cfg.fork_style, "num_forks": cfg.num_forks})
     print0(f"done: {last_step} steps, {skipped} skipped. Outputs in {cfg.out_dir}/: metrics.jsonl "
            f"(one line per step), matching.json (configuration counts per epoch), checkpoints/, "
            f"final/ (Hugging Face model + tokenizer with {fork_names[0]}..{fork_names[-1]})")
