@@ -223,13 +223,14 @@ def build_text(tokenizer, prompt, tag, trace=""):
     return prompt_text(tokenizer, prompt) + tag + (trace + tokenizer.eos_token if trace else "")
 
 
-def encode_question(tokenizer, q, max_len, tag_len=1):
+def encode_question(tokenizer, q, max_len, tag_len=1, layout="batch"):
     """Token ids of one question: {"prompt_ids", "trace_ids": [...], "truncated": int}.
 
     Tokenising the prompt, the tag and each trace apart gives the ids of `build_text`'s string
     (the tokenizer splits at a special token, and a text tag ends in a newline), and lets a
     question's M traces share one tokenised prompt. Traces are cut so that prompt + tag + trace <=
-    max_len tokens, for tags of up to `tag_len` tokens.
+    max_len tokens, for tags of up to `tag_len` tokens; under the concat layout so that the whole
+    row, prompt + M x (tag + trace), fits max_len (concat_room: the room is shared out evenly).
     """
     prompt_ids = encode_prompt(tokenizer, q["prompt"])
     room = max_len - len(prompt_ids) - tag_len
@@ -239,9 +240,26 @@ def encode_question(tokenizer, q, max_len, tag_len=1):
     trace_ids, truncated = [], 0
     for t in q["traces"]:  # a literal "<think1>" or "<|im_end|>" inside a trace stays plain text
         ids = tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True) + [tokenizer.eos_token_id]
-        truncated += len(ids) > room
-        trace_ids.append(ids[:room])
-    return {"prompt_ids": prompt_ids, "trace_ids": trace_ids, "truncated": truncated}
+        trace_ids.append(ids)
+    rooms = [room] * len(trace_ids) if layout == "batch" else \
+        concat_room([len(t) for t in trace_ids], max_len - len(prompt_ids) - tag_len * len(trace_ids))
+    if min(rooms, default=1) < 1:
+        raise DataError(f"{q.get('where', 'a question')}: a prompt of {len(prompt_ids)} tokens leaves no room for "
+                        f"{len(trace_ids)} traces in one --layout concat row of --max_len {max_len}: {q['prompt'][:60]!r}")
+    truncated = sum(len(ids) > r for ids, r in zip(trace_ids, rooms))
+    return {"prompt_ids": prompt_ids, "trace_ids": [ids[:r] for ids, r in zip(trace_ids, rooms)],
+            "truncated": truncated}
+
+
+def concat_room(lengths, room):
+    """Tokens each trace may keep so that together they hold at most `room` (the concat row's bound):
+    the shortest traces first, each taking at most an even share of what is left, so that a short
+    trace is never cut and the long ones are cut to equal lengths. [int] in the order of `lengths`."""
+    keep = [0] * len(lengths)
+    for done, i in enumerate(sorted(range(len(lengths)), key=lambda i: lengths[i])):
+        keep[i] = min(lengths[i], room // (len(lengths) - done))
+        room -= keep[i]
+    return keep
 
 
 def make_sequence(prompt_ids, tag_ids, trace_ids, max_trace_tokens=None):
@@ -285,15 +303,34 @@ def make_branches(prompt_ids, branches):
     return input_ids, labels, position_ids, branch_ids
 
 
-def collate_branches(rows, pad_id):
+def collate_branches(rows, pad_id, bucket=False):
     """Rows of make_branches -> input_ids, labels, position_ids, branch_ids: [B, L], right-padded
-    (padding has branch id -1). A PAD row is ([pad_id], [IGNORE], [0], [-1])."""
+    (padding has branch id -1). A PAD row is ([pad_id], [IGNORE], [0], [-1]). bucket: L is rounded
+    up by bucket_length, so that FlexAttention compiles one graph per bucket, not per length."""
     width = max(len(r[0]) for r in rows)
+    width = bucket_length(width) if bucket else width
     out = [torch.full((len(rows), width), fill, dtype=torch.long) for fill in (pad_id, IGNORE, 0, -1)]
     for b, row in enumerate(rows):
         for tensor, values in zip(out, row):
             tensor[b, :len(values)] = torch.tensor(values)
     return out
+
+
+def bucket_length(length, per_octave=4, smallest=128):
+    """The row width `length` is padded to under FlexAttention: a multiple of 2^(e - 2) for lengths
+    in [2^e, 2^(e+1)) (four widths per octave: at most 25% padding), and at least `smallest` (its
+    block size). A run of rows up to L tokens so compiles at most num_buckets(L) graphs, where every
+    distinct length would compile one (torch guards on the BlockMask's lengths) and, past Dynamo's
+    recompile limit, fall back to eager FlexAttention, which materialises the B x H x L x L scores."""
+    if length <= smallest:
+        return smallest
+    step = 2 ** max(0, length.bit_length() - 1 - (per_octave.bit_length() - 1))
+    return -(-length // step) * step
+
+
+def num_buckets(max_len, per_octave=4, smallest=128):
+    """How many widths bucket_length gives to rows of 1..max_len tokens."""
+    return len({bucket_length(n, per_octave, smallest) for n in range(1, max_len + 1)})
 
 
 def tree_mask(branch_ids):
@@ -338,6 +375,19 @@ def split_over_ranks(sizes, world_size):
         ranks[r].append(i)
         load[r] += size
     return ranks
+
+
+def balance(loads, world_size):
+    """Items spread over ranks by load (tokens): the largest first, each onto the rank with the least
+    load so far (longest-processing-time first), so that a step waits less for its slowest rank.
+    Returns, per rank, the indices of its items in ascending order. Deterministic, so every rank
+    computes the same split without communication."""
+    ranks, total = [[] for _ in range(world_size)], [0] * world_size
+    for i in sorted(range(len(loads)), key=lambda i: (-loads[i], i)):
+        r = min(range(world_size), key=lambda r: (total[r], r))
+        ranks[r].append(i)
+        total[r] += loads[i]
+    return [sorted(r) for r in ranks]
 
 
 def pad_item(pad_id, layout="batch"):

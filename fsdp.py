@@ -5,6 +5,7 @@ export. Nothing here knows about the matching or the policy: each stage passes w
 The recipe is the canonical one (pytorch/examples FSDP2, torchtitan): fully_shard each decoder layer,
 then the root; build the optimiser after sharding; bf16 compute with fp32 gradient reduction on GPU.
 """
+import copy
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_model_state_dict,
                                                      set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 import match
@@ -49,9 +51,12 @@ def shard(lm, device, activation_checkpointing=False, cpu_offload=False):
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    # the mesh of `device`'s type: without one fully_shard builds a CUDA mesh whenever CUDA exists,
+    # and a CPU model (test_gpu's fp32 reference on a GPU host) would get its inputs moved to cuda:0
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for layer in lm.model.layers:
-        fully_shard(layer, mp_policy=mp, offload_policy=offload)
-    fully_shard(model, mp_policy=mp, offload_policy=offload)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)
     return model
 
 
@@ -102,23 +107,57 @@ def load_model(name, tokenizer, rank, device, layout="batch", seed=0, activation
     return model, config
 
 
-def save_final(model, tokenizer, config, path, rank, forks):
+def save_final(model, tokenizer, config, path, rank, forks, shard_gib=2.0):
     """A consolidated bf16 Hugging Face directory: from_pretrained loads it, forking tokens intact,
     and ssft.json says how the model was prompted ({"fork_style", "num_forks"}: infer.py reads it).
+    Written tensor by tensor from the sharded model, never as a whole: each tensor is gathered
+    (a collective on every rank), cast to bf16 on rank 0's CPU and kept until its safetensors file
+    of at most `shard_gib` GiB is written, so rank 0 holds one file's tensors and one gathered fp32
+    tensor at a time, not the fp32 state dict beside a bf16 copy (196 GB at 32B).
     Written to a temporary name and renamed, so a half-written final/ never exists."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-    logging.disable_progress_bar()  # a bar for one shard says nothing
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+    tmp = path + ".tmp"
     if rank == 0:
-        with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(config)
-        lm.load_state_dict({k[3:]: v.to(torch.bfloat16) for k, v in full.items()}, assign=True)
-        lm.config.use_cache = lm.generation_config.use_cache = True  # training turned the KV cache off
-        lm.config.dtype = torch.bfloat16
-        tmp = path + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        lm.save_pretrained(tmp)
+        os.makedirs(tmp)
+    seen, tensors = set(), []  # a tied lm_head is the embedding's own Parameter: written once
+    for name, t in model.lm.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            tensors.append((name, t))
+    files, size = [[]], 0
+    for name, t in tensors:  # the same plan on every rank: the shapes are global
+        if files[-1] and size + 2 * t.numel() > shard_gib * 2 ** 30:
+            files.append([])
+            size = 0
+        files[-1].append((name, t))
+        size += 2 * t.numel()
+    names = ["model.safetensors"] if len(files) == 1 else \
+        [f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))]
+    weight_map = {}
+    for fname, group in zip(names, files):
+        out = {}
+        for name, t in group:
+            full = t.full_tensor() if hasattr(t, "full_tensor") else t
+            if rank == 0:
+                out[name] = full.detach().to("cpu", torch.bfloat16).contiguous()
+                weight_map[name] = fname
+            del full
+        if rank == 0:
+            save_file(out, os.path.join(tmp, fname), metadata={"format": "pt"})
+        del out
+    if rank == 0:
+        if len(files) > 1:
+            total = sum(2 * t.numel() for _, t in tensors)
+            write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                       {"metadata": {"total_size": total}, "weight_map": weight_map})
+        config = copy.deepcopy(config)
+        config.use_cache = True  # training turned the KV cache off
+        config.architectures = [type(model.lm).__name__]  # vLLM and the hub pick the class from it
+        config.dtype = torch.bfloat16
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(os.path.join(tmp, "ssft.json"), forks)
         if os.path.isdir(path):  # keep the previous final/ until the new one is complete
@@ -138,10 +177,12 @@ def checkpoints(out_dir):
     return sorted((int(d[5:]), os.path.join(root, d)) for d in names if re.fullmatch(r"step_\d+", d))
 
 
-def save_checkpoint(model, optimizer, step, state, out_dir, rank):
+def save_checkpoint(model, optimizer, step, state, out_dir, rank, keep=2):
     """Sharded model + optimiser (torch.distributed.checkpoint) and the stage's own state, a JSON
     object written as trainer_state.json with "step" added. The data order and every sampled choice
-    are pure functions of (seed, step), so `step` is all the RNG state."""
+    are pure functions of (seed, step), so `step` is all the RNG state. Once it is complete, only
+    the newest `keep` complete checkpoints stay (prune_checkpoints; 0 keeps all): at 32B each is
+    about 393 GB."""
     path = os.path.join(out_dir, "checkpoints", f"step_{step:06d}")
     if os.path.isdir(path):  # complete already (a rerun of a finished run)
         return path
@@ -154,8 +195,19 @@ def save_checkpoint(model, optimizer, step, state, out_dir, rank):
     if rank == 0:
         write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, **state})
         os.replace(tmp, path)  # only a complete checkpoint gets a step_ name
+        prune_checkpoints(out_dir, keep)
     dist.barrier()
     return path
+
+
+def prune_checkpoints(out_dir, keep):
+    """Deletes all but the newest `keep` complete checkpoints (keep 0: none deleted). Called after a
+    checkpoint is complete, so a kill at any moment leaves at least one that loads; half-written
+    (.tmp) and set-aside (.corrupt) ones are never touched here."""
+    for _, old in checkpoints(out_dir)[:-keep] if keep else []:
+        shutil.rmtree(old + ".del", ignore_errors=True)
+        os.replace(old, old + ".del")  # no longer a step_ name: a kill mid-delete leaves no half checkpoint
+        shutil.rmtree(old + ".del", ignore_errors=True)
 
 
 def resume(model, optimizer, out_dir, rank, device, read_state):

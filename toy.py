@@ -46,7 +46,7 @@ HELD_OUT_SEED = 10_000  # seed of the held-out questions (infer.py --data toy, t
 # The concat layout (Appendix A.5) computes each prompt once per question instead of once per trace: the toy's
 # prompt is about a third of each sequence, so both passes run about 40% faster on a CPU than in the batch layout.
 TRAIN_DEFAULTS = dict(num_forks=4, match_tokens=4, epochs=4, lr=3e-3, batch_size=64, layout="concat", micro_batch=8,
-                      match_batch=256, max_len=128, activation_checkpointing=False, save_every=0)
+                      match_batch=256, max_len=256, activation_checkpointing=False, save_every=0)
 
 # Qwen2's pre-tokenizer regex: the reloaded Qwen2Tokenizer rebuilds exactly this split.
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -33,6 +33,7 @@ import torch.distributed as dist
 import data
 import fsdp
 import match
+import memory
 import toy
 from common import (STOP, DataError, all_max, all_sum, append_jsonl, changed_settings, close_distributed,
                     init_distributed, parse_flags, print0, read_json, read_jsonl, stage_run, writable_dir,
@@ -58,6 +59,7 @@ class Config:
     max_len: int = 32768  # tokens of prompt + forking tag + trace; longer traces are cut (toy: 128)
     seed: int = 0  # data order, random matchings and new embedding rows all derive from it
     save_every: int = 50  # a resumable checkpoint every this many steps (0: only at the end)
+    keep_checkpoints: int = 2  # complete checkpoints kept, the newest; older ones go once a newer one is complete (0: all)
     warmup: float = 0.05  # fraction of the steps spent in linear warm-up
     weight_decay: float = 1e-4  # AdamW weight decay (betas 0.9, 0.95)
     grad_clip: float = 1.0  # clip the global gradient norm to this
@@ -66,9 +68,10 @@ class Config:
     skip_nonfinite: bool = False  # skip a batch whose loss is not finite instead of stopping
     toy_questions: int = 2000  # number of training questions of the toy task
     trust_remote_code: bool = False  # let transformers run code shipped with the model
+    plan: str = ""  # GPUSxGiB, e.g. 8x80: print the memory plan of these flags from config.json alone, exit 0 if it fits, 3 if not
 
 
-RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir"}  # may change on resume
+RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir", "keep_checkpoints", "plan"}  # may change on resume
 MAX_FORKS = 1024  # bound on --num_forks: each is a vocabulary entry and N forwards per trace and step
 
 
@@ -91,7 +94,13 @@ def parse_config(argv=None):
                 f"--grad_clip must be > 0 (got {cfg.grad_clip})" if not cfg.grad_clip > 0 else None,
                 f"--warmup must be in [0, 1) (got {cfg.warmup})" if not 0 <= cfg.warmup < 1 else None,
                 f"--weight_decay must be >= 0 (got {cfg.weight_decay})" if not cfg.weight_decay >= 0 else None,
-                "--max_steps and --save_every must be >= 0" if min(cfg.max_steps, cfg.save_every) < 0 else None]
+                "--max_steps, --save_every and --keep_checkpoints must be >= 0"
+                if min(cfg.max_steps, cfg.save_every, cfg.keep_checkpoints) < 0 else None]
+    if cfg.plan:
+        try:
+            memory.parse_gpus(cfg.plan)
+        except ValueError as e:
+            problems.append(str(e))
     problems = [p for p in problems if p]
     if problems:
         parser.error("; ".join(problems))
@@ -169,11 +178,13 @@ def training_rows(questions, matched, fork_ids, layout):
 
 
 def model_inputs(rows, layout, pad_id, device):
-    """A micro-batch as the keyword arguments of SequenceNLL.forward."""
+    """A micro-batch as the keyword arguments of SequenceNLL.forward. Concat rows on CUDA are padded
+    to data.bucket_length: FlexAttention then compiles one graph per bucket, not one per length."""
     if layout == "batch":
         input_ids, labels, attention_mask = (t.to(device) for t in data.collate(rows, pad_id))
         return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
-    input_ids, labels, position_ids, branch_ids = (t.to(device) for t in data.collate_branches(rows, pad_id))
+    input_ids, labels, position_ids, branch_ids = (t.to(device) for t in data.collate_branches(
+        rows, pad_id, bucket=device.type == "cuda"))
     return dict(input_ids=input_ids, labels=labels, attention_mask=data.tree_attention(branch_ids),
                 position_ids=position_ids)
 
@@ -220,7 +231,7 @@ def prepare(cfg):
         tokenizer, fork_ids, num_trained = load_tokenizer(cfg)
     except (OSError, ValueError) as e:
         raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
-    encoded = [data.encode_question(tokenizer, q, cfg.max_len, max(map(len, fork_ids))) for q in questions]
+    encoded = [data.encode_question(tokenizer, q, cfg.max_len, max(map(len, fork_ids)), cfg.layout) for q in questions]
     done = fsdp.checkpoints(cfg.out_dir)
     if cfg.max_steps and done and done[-1][0] > cfg.max_steps:
         raise DataError(f"{cfg.out_dir} holds a checkpoint at step {done[-1][0]}, past --max_steps {cfg.max_steps}: "
@@ -232,7 +243,39 @@ def prepare(cfg):
     return questions, encoded, tokenizer, fork_ids, num_trained
 
 
+def memory_plan(cfg, gpus, traces=4):
+    """memory.train_plan of this run's flags on `gpus` GPUs from --model's config.json alone (fused
+    AdamW: train.py's optimiser on CUDA). traces: M, the most traces of a question."""
+    shape = memory.read_shape(toy.make_model(toy.make_tokenizer()).config.to_dict() if cfg.model == "toy"
+                              else cfg.model)
+    return memory.train_plan(shape, gpus, cfg.layout, cfg.max_len, cfg.micro_batch, cfg.match_batch, cfg.match_tokens,
+                             cfg.num_forks, traces, cfg.activation_checkpointing, cfg.cpu_offload, fused_adamw=True)
+
+
+PLAN_HINT = ("to fit: --cpu_offload true (sharded state to host memory), a smaller --max_len or --micro_batch, "
+             "--activation_checkpointing true, or more GPUs (docs/scaling.md)")
+
+
+def print_plan(cfg):
+    """--plan GPUSxGiB: the memory table of these flags, then one JSON line; exit 0 if it fits, 3 if not.
+    Reads only --model's config.json: no weights, tokenizer or data."""
+    gpus, gib = memory.parse_gpus(cfg.plan)
+    try:
+        plan = memory_plan(cfg, gpus)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    lines, fits = memory.format_plan(plan, gpus, gib)
+    print("\n".join(lines + ([] if fits else [f"  {PLAN_HINT}"])))
+    print(json.dumps({"peak_gib_per_gpu": round(plan["peak_gib_per_gpu"], 1),
+                      "host_gib_per_rank": round(plan["host_gib_per_rank"], 1), "fits": fits, "gpus": gpus,
+                      "gib_per_gpu": gib, "layout": cfg.layout, "max_len": cfg.max_len,
+                      "micro_batch": cfg.micro_batch, "cpu_offload": cfg.cpu_offload}))
+    sys.exit(0 if fits else 3)
+
+
 def main(cfg):
+    if cfg.plan:
+        print_plan(cfg)
     try:
         questions, encoded, tokenizer, fork_ids, num_trained = prepare(cfg)
     except DataError as e:
@@ -263,8 +306,21 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
         print0(f"{cfg.out_dir}: complete at step {done[-1][0]}; final/ holds its model")
         return
 
+    if device.type == "cuda":  # refuse before loading 65 GB what cannot fit the GPUs we are on
+        gib = torch.cuda.get_device_properties(device).total_memory / memory.GIB
+        lines, fits = memory.format_plan(memory_plan(cfg, world, max(len(q["traces"]) for q in questions)), world, gib)
+        print0("\n".join(lines))
+        if not fits:
+            sys.exit(f"error: these flags do not fit {world} x {gib:.0f} GiB; {PLAN_HINT}")
+        if cfg.layout == "concat":  # one FlexAttention graph per row-width bucket (data.bucket_length)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       data.num_buckets(cfg.max_len) + 2)
+    if cfg.cpu_offload:  # torchrun sets OMP_NUM_THREADS=1: the offloaded AdamW step would use one core
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     model, hf_config = load_model(cfg, tokenizer, fork_ids, num_trained, rank, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    # fused AdamW on CUDA: the foreach path allocates a temporary the size of the sharded state at step()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                                  fused=True if device.type == "cuda" else None)
     fork_names = data.fork_tokens(cfg.num_forks)
     try:
         start, stats = fsdp.resume(model, optimizer, cfg.out_dir, rank, device,
@@ -285,7 +341,8 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
     per_epoch = [sum(e == epoch for e, _ in plan) for epoch in range(cfg.epochs)]
     per_epoch = str(min(per_epoch)) if min(per_epoch) == max(per_epoch) else f"{min(per_epoch)} to {max(per_epoch)}"
     print0(f"{len(questions)} questions, {sum(len(q['traces']) for q in questions)} traces "
-           f"({sum(e['truncated'] for e in encoded)} truncated to --max_len {cfg.max_len}), {world} rank(s) on "
+           f"({sum(e['truncated'] for e in encoded)} truncated to --max_len {cfg.max_len}"
+           f"{', cut evenly so that each question row fits it' if cfg.layout == 'concat' else ''}), {world} rank(s) on "
            f"{device.type}, steps {start}..{last_step} of {total_steps} ({per_epoch} per epoch of <= {cfg.batch_size} "
            f"sequences), forking tags {data.fork_tag(fork_names[0], cfg.fork_style)!r}.."
            f"{data.fork_tag(fork_names[-1], cfg.fork_style)!r} "
@@ -297,7 +354,9 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
     for step in range(start, last_step):
         t0 = time.time()
         epoch, batch = plan[step]
-        mine = [batch[i] for i in data.split_over_ranks([len(questions[i]["traces"]) for i in batch], world)[rank]]
+        # questions over ranks by the tokens of their matching forwards (prompt + tag + first K per trace)
+        mine = [batch[i] for i in data.balance([sum(len(encoded[q]["prompt_ids"]) + 1 + min(cfg.match_tokens, len(t))
+                                                    for t in encoded[q]["trace_ids"]) for q in batch], world)[rank]]
         mine_encoded = [encoded[q] for q in mine]
 
         # Eq. 3-4: the matching pass, the same number of no-grad forwards on every rank
@@ -322,7 +381,10 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
         if not nonfinite:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            rows = training_rows(mine_encoded, matched, fork_ids, cfg.layout)
+            # every rank holds every matching: the step's rows go over the ranks by tokens, so a rank with
+            # one question of long traces does not hold the others up (a question's rows may be split)
+            rows = training_rows([encoded[q] for q in batch], [all_matched[q] for q in batch], fork_ids, cfg.layout)
+            rows = [rows[i] for i in data.balance([len(r[0]) for r in rows], world)[rank]]
             loss, _, global_input, pad_fraction = training_pass(model, rows, cfg.micro_batch, cfg.layout, pad_id, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -357,13 +419,16 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
                   f"{record['gap'] if record['gap'] is not None else float('nan'):.4f} | "
                   f"{record['tokens_per_s']:7.0f} tok/s | pad {pad_fraction:.2f}", flush=True)
         if all_max(bool(STOP), device) and step + 1 < last_step:  # preempted: every rank stops here
-            path = fsdp.save_checkpoint(model, optimizer, step + 1, {"matching": stats.to_json()}, cfg.out_dir, rank)
+            path = fsdp.save_checkpoint(model, optimizer, step + 1, {"matching": stats.to_json()}, cfg.out_dir, rank,
+                                        keep=cfg.keep_checkpoints)
             print0(f"stopped by a signal after step {step + 1}: checkpoint {path}; the same command resumes")
             sys.exit(128 + (STOP[0] if STOP else signal.SIGTERM))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < last_step:
-            fsdp.save_checkpoint(model, optimizer, step + 1, {"matching": stats.to_json()}, cfg.out_dir, rank)
+            fsdp.save_checkpoint(model, optimizer, step + 1, {"matching": stats.to_json()}, cfg.out_dir, rank,
+                                        keep=cfg.keep_checkpoints)
 
-    fsdp.save_checkpoint(model, optimizer, last_step, {"matching": stats.to_json()}, cfg.out_dir, rank)
+    fsdp.save_checkpoint(model, optimizer, last_step, {"matching": stats.to_json()}, cfg.out_dir, rank,
+                                        keep=cfg.keep_checkpoints)
     fsdp.save_final(model, tokenizer, hf_config, final, rank, {"fork_style": cfg.fork_style, "num_forks": cfg.num_forks})
     print0(f"done: {last_step} steps, {skipped} skipped. Outputs in {cfg.out_dir}/: metrics.jsonl "
            f"(one line per step), matching.json (configuration counts per epoch), checkpoints/, "
