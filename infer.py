@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import memory
 import score
 import toy
 from common import (DataError, append_jsonl, changed_settings, close_distributed, init_distributed, parse_flags,
@@ -314,6 +315,26 @@ def show_prompts(tokenizer, problem, forks, tag_ids, style):
         print(f"----- {fork or 'no forking token'} ({len(ids)} tokens; tag ids {tag_ids.get(fork, [])})\n{text}")
 
 
+def check_memory(cfg, device):
+    """Refuses, before loading, a model whose weights and KV cache cannot fit one rank: every rank
+    holds a whole copy (read on its CPU first), and the cache of --batch_size (or --samples) streams
+    of a 1024-token prompt + --max_new_tokens (memory.infer_plan: 256 GiB for 32B, 32 x 32k)."""
+    try:
+        shape = memory.read_shape(cfg.model)
+    except ValueError:  # no plain config.json: from_pretrained says what is wrong
+        return
+    streams, context = cfg.batch_size or cfg.samples, memory.PROMPT_TOKENS + cfg.max_new_tokens
+    weights, kv = memory.infer_plan(shape, streams, context, 2 if device.type == "cuda" else 4)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / memory.GIB \
+        / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    have = torch.cuda.get_device_properties(device).total_memory / memory.GIB if device.type == "cuda" else host
+    if weights + kv > have or weights > host:
+        raise SystemExit(f"error: --model {cfg.model}: {weights:.0f} GiB of weights + {kv:.0f} GiB of KV cache "
+                         f"({streams} streams x {context} tokens) do not fit {have:.0f} GiB on {device.type} per rank "
+                         f"(host {host:.0f} GiB): infer.py keeps a whole model per rank; lower --batch_size or "
+                         "--max_new_tokens, or serve it with vLLM (docs/vllm.md)")
+
+
 def main(cfg):
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -340,6 +361,7 @@ def main(cfg):
 
     rank, world, device = init_distributed()  # plain python: a world of one
     try:
+        check_memory(cfg, device)
         # bf16 as trained on GPUs; fp32 on CPU
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         try:
