@@ -314,6 +314,8 @@ def main(cfg):
     t0 = time.time()
     rows = [r for shape in cfg.shapes.split(",") for r in bench_train(cfg, shape, device, fork_ids, pad_id, low, peak)]
     for bench in (bench_ssft, bench_decode):
+        # saved before each stage: a run stopped at its time cap (gpu_check.sh) keeps what it measured
+        save(cfg, name, env, rows, None)
         rows += bench(cfg, device, fork_ids, pad_id, low)
         free_memory(device)
     print(f"\n{'bench':<32}{'case':<30}{'A':>11}{'B':>11}{'A/B':>7}{'MFU A|B':>14}{'peak GiB A|B':>15}  note")
@@ -324,11 +326,16 @@ def main(cfg):
     result = summary(rows, cfg)
     print(f"A, B: medians; n/a: out of memory, or MFU and memory on the CPU. {time.time() - t0:.0f} s, {cfg.out}")
     print("summary: " + json.dumps(result))
+    save(cfg, name, env, rows, result)
+    close_distributed()
+    return rows
+
+
+def save(cfg, name, env, rows, result):
+    """bench.json: the rows so far and the summary (None while the run is under way)."""
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     write_json(cfg.out, {"device": name, "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                          "config": dataclasses.asdict(cfg), "env": env, "rows": rows, "summary": result})
-    close_distributed()
-    return rows
 
 
 if __name__ == "__main__":
