@@ -142,8 +142,10 @@ def test_flex_attention_compiles_one_graph_per_bucket_not_per_row_length():
     counters.clear()
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False), torch.no_grad():
         for n in lengths:
-            rows = [data.make_branches(list(range(1, 21)), [([7], list(range(20, n - 22))), ([8], [30])])]
+            rows = [data.make_branches(list(range(1, 21)), [([7], list(range(20, n - 3))), ([8], [30])])]
+            assert len(rows[0][0]) == n
             ids, labels, pos, branches = data.collate_branches(rows, 0, bucket=True)
+            assert ids.shape[1] == data.bucket_length(n)
             SequenceNLL(flex)(ids, labels, data.tree_block_mask(branches), pos)
     buckets = {data.bucket_length(n) for n in lengths}
     assert len(buckets) == 2 and 0 < counters["stats"]["unique_graphs"] <= len(buckets) < len(lengths)
