@@ -99,7 +99,7 @@ def train_plan(s, gpus, layout="batch", max_len=32768, micro_batch=1, match_batc
         match_t = max(1, match_batch // (num_forks * traces)) * per_row
     state = [("sharded fp32 weights", 4 * P / gpus), ("sharded fp32 gradients", 4 * P / gpus),
              ("sharded AdamW moments", 8 * P / gpus),
-             ("AdamW step temporary (foreach)", 0 if fused_adamw else 4 * P / gpus)]
+             ("AdamW step temporary (0: fused AdamW)", 0 if fused_adamw else 4 * P / gpus)]
     on_gpu = [(w, 0.0 if cpu_offload else b / GIB) for w, b in state]
     root = 2 * v * h * (1 if s["tied"] else 2)
     act = layer_activation_bytes(s, T)
