@@ -106,8 +106,8 @@ def group_advantages(rewards, scale=True, eps=1e-4):
     """rewards: [B, G] -> advantages [B, G], relative to the question's group (GRPO): r - mean r,
     divided by (std r + eps) when `scale` (the unbiased std, as TRL's GRPOTrainer). A group whose
     rewards are all equal gets A = 0: it carries no signal."""
-    centred = rewards - rewards.mean(1, keepdim=True)
-    return centred / (rewards.std(1, keepdim=True) + eps) if scale else centred
+    centred, std = rewards - rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True)
+    return torch.where(std > 0, centred / (std + eps), 0.0) if scale else centred  # 0, not 0/0, with --eps 0
 
 
 def gfpo_loss(tag_logp, tags, advantages, logpi_start, beta, temperature, num_questions):
@@ -118,6 +118,23 @@ def gfpo_loss(tag_logp, tags, advantages, logpi_start, beta, temperature, num_qu
     pg = -(advantages * logpi_sampled.gather(1, tags)).mean(1)  # [B]
     kl = policy.kl_to_start(policy.log_policy(tag_logp), logpi_start)  # [B]
     return (pg + beta * kl).sum() / num_questions
+
+
+def policy_update(model, prompts, tags, advantages, logpi_start, fork_ids, beta, temperature, num_questions,
+                  micro_batch, pad_id, device):
+    """The backward of this rank's share of the GFPO loss, `micro_batch` questions per forward of
+    N rows (prompt + tag_i): the responses are never computed. tags, advantages: [B, G]; logpi_start:
+    [B, N]. Gradients accumulate in the model; returns this rank's share of the loss (a float)."""
+    model.train()
+    world, loss_sum = dist.get_world_size() if dist.is_initialized() else 1, 0.0
+    for s in range(0, len(prompts), micro_batch):
+        part = slice(s, s + micro_batch)
+        tag_logp = policy.tag_log_probs(model, prompts[part], fork_ids, pad_id, device)
+        loss = gfpo_loss(tag_logp, tags[part].to(device), advantages[part].to(device), logpi_start[part].to(device),
+                         beta, temperature, num_questions)
+        (loss * world).backward()  # x world: FSDP averages gradients over ranks; we want the global mean
+        loss_sum += loss.item()
+    return loss_sum
 
 
 # ----------------------------------------------------------------------------- rollouts
@@ -306,16 +323,8 @@ def train(cfg, questions, prompts, tokenizer, fork_ids, forks, rank, world, devi
         advantages = group_advantages(out["rewards"], cfg.advantage == "std", cfg.eps)
         # 3. the update: a forward over prompts + tags, never the responses
         start_rows = logpi_start[[start_row[q] for q in mine]]
-        model.train()
-        loss_sum = 0.0
-        for s in range(0, len(mine), cfg.micro_batch):
-            tag_logp = policy.tag_log_probs(model, [prompts[q] for q in mine[s:s + cfg.micro_batch]], fork_ids,
-                                            pad_id, device)
-            loss = gfpo_loss(tag_logp, out["tags"][s:s + cfg.micro_batch].to(device),
-                             advantages[s:s + cfg.micro_batch].to(device), start_rows[s:s + cfg.micro_batch].to(device),
-                             cfg.beta, cfg.fork_temperature, cfg.batch_size)
-            (loss * world).backward()  # x world: FSDP averages gradients over ranks; we want the global mean
-            loss_sum += loss.item()
+        loss_sum = policy_update(model, [prompts[q] for q in mine], out["tags"], advantages, start_rows, fork_ids,
+                                 cfg.beta, cfg.fork_temperature, cfg.batch_size, cfg.micro_batch, pad_id, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
