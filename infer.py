@@ -2,7 +2,8 @@
 
 Each response of a problem is prompted with one forking tag after the prompt, <think1> .. <thinkN>
 in turn, and the answers are majority-voted (Cons@k); without aggregation every response uses the
-single token of largest coverage (Eq. 6, select_token.py), and a model without forking tokens (an
+single token of largest coverage (Eq. 6, select_token.py) or, with --fork auto, the tag the model
+itself chooses after the prompt (policy.py's pi; trained by gfpo.py), and a model without forking tokens (an
 SFT baseline) samples from the plain prompt, same count and settings. The prompt is
 data.build_text's, the one training used: the part before the tag is prefilled once and its KV
 cache shared by all the problem's responses. The rows are then scored by score.py (Pass@1, Cons@k,
@@ -22,6 +23,7 @@ top_p 0.95, 32768 new tokens (docs/reproducing.md).
     python infer.py --model out/ssft/final --data ../shared/data/aime24.jsonl --max_new_tokens 32768
     python infer.py --model out/ssft/final --data ../shared/data/aime24.jsonl --fork "<think3>"  # Pass@1
     python infer.py --model out/sft/final --data ../shared/data/aime24.jsonl --fork none         # baseline
+    python infer.py --model out/gfpo/final --data toy --fork auto --samples 16 --max_new_tokens 64  # own tag
     python infer.py --model SSFT-32B --data ../shared/data/math500.jsonl --protocol official     # released model
     python infer.py --model out/ssft/final --data ../shared/data/math500.jsonl --show_prompts    # check by eye
     torchrun --standalone --nproc_per_node 8 infer.py --model out/ssft/final --data ...          # 8 GPUs

@@ -51,7 +51,7 @@ TRAIN_DEFAULTS = dict(num_forks=4, match_tokens=4, epochs=4, lr=3e-3, batch_size
 
 # gfpo.py's defaults for --data toy (the issue's probe: 40 steps of 16 questions x 8 tags at lr 3e-5 move the choice to
 # the best tag while every tag's own accuracy holds; at 3e-4 the choice moved as fast and the responses were damaged).
-GFPO_DEFAULTS = dict(steps=40, batch_size=16, group_size=8, lr=3e-5, max_new_tokens=64, micro_batch=16,
+GFPO_DEFAULTS = dict(steps=40, batch_size=16, group_size=8, lr=1e-5, max_new_tokens=64, micro_batch=16,
                      activation_checkpointing=False, save_every=0)
 
 # Qwen2's pre-tokenizer regex: the reloaded Qwen2Tokenizer rebuilds exactly this split.
