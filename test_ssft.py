@@ -59,7 +59,7 @@ def test_stages_import_downward_only():
         return set().union(*({n} | reach(n, seen + (m,)) for n in graph[m] if n not in seen)) if graph[m] else set()
     for m in graph:
         assert m not in reach(m), f"{m} imports itself through {graph[m]}"
-    for m in ("data", "match", "infer", "score", "select_token", "toy", "common", "fsdp"):
+    for m in ("data", "match", "infer", "score", "select_token", "toy", "common", "fsdp", "gfpo", "policy"):
         assert "train" not in reach(m), f"{m} reaches train.py"
     assert graph["common"] == set() and graph["toy"] <= {"data"}
 
