@@ -57,7 +57,7 @@ class Config:
     steps: int = 10  # optimiser steps, one per rollout batch (the released SSFT-32B-GFPO: 10) (toy: 40)
     batch_size: int = 32  # B, questions per step over all ranks (a multiple of the ranks) (toy: 16)
     group_size: int = 8  # G, tags sampled (and responses generated) per question, >= 2
-    lr: float = 1e-6  # Adam learning rate, constant (toy: 3e-5; 3e-4 damaged the responses)
+    lr: float = 1e-6  # Adam learning rate, constant (toy: 1e-5; on the toy 3e-5 already damaged the responses)
     beta: float = 0.0  # weight of KL(pi || pi_start) over the N tags
     advantage: str = "std"  # std: (r - mean) / (std + eps), GRPO's; mean: r - mean
     eps: float = 1e-4  # added to the group's standard deviation
