@@ -94,9 +94,9 @@ def gold_answer(answer):
 
 def read_gold(answer):
     """The final answer of a gold field: a last line `#### n` (GSM8K) or `A: n` (its model solutions),
-    else its box(es) (parts on one line are read together); in a worked solution (prose: two words
-    outside math, "Since $x^2 = 49$ and $x>0$, $x = 7$.") its answer phrase or last standalone number
-    ("7"), None if it has neither; else the answer itself, delimiters stripped."""
+    else its box(es) (parts a few words apart are read together); in a worked solution (sentences with
+    two words outside math: "Since $x^2 = 49$ and $x>0$, $x = 7$.") its answer phrase or last standalone
+    number ("7"), None if it has neither; else the answer itself, delimiters stripped."""
     answer = str(answer).strip()
     last = answer.rsplit("\n", 1)[-1]
     for mark in ("####", "A:"):
@@ -106,8 +106,8 @@ def read_gold(answer):
     if boxes:
         return ", ".join(boxes)
     outside = re.sub(r"\$\$.+?\$\$|\$.+?\$|\\\(.+?\\\)|\\\[.+?\\\]|\\[a-zA-Z]+(?:\{[^{}]*\})?", " ", answer, flags=re.S)
-    prose = [w for w in re.findall(r"\b[a-zA-Z]{2,}\b", outside) if w.lower() not in ("and", "or")]
-    if len(prose) >= 2 or prose and answer.endswith("."):
+    sentences = answer.endswith(".") or "\n" in answer or len(answer) > 80
+    if sentences and len(re.findall(r"\b[a-zA-Z]{2,}\b", outside)) >= 2:
         return extract_answer(answer, gold="0")
     return strip_math(answer) or None
 
