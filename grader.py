@@ -112,7 +112,7 @@ def read_gold(answer):
     return strip_math(answer) or None
 
 
-ANSWER_IS = re.compile(r"(?i)(?:final answer|the answer)[\s*]*(?:is|:)[\s*:]*|\banswer[\s*]*:[\s*]*")
+ANSWER_IS = re.compile(r"(?i)(?:final answer|the answer)[\s*]*(?:is|:)[\s*:}]*|\banswer[\s*]*:[\s*}]*")  # } of \text{Answer:}
 LETTER_IS = re.compile(r"(?i:answer)(?:[\s*]*(?i:is)[\s*:$]*|[\s*]*:[\s*$]*)\(?([A-D])\b\)?")
 NUMBER = re.compile(r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 DELIMITERS = r"\$\$|\$|\\\(|\\\)|\\\[|\\\]"
@@ -315,8 +315,9 @@ def mv_applies(pred, ref):
 
 def mv_verdict(pred, ref, timeout):
     """math-verify's verdict on `pred` against `ref` (each parsed as the content of a box), with its
-    "equal" for two rational numbers (1/2^98, 1/2006!, a decimal) checked exactly: they must agree to
-    40 significant digits, not within its rounding. Runs in the worker (`worker_main`)."""
+    "equal" for two numbers checked without its chopping of small differences (1/2^98 = 1/2^99,
+    e^{-100} = e^{-101}): rational ones (decimals as written) must agree exactly, irrational ones to
+    40 digits, a decimal and an irrational to 1e-6 relative besides its rounding. Runs in the worker."""
     from math_verify import parse, verify
     from sympy import Eq, Float, Rational
     gold, target = (parse(f"\\boxed{{{s}}}", parsing_timeout=timeout) for s in (ref, pred))
@@ -324,13 +325,15 @@ def mv_verdict(pred, ref, timeout):
         return False
     g, t = (e.rhs if isinstance(e, Eq) and e.lhs.is_Symbol else e for e in (gold[0], target[0]))  # x = 1/3
     try:
-        g, t = (e.xreplace({f: Rational(str(f)) for f in e.atoms(Float)}) for e in (g, t))  # decimals as written
-        if g.is_number and t.is_number and g.is_rational and t.is_rational:
-            difference, scale = abs((g - t).evalf(60)), max(abs(g.evalf(60)), abs(t.evalf(60)))
-            return bool(difference == 0 or difference <= scale * 1e-40)
-    except Exception:  # not sympy numbers (sets, matrices, strings): math-verify's verdict stands
-        pass
-    return True
+        if not (g.is_number and t.is_number):
+            return True  # sets, matrices, expressions with symbols: math-verify's verdict stands
+        decimals = bool(g.atoms(Float) or t.atoms(Float))
+        g, t = (e.xreplace({f: Rational(str(f)) for f in e.atoms(Float)}) for e in (g, t))
+        tolerance = 1e-40 if g.is_rational and t.is_rational or not decimals else 1e-6
+        difference, scale = abs((g - t).evalf(60)), max(abs(g.evalf(60)), abs(t.evalf(60)))
+        return bool(difference <= scale * tolerance)
+    except (AttributeError, TypeError, ValueError):  # not sympy numbers: math-verify's verdict stands
+        return True
 
 
 def worker_main():

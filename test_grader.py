@@ -16,7 +16,7 @@ WRONG = {  # (pred, gold) pairs a careful grader rejects, by family
                                ("2.0001", "2"), (r"0.5\%", "0.5"), (r"\frac{12}", r"\frac{1}{2}"), (r"\frac{12}", "0.5"),
                                ("x=0.3333333", r"\frac{1}{3}")],
     "tiny values": [(r"\frac{1}{2^{99}}", r"\frac{1}{2^{98}}"), (r"\frac{1}{2006!}", r"\frac{1}{2004!}"),
-                    (r"2^{-100}", r"2^{-101}")],
+                    (r"2^{-100}", r"2^{-101}"), ("e^{-100}", "e^{-101}"), (r"\frac{\pi}{10^{20}}", r"\frac{\pi}{10^{21}}")],
     "one-letter prefixes": [("x=3", "y=3"), ("x=2x+1", "y=2x+1"), ("a = 7", "b = 7"), ("x=2x+1", "2x+1")],
     "digits across spaces": [("1 2", "12"), ("1 2", "3"), ("32, 349", "32349"), ("1,2", "12"), ("12,34", "1234"),
                              ("(1,000,000)", "1000000"), (r"1\,2", "12")],
@@ -38,7 +38,8 @@ RIGHT = {  # (pred, gold) pairs every careful grader accepts, by family
                ("(1, 2)", "(1,2)"), ("$7$", "7"), (r"4:30\text{ p.m.}", "4:30 p.m."), (r"\text{4:30 p.m.}", "4:30 p.m.")],
 }
 MATH_VERIFY_ONLY = [(r"3\sqrt{2}", r"\sqrt{18}"), (r"\{3, 4\}", r"\{4, 3\}"), ("3, 5", "5, 3"),
-                    (r"\frac{1}{2^{98}}", r"\frac{2}{2^{99}}"), (r"1.5\times10^{3}", "1500")]
+                    (r"\frac{1}{2^{98}}", r"\frac{2}{2^{99}}"), (r"1.5\times10^{3}", "1500"),
+                    ("1.414214", r"\sqrt{2}")]
 
 
 @pytest.fixture
@@ -111,6 +112,7 @@ def test_an_answer_phrase_loses_the_math_delimiters_around_it():
     assert grader.grade(r"\[Answer: 009\]", "9") == ("009", True)
     assert grader.grade(r"\(Answer: 42\)", "42") == ("42", True)
     assert grader.grade(r"$$Answer: \frac{1}{2}$$", "0.5") == (r"\frac{1}{2}", True)
+    assert grader.grade(r"\[ \text{Answer: } 12 \]", "12") == ("12", True)
 
 
 def test_the_last_number_stands_alone():
