@@ -31,7 +31,7 @@ A row's own correctness labels ("score", "is_correct") are not used to grade, on
 often the grader agrees with them.
 
     python score.py eval/aime24.all.jsonl --set_size 6   # prints the table, writes eval/aime24.all.metrics.json
-    python score.py ../shared/data/math_cot_100x8.jsonl --set_size 8      # writes ./math_cot_100x8.metrics.json
+    python score.py ../shared/data/math_cot_100x8.jsonl --set_size 8      # writes eval/math_cot_100x8.metrics.json
 """
 import itertools
 import math
@@ -260,7 +260,7 @@ def score_rows(rows, path, set_size, out=""):
 class Config:
     rows: str = ""  # the JSONL to score: infer.py's rows, or a labelled file of another layout
     set_size: int = 6  # native_cons set size when responses use fewer than 2 forking tokens (paper: 6)
-    out: str = ""  # the metrics JSON ('' = ROWS.metrics.json beside infer.py's rows, ./NAME.metrics.json else)
+    out: str = ""  # the metrics JSON ('' = ROWS.metrics.json beside infer.py's rows, eval/NAME.metrics.json else)
 
 
 def parse_config(argv=None):
@@ -274,7 +274,8 @@ def parse_config(argv=None):
 def main(cfg):
     rows = read_rows(cfg.rows)
     beside = cfg.rows.removesuffix(".jsonl") + ".metrics.json"
-    out = cfg.out or (beside if all("layout" not in r for r in rows) else os.path.basename(beside))
+    out = cfg.out or (beside if all("layout" not in r for r in rows) else os.path.join("eval", os.path.basename(beside)))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     return score_rows(rows, cfg.rows, cfg.set_size, out)
 
 

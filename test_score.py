@@ -168,7 +168,7 @@ def test_each_layout_is_read_per_row_and_an_unknown_one_names_its_line(tmp_path,
     monkeypatch.chdir(tmp_path / "..")
     m = score.main(score.parse_config([path, "--set_size", "2"]))
     assert m["pass@1"] == pytest.approx((1 / 2 + 1 + 1 / 2) / 3) and m["label_agreement"] == pytest.approx(3 / 4)
-    assert os.path.exists("mixed.metrics.json") and not os.path.exists(tmp_path / "mixed.metrics.json")
+    assert os.path.exists("eval/mixed.metrics.json") and not os.path.exists(tmp_path / "mixed.metrics.json")
     bad = write_rows(tmp_path / "bad.jsonl", [rows[0], {"question": "q", "answers": ["7"]}])
     with pytest.raises(score.DataError, match=r"bad.jsonl:2: unknown layout"):
         score.read_rows(bad)
