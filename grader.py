@@ -1,12 +1,13 @@
 """Grading one response: its answer (`extract_answer`) and whether it equals the gold (`is_equiv`).
 
-score.py counts these verdicts into the paper's metrics (Section 2.3). math-verify, the grader of the
-paper's LightEval evaluation, decides, with two limits. Its "equal" is not taken for two exact
-numbers (integers, decimals, fractions: compared exactly here, so 1000001 is never 1000000 and
-1/2^98 never 1/2^99), clock times (it reads 4:30 as 2/15), answers whose words or `v=` letters
-differ (3 days = 3 hours, y=3 = x=3), digits split by a space ("1 2", which it reads as 3), or a
-runaway answer of over 1,000 characters. Its "not equal" is overturned only by these built-in
-normalisations (`builtin_equal`), each a reason a careful grader accepts:
+score.py counts these verdicts into the paper's metrics (Section 2.3); infer.py and `data.py mix`
+grade with them too. math-verify, the grader of the paper's LightEval evaluation, decides, within
+limits. Two exact numbers (integers, decimals, fractions) never reach it: they are compared exactly,
+so 1,000,001 is never 1,000,000. Its "equal" for two other numbers is checked without its chopping
+of small differences (1/2^98 is not 1/2^99), and is not taken for clock times (it reads 4:30 as
+2/15), answers whose words or `v=` letters differ (3 days, 3 hours; y=3, x=3), digits split by a
+space ("1 2", which it reads as 3), or a runaway answer of over 1,000 characters. Its "not equal" is
+overturned only by these built-in normalisations (`builtin_equal`), each a reason to accept:
     format     $, \\$, \\left/\\right, spaces (never between two digits), \\dfrac -> \\frac, \\frac12 ->
                \\frac{1}{2}, \\sqrt2 -> \\sqrt{2}, \\text{} around words, degrees, a trailing period
     numbers    thousands separators only in proper groups of three (1,000,000; 10{,}000; 6\\,290\\,000),
@@ -20,9 +21,12 @@ whatever thread calls it. Answers are read in this order, the first stage that f
        words join ("x = \\boxed{3} and x = \\boxed{5}" -> "3, 5") are read together, as LightEval does
     2. the last "final answer is X", "the answer is X" or "answer: X" (math delimiters stripped)
     3. a last line "#### X" (GSM8K) or "A: X" (GSM8K's model solutions)
-    4. for a numeric gold only, the last number standing alone (not inside a word or a command's braces)
+    4. for a numeric gold only, the last number standing alone (not inside a word or a pair of braces)
 Multiple-choice rows ("kind": "choice", gold a letter A-D) read a letter: \\boxed{C}, "Answer: C" or
-"answer is (C)", or a last line that is just "C" or "(C)"; letters are compared exactly.
+"answer is (C)", or a last line that is just "C" or "(C)"; letters are compared exactly. Where this
+differs from math-verify and LightEval, and how their own test cases fare: docs/reproducing.md.
+
+    python -m pytest -q test_grader.py   # the families of right and wrong answers, the worker's timeout
 """
 import atexit
 import functools
