@@ -351,15 +351,17 @@ def worker_main():
         print(json.dumps(verdict), flush=True)
 
 
-_worker, _lock = None, threading.Lock()
+_worker, _owner, _lock = None, None, threading.Lock()
 
 
 def ask_worker(pred, ref):
     """math-verify's verdict from the worker process; a worker that does not answer within
-    WORKER_LIMIT seconds is killed (a fresh one starts on the next call) and the verdict is False."""
-    global _worker
+    WORKER_LIMIT seconds is killed (a fresh one starts on the next call) and the verdict is False.
+    One worker per process (a forked child starts its own), its calls serialised by a lock."""
+    global _worker, _owner
     with _lock:
-        if _worker is None or _worker.poll() is not None:
+        if _worker is None or _worker.poll() is not None or _owner != os.getpid():
+            _owner = os.getpid()
             _worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker"], text=True,
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         try:
@@ -379,7 +381,7 @@ def ask_worker(pred, ref):
 
 @atexit.register
 def stop_worker():
-    if _worker is not None and _worker.poll() is None:
+    if _worker is not None and _owner == os.getpid() and _worker.poll() is None:
         _worker.kill()
 
 

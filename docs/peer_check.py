@@ -7,7 +7,7 @@ by grader.grade: a prediction with a box or with prose (a word of 3+ letters out
 response as written, any other is boxed ("The final answer is $\\boxed{...}$."). Results:
 docs/reproducing.md.
 
-    python docs/peer_check.py PATH/TO/Math-Verify PATH/TO/lighteval
+    python docs/peer_check.py PATH/TO/Math-Verify PATH/TO/lighteval   # checkouts, or folders of their test files
 """
 import ast
 import glob
@@ -54,8 +54,12 @@ def as_response(pred):
 
 
 def main(math_verify_dir, lighteval_dir):
-    files = sorted(glob.glob(os.path.join(math_verify_dir, "tests", "test_*.py")))
-    files.append(os.path.join(lighteval_dir, "tests", "unit", "metrics", "test_extractive_match.py"))
+    files = sorted(glob.glob(os.path.join(math_verify_dir, "tests", "test_*.py")) or
+                   glob.glob(os.path.join(math_verify_dir, "test_*.py")))  # a checkout, or its tests/ alone
+    files += [p for p in (os.path.join(lighteval_dir, "tests", "unit", "metrics", "test_extractive_match.py"),
+                          os.path.join(lighteval_dir, "test_extractive_match.py")) if os.path.exists(p)][:1]
+    if len(files) < 2:
+        raise SystemExit(f"no test files under {math_verify_dir} or {lighteval_dir}")
     distinct = {}
     for path in files:
         for gold, pred, expected in cases(path):
