@@ -41,8 +41,8 @@ import sys
 from dataclasses import dataclass
 
 from common import DataError, parse_flags, read_jsonl, write_json
-from grader import (extract_answer, gold_answer, grade, grader_name, is_equiv, last_boxed,  # noqa: F401 (used
-                    letter_of, same_answer)                                                  # as score.X)
+from grader import gold_answer, grade, grader_name, letter_of, same_answer
+from grader import extract_answer, is_equiv, last_boxed  # noqa: F401 (score.X, as infer.py's tests call them)
 
 GOLD_FIELDS = ("gt", "answer", "ground_truth", "solution")  # the gold of a sampled or models row, first found
 
@@ -185,8 +185,8 @@ def print_table(metrics, title):
 # ----------------------------------------------------------------------------- files
 
 def row_layout(row, where):
-    """(gold field, [{"text", "fork", "label"?}], labels?) of one row in any layout of the module
-    docstring; DataError naming `where` for a row of none."""
+    """(gold field, completions [{"text", "fork", "label"?}]) of one row in any layout of the module
+    docstring (a label where the row holds one per response); DataError naming `where` for a row of none."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     gold = next((row[k] for k in GOLD_FIELDS if row.get(k) is not None), None)
@@ -197,7 +197,8 @@ def row_layout(row, where):
             raise DataError(f"{where}: a row needs 'gold' and 'completions': [{{'text', ...}}, ...]")
         return row["gold"], row["completions"]
     if isinstance(row.get("response"), list) and row["response"] and all(isinstance(r, str) for r in row["response"]):
-        labels = row.get("score") if isinstance(row.get("score"), list) else [None] * len(row["response"])
+        labels = row.get("score") if isinstance(row.get("score"), list) and len(row["score"]) == len(row["response"]) \
+            else [None] * len(row["response"])  # labels only where there is one per response
         return gold, [{"text": t, "fork": None, "label": s} for t, s in zip(row["response"], labels)]
     if models:
         return gold, [{"text": v["solution"], "fork": None, "source": k, "label": v.get("is_correct")}
