@@ -106,11 +106,13 @@ def qwen_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def qwen(request):
-    """The Qwen2.5 tokenizer of `qwen_tokenizer()`, built once (12 s) and kept in pytest's cache."""
+def qwen(request, tmp_path_factory):
+    """The Qwen2.5 tokenizer of `qwen_tokenizer()`, built once (12 s) and kept in pytest's cache
+    (in a temporary folder when the cache is off: -p no:cacheprovider)."""
     from transformers import PreTrainedTokenizerFast
     key = hashlib.sha256(f"{QWEN25_ADDED}{QWEN25_TEMPLATE}{toy.QWEN_SPLIT}".encode()).hexdigest()[:12]
-    path = request.config.cache.mkdir(f"qwen25-tokenizer-{key}")
+    cache = getattr(request.config, "cache", None)
+    path = cache.mkdir(f"qwen25-tokenizer-{key}") if cache else tmp_path_factory.mktemp("qwen25-tokenizer")
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
         qwen_tokenizer().save_pretrained(path)
     return PreTrainedTokenizerFast.from_pretrained(path)
