@@ -207,13 +207,19 @@ def prompt_text(tokenizer, prompt):
 
 
 def encode_prompt(tokenizer, prompt):
-    """Token ids of prompt_text, with the user's prompt tokenised as text: a "<think1>" or
-    "<|im_end|>" typed in a question stays plain text, and control tokens come only from the chat
-    template and the forking token. For an ordinary prompt the ids equal those of prompt_text."""
-    marker = "\x00PROMPT\x00"
-    head, tail = prompt_text(tokenizer, marker).split(marker)
+    """Token ids of prompt_text, the template's own rendering (a template that trims the message, as
+    Llama 3 and Qwen3.5 do, drops a trailing newline here too), with the user's prompt tokenised as
+    text: a "<think1>" or "<|im_end|>" typed in a question stays plain text, and control tokens come
+    only from the chat template and the forking token. For an ordinary prompt the ids equal those of
+    prompt_text; a template that changes more than the message is tokenised whole."""
+    text, marker = prompt_text(tokenizer, prompt), "\x00PROMPT\x00"
+    pieces = prompt_text(tokenizer, marker).split(marker)
+    if len(pieces) != 2 or not (text.startswith(pieces[0]) and text.endswith(pieces[1])) \
+            or len(pieces[0]) + len(pieces[1]) > len(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+    head, tail = pieces
     return (tokenizer.encode(head, add_special_tokens=False)
-            + tokenizer.encode(prompt, add_special_tokens=False, split_special_tokens=True)
+            + tokenizer.encode(text[len(head):len(text) - len(tail)], add_special_tokens=False, split_special_tokens=True)
             + tokenizer.encode(tail, add_special_tokens=False))
 
 
@@ -416,12 +422,14 @@ def num_micro_batches(num_sequences, micro_batch):
 def mix(pool_paths, num_traces, per_source, correct_only, seed):
     """The paper's data recipe (Appendix A.3.1): every trace of every file pooled per question (the
     same prompt text), each with its source (the row's `sources`, the s1K teacher, else the file's
-    name); with `correct_only`, only traces whose final answer the project's grader (score.grade)
-    accepts against the question's gold; at most `per_source` per source (0: all); then
-    `num_traces` sampled per question. Seeded per question, so the same seed gives the same file.
-    Returns (rows in the canonical layout, {source: Counter(pooled, wrong, kept)}, skipped prompts)."""
+    name); with `correct_only`, only traces whose final answer the project's grader (grader.grade)
+    accepts against the question's gold, the final answer of its gold field (grader.read_gold: a
+    worked solution's last box, answer phrase, else last standalone number); at most `per_source` per
+    source (0: all); then `num_traces` sampled per question. Seeded per question, so the same seed gives
+    the same file. Returns (rows in the canonical layout, {source: Counter(pooled, wrong, kept)},
+    skipped prompts, prompts whose gold could not be read: all their traces count as wrong)."""
     if correct_only:
-        import score  # here: grading pulls in math-verify, which only this command needs
+        import grader  # here: grading starts math-verify, which only this command needs
     pool, counts = {}, {}
     for path in pool_paths:
         name = os.path.splitext(os.path.basename(path))[0]
@@ -429,13 +437,16 @@ def mix(pool_paths, num_traces, per_source, correct_only, seed):
             entry = pool.setdefault(q["prompt"], {"answer": q["answer"], "traces": []})
             entry["answer"] = entry["answer"] or q["answer"]
             entry["traces"] += zip(q["traces"], q["sources"] or [name] * len(q["traces"]))
-    rows, skipped = [], []
+    rows, skipped, unread = [], [], []
     for prompt, entry in pool.items():
         rng, kept = random.Random(f"{seed}:{prompt}"), []
+        gold = grader.read_gold(entry["answer"]) if correct_only and entry["answer"] else None
+        if correct_only and entry["answer"] and not gold:
+            unread.append(prompt)
         for trace, source in entry["traces"]:
             c = counts.setdefault(source, Counter(pooled=0, wrong=0, kept=0))
             c["pooled"] += 1
-            if correct_only and not (entry["answer"] and score.grade(trace, entry["answer"])[1]):
+            if correct_only and not (gold and grader.grade(trace, gold)[1]):
                 c["wrong"] += 1
             else:
                 kept.append((trace, source))
@@ -455,7 +466,7 @@ def mix(pool_paths, num_traces, per_source, correct_only, seed):
             counts[source]["kept"] += 1
         rows.append({"prompt": prompt, "traces": [t for t, _ in kept], "sources": [s for _, s in kept],
                      "answer": entry["answer"]})
-    return rows, counts, skipped
+    return rows, counts, skipped, unread
 
 
 def summary(questions, tokenizer=None):
@@ -485,7 +496,7 @@ class MixConfig:
     pool: list = field(default_factory=list)  # JSONL or Parquet files of traces for the same questions
     traces: int = 4  # traces sampled per question (the paper's s1k-4mixed-reasoning: 4)
     per_source: int = 0  # at most this many traces of one source per question (0: no limit)
-    correct_only: bool = False  # keep only traces whose final answer score.py accepts against the gold
+    correct_only: bool = False  # keep only traces whose final answer grader.py accepts against the gold's
     seed: int = 0  # the samples are a function of (seed, prompt)
     out: str = "mixed.jsonl"  # the mixed file, in the canonical layout (prompt, traces, sources, answer)
 
@@ -497,9 +508,12 @@ def main(argv):
         cfg = MixConfig(**given)
         if not cfg.pool or cfg.traces < 1 or cfg.per_source < 0:
             parser.error("need --pool FILE [FILE ...], --traces >= 1 and --per_source >= 0")
-        rows, counts, skipped = mix(cfg.pool, cfg.traces, cfg.per_source, cfg.correct_only, cfg.seed)
+        rows, counts, skipped, unread = mix(cfg.pool, cfg.traces, cfg.per_source, cfg.correct_only, cfg.seed)
         for source, c in sorted(counts.items()):
             print(f"{source}: {c['pooled']} pooled, {c['wrong']} dropped as wrong, {c['kept']} kept")
+        if cfg.correct_only:
+            print(f"{len(unread)} golds could not be read (no box, answer phrase or standalone number): their "
+                  f"traces were dropped{': ' + str([p[:50] for p in unread[:5]]) if unread else ''}")
         if skipped:
             print(f"{len(skipped)} questions with no trace left, skipped: {[p[:50] for p in skipped[:5]]}")
         if not rows:

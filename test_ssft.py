@@ -375,6 +375,22 @@ def test_mix_pools_sources_keeps_correct_traces_and_is_a_function_of_the_seed(tm
     assert [r["traces"] for r in other] != [r["traces"] for r in first]  # another seed, another sample
 
 
+def test_mix_reads_the_final_answer_of_a_worked_solution_as_the_gold(tmp_path, capsys):
+    def row(question, solution, deepseek, gemini):
+        return {"question": question, "solution": solution, "deepseek_thinking_trajectory": "think",
+                "deepseek_attempt": deepseek, "gemini_thinking_trajectory": "think", "gemini_attempt": gemini}
+    rows = [row("x^2 = 49, x > 0: x?", "Since $x^2 = 49$ and $x>0$, $x = 7$.", r"So $x = \boxed{7}$.", r"$\boxed{-7}$"),
+            row("Sum?", "We add them up. The answer is 42.", "The answer is 42.", "#### 41"),
+            row("Area?", "Each side is $x$, so the area is $x^2$.", r"\boxed{x^2}", r"\boxed{x^2}")]
+    path = tmp_path / "s1k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mixed = data.main(["mix", "--pool", str(path), "--traces", "2", "--correct_only", "--out", str(tmp_path / "m.jsonl")])
+    assert [(r["prompt"], r["sources"]) for r in mixed] == [("x^2 = 49, x > 0: x?", ["deepseek"]), ("Sum?", ["deepseek"])]
+    said = capsys.readouterr().out
+    assert "deepseek: 3 pooled, 1 dropped as wrong, 2 kept" in said and "gemini: 3 pooled, 3 dropped as wrong" in said
+    assert "1 golds could not be read" in said and "Area?" in said
+
+
 def test_data_check_prints_sources_and_token_lengths(tmp_path, capsys):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(q) + "\n" for q in toy.make_questions(5, seed=1)))
