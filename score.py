@@ -3,9 +3,10 @@
 Each response is graded by grader.py (its answer, and whether it equals the gold). The metrics are
 computed per problem and averaged over problems (Table 1, Figures 4 and 5):
     pass@1         mean correctness of the n responses ("average of 32 generations")
-    cons@k         majority vote of the first k responses taken in turn over the forking tokens
-                   (<think1>, <think2>, ... in tag order: the first of each token, then the second, ...)
-                   for k = 2, 4, 8, ... and n; the same set under cycle and block order
+    cons@k         majority vote of k responses taken in turn over the forking tokens (<think1>,
+                   <think2>, ... in tag order: one of each token, then a second of each, ...), in
+                   expectation over which of its responses each token gives, for k = 2, 4, 8, ... and n
+                   (cons_at_k: exact up to CONS_EXACT subsets, else the mean of CONS_DRAWS seeded draws)
     pass@k         Chen et al. (2021)'s unbiased 1 - C(n-c, k) / C(n, k), for every k <= n (Figure 4)
     native_cons@N  sets of N responses, one per forking token, majority-voted and averaged over the
                    sets ("Pass@1 of Native Cons@6"; the paper's 11 sets of N = 6 take --samples 66)
@@ -38,7 +39,10 @@ import math
 import os
 import re
 import sys
+from collections import Counter
 from dataclasses import dataclass
+
+import numpy as np
 
 from common import DataError, parse_flags, read_jsonl, write_json
 from grader import gold_answer, grade, grader_name, letter_of, same_answer
@@ -123,13 +127,59 @@ def in_turn(completions):
     return [c for turn in itertools.zip_longest(*by_fork) for c in turn if c is not None]
 
 
-def problem_metrics(completions, set_size, tag_order=None):
-    """{metric: value} of one problem's responses; values in [0, 1]. cons@k votes over the first k
-    responses taken in turn over the forking tokens (in_turn)."""
+CONS_EXACT = 5000  # cons@k averages every subset the tokens can give when there are at most this many
+CONS_DRAWS = 1000  # else this many random draws (standard error <= 0.016 per problem)
+
+
+def cons_at_k(completions, k, draws=CONS_DRAWS):
+    """Cons@k of one problem, in [0, 1]: the majority vote (majority_vote's rule, over the problem's
+    vote_groups) of k responses taken in turn over the forking tokens, each token giving as many as
+    it has among the first k of in_turn, in expectation over WHICH of its responses it gives. A
+    function of the set of responses, not of their order (the first k would change with a shuffle):
+    the mean over every subset the tokens can give when there are at most CONS_EXACT (k = n: the one
+    subset of all responses), else over `draws` uniform draws without replacement from a fixed-seed
+    generator over the responses sorted by content. completions: [{"pred", "correct", "fork"}];
+    raises ValueError unless 1 <= k <= n."""
+    if not 1 <= k <= len(completions):
+        raise ValueError(f"cons@{k} needs 1 <= k <= {len(completions)} responses")
+    label = {id(c): g for g, members in enumerate(vote_groups(completions)) for c in members}
+    forks = forks_in_tag_order(c["fork"] for c in completions)
+    give = Counter(c["fork"] for c in in_turn(completions)[:k])
+    by_fork = {f: sorted((c for c in completions if c["fork"] == f), key=lambda c: (c["pred"] or "", bool(c["correct"])))
+               for f in forks}  # equal keys are interchangeable: same group, same grade
+    subsets = [math.comb(len(by_fork[f]), give[f]) for f in forks]
+    exact = math.prod(subsets) <= CONS_EXACT
+    draws = math.prod(subsets) if exact else draws
+    rng = np.random.default_rng(0)
+    votes = np.zeros((draws, max(label.values(), default=0) + 1))  # [draws, groups]: responses drawn
+    right = np.zeros_like(votes)  # [draws, groups]: of them graded correct
+    for position, f in enumerate(forks):  # in tag order, so that nothing depends on the responses' order
+        mine = by_fork[f]
+        if exact:  # draw d takes the subsets numbered by unravelling d over the tokens' subset counts
+            choices = np.array(list(itertools.combinations(range(len(mine)), give[f])), dtype=int)
+            choices = choices.reshape(subsets[position], give[f])  # [subsets of this token, responses it gives]
+            picks = choices[np.unravel_index(np.arange(draws), subsets)[position]]
+        else:
+            picks = rng.random((draws, len(mine))).argsort(axis=1)[:, :give[f]]
+        groups = np.array([label.get(id(c), -1) for c in mine], dtype=int)[picks]  # -1: no answer, never votes
+        correct = np.array([bool(c["correct"]) for c in mine], dtype=float)[picks]
+        rows = np.broadcast_to(np.arange(draws)[:, None], picks.shape)
+        voting = groups >= 0
+        np.add.at(votes, (rows[voting], groups[voting]), 1)
+        np.add.at(right, (rows[voting], groups[voting]), correct[voting])
+    top = votes.max(axis=1, keepdims=True)
+    tied = (votes == top) & (top > 0)  # the largest groups; none when no response has an answer
+    worth = np.where(tied, right / np.maximum(votes, 1), 0).sum(axis=1) / np.maximum(tied.sum(axis=1), 1)
+    return float(worth.mean())
+
+
+def problem_metrics(completions, set_size, tag_order=None, ks=None):
+    """{metric: value} of one problem's responses; values in [0, 1]. cons@k for k in `ks` (default
+    2, 4, 8, ... and n; cons_at_k), pass@k for every k in 2..n, native_cons@N over native_sets."""
     n, c = len(completions), sum(bool(x["correct"]) for x in completions)
-    m, turns = {"pass@1": c / n}, in_turn(completions)
-    for k in sorted({2 ** i for i in range(1, n.bit_length())} | {n}):
-        m[f"cons@{k}"] = majority_vote(turns[:k])
+    m = {"pass@1": c / n}
+    for k in sorted(ks or {2 ** i for i in range(1, n.bit_length())} | {n}):
+        m[f"cons@{k}"] = cons_at_k(completions, k)
     m.update({f"pass@{k}": pass_at_k(n, c, k) for k in range(2, n + 1)})
     sets = native_sets(completions, set_size, tag_order)
     if sets:

@@ -61,21 +61,43 @@ def test_a_tie_is_worth_the_mean_of_the_tied_groups_and_no_answer_is_wrong():
 
 
 def test_every_metric_is_unchanged_when_the_responses_are_shuffled():
-    """With forks: any interleaving of the tokens' responses (each token's own order kept: its native
-    sets); without: any order inside the cons@k prefixes [0, 2), [2, 4), [4, 8) and the native sets."""
+    """Any order of the responses gives the same cons@k and pass@k, with forks and without; native
+    Cons@N sets keep their own membership (set j = each token's j-th response), so they are checked
+    under orders that keep each token's responses in turn (and, without forks, each set's members)."""
     pool = ["7", "7.0", r"\frac{14}{2}", "5", "x=5", r"5\text{ m}", r"5\text{ cm}", None, "8"]
     rng = random.Random(0)
+    native = lambda m: {k: v for k, v in m.items() if k.startswith("native_cons@")}
+    rest = lambda m: {k: v for k, v in m.items() if not k.startswith("native_cons@")}
     for _ in range(30):
         gold = rng.choice(["7", r"5\text{ cm}"])
         forks = [f"<think{k}>" for k in (10, 2, 1) for _ in range(4)]
         responses = graded([rng.choice(pool) for _ in forks], gold, forks)
+        base = score.problem_metrics(responses, 3)
+        assert rest(score.problem_metrics(rng.sample(responses, len(responses)), 3)) == rest(base)
         queues = {f: [c for c in responses if c["fork"] == f] for f in dict.fromkeys(forks)}
-        shuffled = [queues[f].pop(0) for f in rng.sample(forks, len(forks))]
-        assert score.problem_metrics(shuffled, 3) == score.problem_metrics(responses, 3)
+        interleaved = [queues[f].pop(0) for f in rng.sample(forks, len(forks))]
+        assert score.problem_metrics(interleaved, 3) == base
         plain = graded([rng.choice(pool) for _ in range(8)], gold)
-        blocks = [plain[0:2], plain[2:4], plain[4:8]]
-        shuffled = [c for b in blocks for c in rng.sample(b, len(b))]
-        assert score.problem_metrics(shuffled, 4) == score.problem_metrics(plain, 4)
+        base = score.problem_metrics(plain, 4)
+        assert rest(score.problem_metrics(rng.sample(plain, len(plain)), 4)) == rest(base)
+        sets = [plain[0:4], plain[4:8]]
+        assert native(score.problem_metrics([c for s in sets for c in rng.sample(s, 4)], 4)) == native(base)
+
+
+def test_cons_at_k_is_the_expected_vote_over_which_responses_each_token_gives():
+    """k < n: the mean over every subset the tokens can give (enumerated here) of majority_vote;
+    k = n: majority_vote of all the responses."""
+    forks = ["<think1>"] * 3 + ["<think2>"] * 3
+    responses = graded(["7", "7", "5", "5", "8", None], "7", forks)
+    subsets = [[a, b] for a in responses[:3] for b in responses[3:]]  # cons@2: one of each token
+    exact = sum(score.majority_vote(s) for s in subsets) / len(subsets)
+    assert score.cons_at_k(responses, 2) == pytest.approx(exact)
+    assert score.cons_at_k(responses, 6) == score.majority_vote(responses)
+    plain = graded(["7", "5", "5", "7", "8"], "7")
+    exact = sum(score.majority_vote(list(s)) for s in itertools.combinations(plain, 3)) / 10
+    assert score.cons_at_k(plain, 3) == pytest.approx(exact)
+    many = graded(["7", "5", "5", "7", "8", None] * 4, "7")  # C(24, 12) subsets: drawn, not enumerated
+    assert score.cons_at_k(many, 12) == pytest.approx(score.cons_at_k(many, 12, draws=4000), abs=0.05)
 
 
 def test_cons_at_k_takes_the_tokens_in_tag_order():
@@ -88,7 +110,8 @@ def test_choice_rows_vote_over_letters(tmp_path):
     rows = [{"id": "q", "kind": "choice", "gold": "B",
              "completions": texts("Answer: A", "Answer: B", "answer is (B)", "no idea")}]
     m = score.main(score.parse_config([write_rows(tmp_path / "gpqa.jsonl", rows), "--set_size", "2"]))
-    assert m["pass@1"] == 0.5 and m["cons@2"] == 0.5 and m["cons@4"] == 1.0 and m["unparseable"] == 0.25  # A-B tie
+    assert m["pass@1"] == 0.5 and m["cons@4"] == 1.0 and m["unparseable"] == 0.25
+    assert m["cons@2"] == pytest.approx((0.5 + 0.5 + 0 + 1 + 1 + 1) / 6)  # AB AB A- BB B- B-: A-B ties are worth 0.5
 
 
 # ----------------------------------------------------------------------------- rows files and metrics

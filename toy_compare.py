@@ -163,10 +163,10 @@ def run_metrics(variant, run_dir, max_k):
     out = {"purity": float(np.mean([p["purity"] for p in per_token.values()])),
            "distinct_styles": len({p["majority"] for p in per_token.values()} - {None}),
            "pass@1": metrics["pass@1"], "pass@1_selected": per_token[selected]["accuracy"], "native_cons@N": native}
-    for k in range(1, max_k + 1):  # every k, votes taken in turn over the tokens (score.in_turn)
-        out[f"cons@{k}"] = float(np.mean([score.majority_vote(score.in_turn(r["completions"])[:k]) for r in rows]))
-        out[f"pass@{k}"] = float(np.mean([score.pass_at_k(len(r["completions"]),
-                                                          sum(c["correct"] for c in r["completions"]), k) for r in rows]))
+    every_k = [score.problem_metrics(r["completions"], 4, ks=range(1, max_k + 1)) for r in rows]
+    for k in range(1, max_k + 1):  # every k, cons@k's votes taken in turn over the tokens (score.cons_at_k)
+        out[f"cons@{k}"] = float(np.mean([m[f"cons@{k}"] for m in every_k]))
+        out[f"pass@{k}"] = float(np.mean([m[f"pass@{k}"] if k > 1 else m["pass@1"] for m in every_k]))
     steps = [m for _, m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]
     return {**out, "selected": selected, "per_token": per_token,
             "configurations": [len(e["configurations"]) for e in log["epochs"]] if variant != "sft" else None,
