@@ -64,6 +64,22 @@ def test_stages_import_downward_only():
     assert graph["common"] == set() and graph["toy"] <= {"data"}
 
 
+@pytest.mark.parametrize("parse, argv, full", [
+    (lambda argv: train.parse_config(argv), ["--max_step", "10"], "--max_steps"),
+    (lambda argv: score.parse_config(argv), ["rows.jsonl", "--set", "4"], "--set_size"),
+    (lambda argv: data.main(["mix", *argv]), ["--pool", "a.jsonl", "--trace", "2"], "--traces"),
+    (lambda argv: common.parse_flags(toy_compare.Config, "", argv), ["--seed=5"], "--seeds"),
+], ids=["train", "score", "data-mix", "toy_compare"])
+def test_an_abbreviated_flag_is_refused_and_the_full_name_suggested(parse, argv, full, capsys):
+    """argparse would take --max_step as --max_steps (any unique prefix), so that a typo silently
+    changes a run; every script's flags come from common.parse_flags, which refuses it."""
+    with pytest.raises(SystemExit) as exit_:
+        parse(argv)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # the usage above it lists every flag
+    assert "unrecognized arguments" in error and f"did you mean {full}" in error, error
+
+
 # ----------------------------------------------------------------------------- match.py
 
 def brute_force(cost):
