@@ -21,6 +21,7 @@ import common
 import data
 import match
 import score
+import select_token
 import toy
 import toy_compare
 import train
@@ -1015,6 +1016,34 @@ def test_run_metrics_on_a_hand_made_run(tmp_path):
     assert m["selected"] == "<think2>" and m["configurations"] == [2] and m["gap"] == [0.5]
     half = toy_compare.over_seeds([0.2, 0.4, 0.6])
     assert half["mean"] == pytest.approx(0.4) and half["ci95"] == pytest.approx(4.303 * 0.2 / 3 ** 0.5, rel=1e-3)
+
+
+def test_every_figure_gives_one_colour_to_one_meaning():
+    """Variants, styles and select_token.py's edge and curve colours never share a colour, and every
+    variant and style toy_compare.py draws has its own."""
+    tables = [toy_compare.VARIANT_COLOURS, toy_compare.STYLE_COLOURS, select_token.COLOURS]
+    colours = [c for table in tables for c in table.values()]
+    assert len(colours) == len(set(colours)), tables
+    assert set(toy_compare.Config.variants.split(",")) <= set(toy_compare.VARIANT_COLOURS)
+    assert set(toy.STYLES + ["other"]) == set(toy_compare.STYLE_COLOURS)
+
+
+def test_toy_compare_redraws_its_figure_from_a_saved_summary(tmp_path, run):
+    """--plot_only draws toy_compare.png from summary.json alone, running nothing."""
+    over = toy_compare.over_seeds
+    styles = {s: 0.25 for s in toy.STYLES} | {"other": 0.0}
+    runs = [{"per_token": {t: {"styles": styles} for t in ("<think1>", "<think2>")}, "configurations": [9, 7, 7],
+             "gap": [None, 0.1, 0.3, 0.5]} for seed in (0, 1)]
+    variant = {**{f"pass@{k}": over([0.3 * k, 0.3 * k + 0.1]) for k in (1, 2)},
+               "per_token": {t: {"accuracy": over([0.4, 0.5]), "mean_tokens": over([20, 30])} for t in ("<think1>", "<think2>")},
+               "runs": runs}
+    (tmp_path / "summary.json").write_text(json.dumps({"config": {"samples": 2},
+                                                       "variants": {"hungarian": variant, "random": variant}}))
+    done = run([sys.executable, "toy_compare.py", "--plot_only", "--out_dir", str(tmp_path)], timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "toy_compare.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "runs").exists()
+    done = run([sys.executable, "toy_compare.py", "--plot_only", "--out_dir", str(tmp_path / "none")], timeout=60)
+    assert done.returncode == 1 and "summary.json: cannot read" in done.stderr
 
 
 def test_hungarian_tokens_specialise_and_answer_held_out_questions_well_above_chance(tmp_path):
