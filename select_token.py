@@ -14,9 +14,11 @@ configuration (the set of (fork, trace) edges of one question's optimal matching
      the data has sources, else by trace index; a tie goes to the largest weighted degree
      (Appendix A.2.1), and a tie of both to the lowest token index.
 
-It prints the choice and the table of learned edges, writes <out_dir>/select_token.json, and draws
-learned_matchings.png (the bipartite graph: tokens left, traces or sources right, edge width = weight)
-and matching_dynamics.png (Figures 7 and 10: configuration counts per epoch, gap and loss per step).
+It prints the choice and the table of learned edges, each token with the trace or source it was
+matched to most and in what share of the epoch's questions (a legend line says what each column
+counts), writes <out_dir>/select_token.json, and draws learned_matchings.png (the bipartite graph:
+tokens left, traces or sources right, edge width = weight) and matching_dynamics.png (Figures 7 and
+10: configuration counts per epoch, gap and loss per step). Epochs are counted from 1.
 
     python select_token.py --out_dir out/ssft                # then: python infer.py --fork "<think3>" ...
     python select_token.py --out_dir out/ssft --min_share 0  # every configuration optimal in the last epoch
@@ -190,7 +192,7 @@ def draw_dynamics(epochs, steps, path):
                              ha="center", fontsize=8)
     distinct_ax.set(xlabel="epoch", ylabel="distinct optimal configurations", ylim=(0, max(distinct, default=1) * 1.2),
                     xlim=(0.5, len(epochs) + 0.5),
-                    title="Figure 7a: distinct optimal configurations")
+                    title="Figure 7: distinct optimal configurations per epoch")
     distinct_ax.text(0.02, 0.03, "label: share of the epoch's matchings taken by the most frequent configuration",
                      transform=distinct_ax.transAxes, fontsize=8)
     step = [r["step"] + 1 for r in steps]  # counted from 1, as train.py prints them
