@@ -201,8 +201,8 @@ def draw_dynamics(epochs, steps, path):
     loss_ax.plot(step, [r["loss"] if r.get("loss") is not None else float("nan") for r in steps], color=COLOURS["curve"])
     loss_ax.set(xlabel="step", ylabel="loss (Eq. 5)", yscale="log", title="training loss")
     for ax in (distinct_ax, gap_ax, loss_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))  # epochs, steps: whole numbers
-    distinct_ax.yaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))  # epochs, steps: whole numbers
+    distinct_ax.yaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

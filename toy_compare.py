@@ -194,6 +194,8 @@ def plot(summary, path):
         axes[0][0].plot(k, mean, marker="o", markersize=3, color=VARIANT_COLOURS[v], label=v)
         axes[0][0].fill_between(k, mean - half, mean + half, color=VARIANT_COLOURS[v], alpha=0.15)
     axes[0][0].set(xscale="log", xlabel="k", ylabel="pass@k (95% interval)", title="Figure 4: coverage")
+    axes[0][0].set_xticks([2 ** i for i in range(5) if 2 ** i <= k[-1]], [str(2 ** i) for i in range(5) if 2 ** i <= k[-1]])
+    axes[0][0].minorticks_off()
     width = 0.8 / len(variants)
     for i, (v, s) in enumerate(variants.items()):
         tokens = list(s["per_token"])
@@ -229,8 +231,10 @@ def plot(summary, path):
     axes[1][1].set(xlabel="epoch", ylabel="distinct optimal configurations (mean over seeds)",
                    title="Figure 7: distinct optimal configurations")
     axes[1][2].set(xlabel="step", ylabel="mean cost of other matchings - optimal", title="Figure 10: matching gap")
-    for ax in (axes[1][1], axes[1][2]):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))  # whole epochs and steps
+    epochs = max((len(s["runs"][0]["configurations"] or []) for s in variants.values()), default=1)
+    axes[1][1].set_xlim(0.5, epochs + 0.5)
+    for axis in (axes[1][1].xaxis, axes[1][1].yaxis, axes[1][2].xaxis):  # whole epochs, counts and steps
+        axis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
     for ax in (axes[0][0], axes[0][1], axes[1][1], axes[1][2]):
         ax.legend(fontsize=8)
     fig.tight_layout()
