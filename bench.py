@@ -39,6 +39,7 @@ import data
 import infer
 import match
 import toy
+import fsdp
 import train
 from common import close_distributed, init_distributed, parse_flags, write_json
 
@@ -194,11 +195,11 @@ def bench_train(cfg, shape, device, fork_ids, pad_id, low, peak):
     questions = {t: [random_question(rng, cfg.prompt_len, [t - cfg.prompt_len - 1], low, SHAPES[shape]["vocab_size"])]
                  for t in lens}
     for path in ("train.py", "HF"):
-        lm, params, matmul_params = build_lm(shape, device, torch.float32, train.attention_backend("batch", device))
+        lm, params, matmul_params = build_lm(shape, device, torch.float32, fsdp.attention_backend("batch", device))
         if path == "train.py":
-            model = train.shard(lm, device, cfg.activation_checkpointing)
+            model = fsdp.shard(lm, device, cfg.activation_checkpointing)
         else:
-            if cfg.activation_checkpointing:  # the same call as train.shard's
+            if cfg.activation_checkpointing:  # the same call as fsdp.shard's
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model = lm.train()
         optimizer = adamw(model, params, cfg)
@@ -226,8 +227,8 @@ def bench_ssft(cfg, device, fork_ids, pad_id, low):
     rng, L = np.random.default_rng(1), cfg.trace_len
     encoded = [random_question(rng, cfg.prompt_len, [L] * cfg.num_traces, low, SHAPES[cfg.shape]["vocab_size"])
                for _ in range(cfg.questions)]
-    lm, params, _ = build_lm(cfg.shape, device, torch.float32, train.attention_backend("batch", device))
-    model = train.shard(lm, device, cfg.activation_checkpointing)
+    lm, params, _ = build_lm(cfg.shape, device, torch.float32, fsdp.attention_backend("batch", device))
+    model = fsdp.shard(lm, device, cfg.activation_checkpointing)
     optimizer = adamw(model, params, cfg)
     res = {m: measure(f"step {m}", lambda: train_py_step(model, optimizer, encoded, fork_ids, m, cfg, pad_id, device),
                       cfg, device) for m in ("hungarian", "sft")}
@@ -313,6 +314,8 @@ def main(cfg):
     t0 = time.time()
     rows = [r for shape in cfg.shapes.split(",") for r in bench_train(cfg, shape, device, fork_ids, pad_id, low, peak)]
     for bench in (bench_ssft, bench_decode):
+        # saved before each stage: a run stopped at its time cap (gpu_check.sh) keeps what it measured
+        save(cfg, name, env, rows, None)
         rows += bench(cfg, device, fork_ids, pad_id, low)
         free_memory(device)
     print(f"\n{'bench':<32}{'case':<30}{'A':>11}{'B':>11}{'A/B':>7}{'MFU A|B':>14}{'peak GiB A|B':>15}  note")
@@ -323,11 +326,16 @@ def main(cfg):
     result = summary(rows, cfg)
     print(f"A, B: medians; n/a: out of memory, or MFU and memory on the CPU. {time.time() - t0:.0f} s, {cfg.out}")
     print("summary: " + json.dumps(result))
+    save(cfg, name, env, rows, result)
+    close_distributed()
+    return rows
+
+
+def save(cfg, name, env, rows, result):
+    """bench.json: the rows so far and the summary (None while the run is under way)."""
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
     write_json(cfg.out, {"device": name, "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
                          "config": dataclasses.asdict(cfg), "env": env, "rows": rows, "summary": result})
-    close_distributed()
-    return rows
 
 
 if __name__ == "__main__":

@@ -11,8 +11,11 @@ import json
 import math
 import os
 import re
+import signal
 import socket
+import sys
 import tempfile
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -57,6 +60,62 @@ def close_distributed():
     if _OWN_GROUP and dist.is_initialized():
         dist.destroy_process_group()
     _OWN_GROUP = False
+
+
+def all_max(x, device):
+    """The maximum of an int (or bool) over the ranks."""
+    t = torch.tensor([x], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def all_sum(values, device):
+    """[float]: the element-wise sum of a list of numbers over the ranks (float64)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast(obj):
+    """Rank 0's value of a picklable object, on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+STOP = []  # the signals received: SIGTERM (a scheduler about to preempt) or SIGINT (Ctrl-C)
+
+
+def on_stop_signal(signum, frame):
+    """First signal: the stage finishes its optimiser step, writes a checkpoint, exits. A second: stop at once."""
+    if STOP:
+        raise KeyboardInterrupt
+    STOP.append(signum)
+    print0(f"{signal.Signals(signum).name}: finishing this step, then a checkpoint (again to stop at once)")
+
+
+@contextmanager
+def stage_run(out_dir, rank):
+    """The run of a training stage in `out_dir` on every rank: one run at a time (a lock held by rank 0;
+    a second run exits naming the holder, on every rank) and SIGTERM/SIGINT recorded in STOP for the
+    stage's loop to act on after its step. Restores the signal handlers and releases the lock on exit."""
+    lock, refused = None, None
+    try:  # a second run in the same directory would interleave logs and checkpoints
+        lock = lock_dir(out_dir) if rank == 0 else None
+    except DataError as e:
+        refused = str(e)
+    handlers = {s: signal.signal(s, on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    STOP.clear()
+    try:
+        refused = broadcast(refused)
+        if refused:
+            sys.exit(f"error: {refused}")
+        yield
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+        if lock:
+            lock.close()
 
 
 # ----------------------------------------------------------------------------- flags

@@ -207,13 +207,19 @@ def prompt_text(tokenizer, prompt):
 
 
 def encode_prompt(tokenizer, prompt):
-    """Token ids of prompt_text, with the user's prompt tokenised as text: a "<think1>" or
-    "<|im_end|>" typed in a question stays plain text, and control tokens come only from the chat
-    template and the forking token. For an ordinary prompt the ids equal those of prompt_text."""
-    marker = "\x00PROMPT\x00"
-    head, tail = prompt_text(tokenizer, marker).split(marker)
+    """Token ids of prompt_text, the template's own rendering (a template that trims the message, as
+    Llama 3 and Qwen3.5 do, drops a trailing newline here too), with the user's prompt tokenised as
+    text: a "<think1>" or "<|im_end|>" typed in a question stays plain text, and control tokens come
+    only from the chat template and the forking token. For an ordinary prompt the ids equal those of
+    prompt_text; a template that changes more than the message is tokenised whole."""
+    text, marker = prompt_text(tokenizer, prompt), "\x00PROMPT\x00"
+    pieces = prompt_text(tokenizer, marker).split(marker)
+    if len(pieces) != 2 or not (text.startswith(pieces[0]) and text.endswith(pieces[1])) \
+            or len(pieces[0]) + len(pieces[1]) > len(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+    head, tail = pieces
     return (tokenizer.encode(head, add_special_tokens=False)
-            + tokenizer.encode(prompt, add_special_tokens=False, split_special_tokens=True)
+            + tokenizer.encode(text[len(head):len(text) - len(tail)], add_special_tokens=False, split_special_tokens=True)
             + tokenizer.encode(tail, add_special_tokens=False))
 
 
@@ -223,13 +229,14 @@ def build_text(tokenizer, prompt, tag, trace=""):
     return prompt_text(tokenizer, prompt) + tag + (trace + tokenizer.eos_token if trace else "")
 
 
-def encode_question(tokenizer, q, max_len, tag_len=1):
+def encode_question(tokenizer, q, max_len, tag_len=1, layout="batch"):
     """Token ids of one question: {"prompt_ids", "trace_ids": [...], "truncated": int}.
 
     Tokenising the prompt, the tag and each trace apart gives the ids of `build_text`'s string
     (the tokenizer splits at a special token, and a text tag ends in a newline), and lets a
     question's M traces share one tokenised prompt. Traces are cut so that prompt + tag + trace <=
-    max_len tokens, for tags of up to `tag_len` tokens.
+    max_len tokens, for tags of up to `tag_len` tokens; under the concat layout so that the whole
+    row, prompt + M x (tag + trace), fits max_len (concat_room: the room is shared out evenly).
     """
     prompt_ids = encode_prompt(tokenizer, q["prompt"])
     room = max_len - len(prompt_ids) - tag_len
@@ -239,9 +246,26 @@ def encode_question(tokenizer, q, max_len, tag_len=1):
     trace_ids, truncated = [], 0
     for t in q["traces"]:  # a literal "<think1>" or "<|im_end|>" inside a trace stays plain text
         ids = tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True) + [tokenizer.eos_token_id]
-        truncated += len(ids) > room
-        trace_ids.append(ids[:room])
-    return {"prompt_ids": prompt_ids, "trace_ids": trace_ids, "truncated": truncated}
+        trace_ids.append(ids)
+    rooms = [room] * len(trace_ids) if layout == "batch" else \
+        concat_room([len(t) for t in trace_ids], max_len - len(prompt_ids) - tag_len * len(trace_ids))
+    if min(rooms, default=1) < 1:
+        raise DataError(f"{q.get('where', 'a question')}: a prompt of {len(prompt_ids)} tokens leaves no room for "
+                        f"{len(trace_ids)} traces in one --layout concat row of --max_len {max_len}: {q['prompt'][:60]!r}")
+    truncated = sum(len(ids) > r for ids, r in zip(trace_ids, rooms))
+    return {"prompt_ids": prompt_ids, "trace_ids": [ids[:r] for ids, r in zip(trace_ids, rooms)],
+            "truncated": truncated}
+
+
+def concat_room(lengths, room):
+    """Tokens each trace may keep so that together they hold at most `room` (the concat row's bound):
+    the shortest traces first, each taking at most an even share of what is left, so that a short
+    trace is never cut and the long ones are cut to equal lengths. [int] in the order of `lengths`."""
+    keep = [0] * len(lengths)
+    for done, i in enumerate(sorted(range(len(lengths)), key=lambda i: lengths[i])):
+        keep[i] = min(lengths[i], room // (len(lengths) - done))
+        room -= keep[i]
+    return keep
 
 
 def make_sequence(prompt_ids, tag_ids, trace_ids, max_trace_tokens=None):
@@ -285,15 +309,34 @@ def make_branches(prompt_ids, branches):
     return input_ids, labels, position_ids, branch_ids
 
 
-def collate_branches(rows, pad_id):
+def collate_branches(rows, pad_id, bucket=False):
     """Rows of make_branches -> input_ids, labels, position_ids, branch_ids: [B, L], right-padded
-    (padding has branch id -1). A PAD row is ([pad_id], [IGNORE], [0], [-1])."""
+    (padding has branch id -1). A PAD row is ([pad_id], [IGNORE], [0], [-1]). bucket: L is rounded
+    up by bucket_length, so that FlexAttention compiles one graph per bucket, not per length."""
     width = max(len(r[0]) for r in rows)
+    width = bucket_length(width) if bucket else width
     out = [torch.full((len(rows), width), fill, dtype=torch.long) for fill in (pad_id, IGNORE, 0, -1)]
     for b, row in enumerate(rows):
         for tensor, values in zip(out, row):
             tensor[b, :len(values)] = torch.tensor(values)
     return out
+
+
+def bucket_length(length, per_octave=4, smallest=128):
+    """The row width `length` is padded to under FlexAttention: a multiple of 2^(e - 2) for lengths
+    in [2^e, 2^(e+1)) (four widths per octave: at most 25% padding), and at least `smallest` (its
+    block size). A run of rows up to L tokens so compiles at most num_buckets(L) graphs, where every
+    distinct length would compile one (torch guards on the BlockMask's lengths) and, past Dynamo's
+    recompile limit, fall back to eager FlexAttention, which materialises the B x H x L x L scores."""
+    if length <= smallest:
+        return smallest
+    step = 2 ** max(0, length.bit_length() - 1 - (per_octave.bit_length() - 1))
+    return -(-length // step) * step
+
+
+def num_buckets(max_len, per_octave=4, smallest=128):
+    """How many widths bucket_length gives to rows of 1..max_len tokens."""
+    return len({bucket_length(n, per_octave, smallest) for n in range(1, max_len + 1)})
 
 
 def tree_mask(branch_ids):
@@ -340,6 +383,19 @@ def split_over_ranks(sizes, world_size):
     return ranks
 
 
+def balance(loads, world_size):
+    """Items spread over ranks by load (tokens): the largest first, each onto the rank with the least
+    load so far (longest-processing-time first), so that a step waits less for its slowest rank.
+    Returns, per rank, the indices of its items in ascending order. Deterministic, so every rank
+    computes the same split without communication."""
+    ranks, total = [[] for _ in range(world_size)], [0] * world_size
+    for i in sorted(range(len(loads)), key=lambda i: (-loads[i], i)):
+        r = min(range(world_size), key=lambda r: (total[r], r))
+        ranks[r].append(i)
+        total[r] += loads[i]
+    return [sorted(r) for r in ranks]
+
+
 def pad_item(pad_id, layout="batch"):
     """A PAD sequence (batch layout) or PAD row (concat layout): one token, no loss."""
     return ([pad_id], [IGNORE]) if layout == "batch" else ([pad_id], [IGNORE], [0], [-1])
@@ -366,12 +422,14 @@ def num_micro_batches(num_sequences, micro_batch):
 def mix(pool_paths, num_traces, per_source, correct_only, seed):
     """The paper's data recipe (Appendix A.3.1): every trace of every file pooled per question (the
     same prompt text), each with its source (the row's `sources`, the s1K teacher, else the file's
-    name); with `correct_only`, only traces whose final answer the project's grader (score.grade)
-    accepts against the question's gold; at most `per_source` per source (0: all); then
-    `num_traces` sampled per question. Seeded per question, so the same seed gives the same file.
-    Returns (rows in the canonical layout, {source: Counter(pooled, wrong, kept)}, skipped prompts)."""
+    name); with `correct_only`, only traces whose final answer the project's grader (grader.grade)
+    accepts against the question's gold, the final answer of its gold field (grader.read_gold: a
+    worked solution's last box, answer phrase, else last standalone number); at most `per_source` per
+    source (0: all); then `num_traces` sampled per question. Seeded per question, so the same seed gives
+    the same file. Returns (rows in the canonical layout, {source: Counter(pooled, wrong, kept)},
+    skipped prompts, prompts whose gold could not be read: all their traces count as wrong)."""
     if correct_only:
-        import score  # here: grading pulls in math-verify, which only this command needs
+        import grader  # here: grading starts math-verify, which only this command needs
     pool, counts = {}, {}
     for path in pool_paths:
         name = os.path.splitext(os.path.basename(path))[0]
@@ -379,13 +437,16 @@ def mix(pool_paths, num_traces, per_source, correct_only, seed):
             entry = pool.setdefault(q["prompt"], {"answer": q["answer"], "traces": []})
             entry["answer"] = entry["answer"] or q["answer"]
             entry["traces"] += zip(q["traces"], q["sources"] or [name] * len(q["traces"]))
-    rows, skipped = [], []
+    rows, skipped, unread = [], [], []
     for prompt, entry in pool.items():
         rng, kept = random.Random(f"{seed}:{prompt}"), []
+        gold = grader.read_gold(entry["answer"]) if correct_only and entry["answer"] else None
+        if correct_only and entry["answer"] and not gold:
+            unread.append(prompt)
         for trace, source in entry["traces"]:
             c = counts.setdefault(source, Counter(pooled=0, wrong=0, kept=0))
             c["pooled"] += 1
-            if correct_only and not (entry["answer"] and score.grade(trace, entry["answer"])[1]):
+            if correct_only and not (gold and grader.grade(trace, gold)[1]):
                 c["wrong"] += 1
             else:
                 kept.append((trace, source))
@@ -405,7 +466,7 @@ def mix(pool_paths, num_traces, per_source, correct_only, seed):
             counts[source]["kept"] += 1
         rows.append({"prompt": prompt, "traces": [t for t, _ in kept], "sources": [s for _, s in kept],
                      "answer": entry["answer"]})
-    return rows, counts, skipped
+    return rows, counts, skipped, unread
 
 
 def summary(questions, tokenizer=None):
@@ -435,7 +496,7 @@ class MixConfig:
     pool: list = field(default_factory=list)  # JSONL or Parquet files of traces for the same questions
     traces: int = 4  # traces sampled per question (the paper's s1k-4mixed-reasoning: 4)
     per_source: int = 0  # at most this many traces of one source per question (0: no limit)
-    correct_only: bool = False  # keep only traces whose final answer score.py accepts against the gold
+    correct_only: bool = False  # keep only traces whose final answer grader.py accepts against the gold's
     seed: int = 0  # the samples are a function of (seed, prompt)
     out: str = "mixed.jsonl"  # the mixed file, in the canonical layout (prompt, traces, sources, answer)
 
@@ -447,9 +508,12 @@ def main(argv):
         cfg = MixConfig(**given)
         if not cfg.pool or cfg.traces < 1 or cfg.per_source < 0:
             parser.error("need --pool FILE [FILE ...], --traces >= 1 and --per_source >= 0")
-        rows, counts, skipped = mix(cfg.pool, cfg.traces, cfg.per_source, cfg.correct_only, cfg.seed)
+        rows, counts, skipped, unread = mix(cfg.pool, cfg.traces, cfg.per_source, cfg.correct_only, cfg.seed)
         for source, c in sorted(counts.items()):
             print(f"{source}: {c['pooled']} pooled, {c['wrong']} dropped as wrong, {c['kept']} kept")
+        if cfg.correct_only:
+            print(f"{len(unread)} golds could not be read (no box, answer phrase or standalone number): their "
+                  f"traces were dropped{': ' + str([p[:50] for p in unread[:5]]) if unread else ''}")
         if skipped:
             print(f"{len(skipped)} questions with no trace left, skipped: {[p[:50] for p in skipped[:5]]}")
         if not rows:

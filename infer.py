@@ -2,7 +2,8 @@
 
 Each response of a problem is prompted with one forking tag after the prompt, <think1> .. <thinkN>
 in turn, and the answers are majority-voted (Cons@k); without aggregation every response uses the
-single token of largest coverage (Eq. 6, select_token.py), and a model without forking tokens (an
+single token of largest coverage (Eq. 6, select_token.py) or, with --fork auto, the tag the model
+itself chooses after the prompt (policy.py's pi; trained by gfpo.py), and a model without forking tokens (an
 SFT baseline) samples from the plain prompt, same count and settings. The prompt is
 data.build_text's, the one training used: the part before the tag is prefilled once and its KV
 cache shared by all the problem's responses. The rows are then scored by score.py (Pass@1, Cons@k,
@@ -22,6 +23,7 @@ top_p 0.95, 32768 new tokens (docs/reproducing.md).
     python infer.py --model out/ssft/final --data ../shared/data/aime24.jsonl --max_new_tokens 32768
     python infer.py --model out/ssft/final --data ../shared/data/aime24.jsonl --fork "<think3>"  # Pass@1
     python infer.py --model out/sft/final --data ../shared/data/aime24.jsonl --fork none         # baseline
+    python infer.py --model out/gfpo/final --data toy --fork auto --samples 16 --max_new_tokens 64  # own tag
     python infer.py --model SSFT-32B --data ../shared/data/math500.jsonl --protocol official     # released model
     python infer.py --model out/ssft/final --data ../shared/data/math500.jsonl --show_prompts    # check by eye
     torchrun --standalone --nproc_per_node 8 infer.py --model out/ssft/final --data ...          # 8 GPUs
@@ -41,6 +43,9 @@ import torch
 import torch.distributed as dist
 
 import data
+import match
+import memory
+import policy
 import score
 import toy
 from common import (DataError, append_jsonl, changed_settings, close_distributed, init_distributed, parse_flags,
@@ -52,7 +57,8 @@ class Config:
     model: str = "out/ssft/final"  # a final/ directory from train.py, or any Hugging Face causal LM
     data: str = "../shared/data/math500.jsonl"  # MATH-500/AIME/AMC/GSM8K/GPQA/training JSONL or Parquet, or toy
     output: str = ""  # rows JSONL ('' = eval/<data name>.<fork>.jsonl); metrics and config beside it
-    fork: str = "all"  # all: every forking token in --tag_order; <thinkK>: all responses use it; none: baseline
+    fork: str = "all"  # all: every forking token in --tag_order; <thinkK>: all responses use it; none: baseline; auto: the model's choice (policy.py)
+    auto_choice: str = "greedy"  # --fork auto: greedy (every response the most likely tag) | sample (each draws from pi)
     tag_order: str = "cycle"  # cycle: response i gets token i mod N; block: token k the k-th block of samples/N
     fork_style: str = "auto"  # special | text (data.py) | auto: the model's (final/ssft.json, else its tokens)
     num_forks: int = 0  # N for --fork_style text (0: the model's, from final/ssft.json)
@@ -69,7 +75,7 @@ class Config:
     show_prompts: bool = False  # print the exact prompt of every forking tag for the first problem, then exit
 
 
-SAME_ON_RESUME = ("model", "data", "fork", "tag_order", "fork_style", "num_forks", "instruction", "samples",
+SAME_ON_RESUME = ("model", "data", "fork", "auto_choice", "tag_order", "fork_style", "num_forks", "instruction", "samples",
                   "temperature", "top_p", "max_new_tokens", "seed")  # rows made otherwise must not mix in a file
 
 # LightEval's prompts, verbatim (two spaces after "clearly."); {question} is the problem's text
@@ -82,6 +88,7 @@ CHOICE_TEMPLATE = ("Answer the following multiple choice question. The last line
                    "step before answering.\n\n{question}")
 OFFICIAL = dict(tag_order="block", instruction="auto", temperature=0.7, top_p=0.95, max_new_tokens=32768)
 OFFICIAL_TAGS = ("text", 6)  # --protocol official's tags, where the model has no ssft.json to say otherwise
+AUTO = "auto"  # the fork of a response whose tag the model chooses (--fork auto)
 CHOICE_SEED = 1234  # LightEval's: one generator, one draw per GPQA problem in file order, places the gold
 
 
@@ -99,7 +106,7 @@ def parse_config(argv=None):
     problems = [f"--{k} must be >= 1 (got {getattr(cfg, k)})" for k in ("samples", "max_new_tokens", "set_size")
                 if getattr(cfg, k) < 1]
     problems += [f"--{k} must be one of {', '.join(v)} (got {getattr(cfg, k)!r})" for k, v in (
-        ("tag_order", ("cycle", "block")), ("fork_style", ("auto", *data.FORK_STYLES)), ("protocol", ("ours", "official")))
+        ("tag_order", ("cycle", "block")), ("auto_choice", ("greedy", "sample")), ("fork_style", ("auto", *data.FORK_STYLES)), ("protocol", ("ours", "official")))
         if getattr(cfg, k) not in v]
     if cfg.temperature < 0 or not 0 < cfg.top_p <= 1:
         problems.append(f"need --temperature >= 0 and 0 < --top_p <= 1 (got {cfg.temperature}, {cfg.top_p})")
@@ -143,10 +150,19 @@ def choice_problem(row, rng, where):
     return question + "\n\n" + "\n".join(f"{letter}) {c}" for letter, c in zip("ABCD", choices)), "ABCD"[gold]
 
 
+def user_message(messages, where):
+    """The content of the last user message of a chat-message list (DAPO-Math-17k's `prompt`)."""
+    texts = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
+    if not texts or not isinstance(texts[-1], str):
+        raise DataError(f"{where}: a 'prompt' list needs a user message with text content")
+    return texts[-1]
+
+
 def load_problems(path, instruction="auto", limit=0):
     """[{"id", "prompt", "gold", "kind", "template"}] of an evaluation file, a training layout or the toy:
     the question from prompt, problem or question (or a multiple-choice row, kind "choice"); the gold
-    from data.GOLD_FIELDS; the id from id, unique_id, idx or Record ID, else the row's 0-based
+    from data.GOLD_FIELDS (DAPO-Math-17k: `prompt` a list of chat messages, whose last user message is
+    the question, as it is, with its own answer instruction; the gold reward_model.ground_truth); the id from id, unique_id, idx or Record ID, else the row's 0-based
     position (a null counts as absent). The prompt is the question in its template."""
     if path == "toy":  # toy.py's held-out questions
         rows = [(f"toy:{i + 1}", {"prompt": q["prompt"], "answer": q["answer"], "id": i})
@@ -156,6 +172,11 @@ def load_problems(path, instruction="auto", limit=0):
     problems, seen, rng = [], set(), random.Random(CHOICE_SEED)
     for i, (where, row) in enumerate(rows):
         row = row if isinstance(row, dict) else {}
+        dapo = isinstance(row.get("prompt"), list)  # DAPO-Math-17k: chat messages, reward_model.ground_truth
+        if dapo:
+            reward_model = row.get("reward_model")
+            row = {**row, "prompt": user_message(row["prompt"], where),
+                   "answer": reward_model.get("ground_truth") if isinstance(reward_model, dict) else None}
         pid = data.first(row, "id", "unique_id", "idx", "Record ID")
         pid = i if pid is None else pid
         if isinstance(pid, bool) or not isinstance(pid, (str, int)):
@@ -173,7 +194,7 @@ def load_problems(path, instruction="auto", limit=0):
                 raise DataError(f"{where}: need a prompt ('prompt', 'problem' or 'question') and a gold "
                                 "answer ('answer', 'ground_truth', 'gt' or 'solution')")
             gold = score.gold_answer(gold)
-        plain = path == "toy" or data.first(row, "traces", "response") is not None \
+        plain = path == "toy" or dapo or data.first(row, "traces", "response") is not None \
             or any(k.endswith("_thinking_trajectory") for k in row)
         form = template(instruction, kind, plain)
         problems.append({"id": pid, "prompt": form.replace("{question}", question), "gold": gold, "kind": kind,
@@ -203,14 +224,16 @@ def response_tags(tokenizer, cfg):
     if not n:
         raise SystemExit("error: --fork_style text needs --num_forks N (the model has no ssft.json to tell it)")
     names = data.fork_tokens(n)
-    if cfg.fork != "all" and cfg.fork not in names:
+    if cfg.fork not in ("all", "auto") and cfg.fork not in names:
         raise SystemExit(f"error: --fork {cfg.fork}: the forking tokens of --model {cfg.model} are "
-                         f"{names[0]}..{names[-1]} (or all, or none)")
+                         f"{names[0]}..{names[-1]} (or all, auto or none)")
     try:
         ids = dict(zip(names, data.fork_ids(tokenizer, n, style) if style == "text" else
                        [[i] for i in tokenizer.convert_tokens_to_ids(names)]))
     except DataError as e:
         raise SystemExit(f"error: {e}") from None
+    if cfg.fork == "auto":  # chosen per problem by solve()
+        return [AUTO] * cfg.samples, ids, style
     if cfg.fork != "all":
         return [cfg.fork] * cfg.samples, ids, style
     if cfg.tag_order == "block":  # token k answers the k-th block, the first blocks one longer if N does not divide
@@ -288,11 +311,14 @@ def solve(model, tokenizer, problem, forks, tag_ids, stop_ids, cfg, seed):
     the prompt tokenised as training did (data.encode_prompt) and the tag's ids after it; the prompt
     is the shared prefix (a baseline's: all but its last token, which each response starts with)."""
     prompt_ids = data.encode_prompt(tokenizer, problem["prompt"])
+    generator = torch.Generator(model.device).manual_seed(seed)
+    chosen = {}
+    if forks[0] == AUTO:  # the model picks: pi over its N tags after the prompt (policy.py)
+        forks, chosen = choose_forks(model, tokenizer, prompt_ids, tag_ids, len(forks), cfg.auto_choice, seed)
     if forks[0] is None:  # a baseline: the plain prompt
         prefix, starts = prompt_ids[:-1], [prompt_ids[-1:]] * len(forks)
     else:
         prefix, starts = prompt_ids, [tag_ids[f] for f in forks]
-    generator = torch.Generator(model.device).manual_seed(seed)
     responses = generate(model, prefix, starts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_ids, generator,
                          cfg.batch_size)
     completions = []
@@ -302,16 +328,55 @@ def solve(model, tokenizer, problem, forks, tag_ids, stop_ids, cfg, seed):
         completions.append({"fork": fork, "text": text, "pred": pred, "correct": correct, "tokens": len(ids),
                             "finished": finished})
     return {"id": problem["id"], "prompt": problem["prompt"], "gold": problem["gold"], "kind": problem["kind"],
-            "template": problem["template"], "tag_order": cfg.tag_order, "completions": completions}
+            "template": problem["template"], "tag_order": cfg.tag_order, **chosen, "completions": completions}
 
 
-def show_prompts(tokenizer, problem, forks, tag_ids, style):
+def choose_forks(model, tokenizer, prompt_ids, tag_ids, count, choice, seed):
+    """--fork auto: (the fork of each of `count` responses, {"fork_policy": {name: pi}}). pi(i | x) is
+    the model's distribution over its tags after the prompt, renormalised over them; greedy gives
+    every response the most likely tag, sample draws each response's tag from pi (seeded)."""
+    names = list(tag_ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.no_grad():
+        logpi = policy.log_policy(policy.tag_log_probs(match.SequenceNLL(model), [prompt_ids], list(tag_ids.values()),
+                                                       pad_id, model.device)).cpu()
+    picks = policy.choose_tags(logpi, count, choice == "greedy", torch.Generator().manual_seed(seed))[0]
+    return [names[i] for i in picks.tolist()], {"fork_policy": dict(zip(names, logpi[0].exp().tolist()))}
+
+
+def show_prompts(tokenizer, problem, forks, tag_ids, style, auto_choice="greedy"):
     """Prints the exact prompt of every forking tag for `problem`, and its token ids: a format can be
-    checked by eye before any weights load."""
+    checked by eye before any weights load. --fork auto: every tag the model chooses among."""
+    if forks[0] == AUTO:
+        print(f"--fork auto: the model scores each tag below after the prompt, pi(tag | prompt) = softmax over the "
+              f"{len(tag_ids)} tags of log p(tag's tokens | prompt), and "
+              + ("every response takes the most likely tag" if auto_choice == "greedy" else
+                 "each response draws its tag from pi") + " (the row records pi as fork_policy)")
+        forks = list(tag_ids)
     for fork in dict.fromkeys(forks):
         text = data.build_text(tokenizer, problem["prompt"], data.fork_tag(fork, style) if fork else "")
         ids = data.encode_prompt(tokenizer, problem["prompt"]) + (tag_ids[fork] if fork else [])
         print(f"----- {fork or 'no forking token'} ({len(ids)} tokens; tag ids {tag_ids.get(fork, [])})\n{text}")
+
+
+def check_memory(cfg, device):
+    """Refuses, before loading, a model whose weights and KV cache cannot fit one rank: every rank
+    holds a whole copy (read on its CPU first), and the cache of --batch_size (or --samples) streams
+    of a 1024-token prompt + --max_new_tokens (memory.infer_plan: 256 GiB for 32B, 32 x 32k)."""
+    try:
+        shape = memory.read_shape(cfg.model)
+    except ValueError:  # no plain config.json: from_pretrained says what is wrong
+        return
+    streams, context = cfg.batch_size or cfg.samples, memory.PROMPT_TOKENS + cfg.max_new_tokens
+    weights, kv = memory.infer_plan(shape, streams, context, 2 if device.type == "cuda" else 4)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / memory.GIB \
+        / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    have = torch.cuda.get_device_properties(device).total_memory / memory.GIB if device.type == "cuda" else host
+    if weights + kv > have or weights > host:
+        raise SystemExit(f"error: --model {cfg.model}: {weights:.0f} GiB of weights + {kv:.0f} GiB of KV cache "
+                         f"({streams} streams x {context} tokens) do not fit {have:.0f} GiB on {device.type} per rank "
+                         f"(host {host:.0f} GiB): infer.py keeps a whole model per rank; lower --batch_size or "
+                         "--max_new_tokens, or serve it with vLLM (docs/vllm.md)")
 
 
 def main(cfg):
@@ -329,7 +394,7 @@ def main(cfg):
                          f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     forks, tag_ids, style = response_tags(tokenizer, cfg)
     if cfg.show_prompts:
-        return show_prompts(tokenizer, problems[0], forks, tag_ids, style)
+        return show_prompts(tokenizer, problems[0], forks, tag_ids, style, cfg.auto_choice)
     base = output.removesuffix(".jsonl")
     done = {r["id"] for _, r in read_jsonl(output, drop_truncated_tail=True)} if os.path.exists(output) else set()
     changed = changed_settings(base + ".config.json", cfg, SAME_ON_RESUME) if done else {}
@@ -340,6 +405,7 @@ def main(cfg):
 
     rank, world, device = init_distributed()  # plain python: a world of one
     try:
+        check_memory(cfg, device)
         # bf16 as trained on GPUs; fp32 on CPU
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         try:
@@ -357,7 +423,8 @@ def main(cfg):
         todo = [(i, p) for i, p in enumerate(problems) if p["id"] not in done]
         print0(f"{len(problems)} problems, {len(problems) - len(todo)} already in {output}, "
                f"{cfg.samples} responses each, forking tags ({style}, {cfg.tag_order} order): "
-               f"{[data.fork_tag(f, style) if f else None for f in dict.fromkeys(forks)]}")
+               + (f"chosen by the model ({cfg.auto_choice}) among {list(tag_ids)}" if forks[0] == AUTO else
+                  f"{[data.fork_tag(f, style) if f else None for f in dict.fromkeys(forks)]}"))
 
         bar = tqdm(total=len(todo), disable=rank != 0, desc="problems")
         # problems strided over ranks; rank 0 alone writes, so each round's rows are gathered to it

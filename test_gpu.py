@@ -39,7 +39,7 @@ def test_flex_attention_block_mask_equals_the_dense_mask_forward_and_backward(sd
 
 def one_step(device):
     """Cost matrix, loss and gradients of a train.py step of the toy on a device: bf16 compute with
-    fp32 reduction on CUDA (train.shard), fp32 on the CPU. The pairs are fixed (sft), so that both
+    fp32 reduction on CUDA (fsdp.shard), fp32 on the CPU. The pairs are fixed (sft), so that both
     devices train the same sequences whatever ties bf16 breaks in the matching."""
     cfg = train.parse_config(["--toy_questions", "8", "--layout", "batch", "--micro_batch", "8"])
     tok, fork_ids, num_trained = train.load_tokenizer(cfg)

@@ -92,10 +92,11 @@ def test_problems_load_from_every_layout(tmp_path):
 
 # ----------------------------------------------------------------------------- metrics
 
-def test_majority_vote_tie_goes_to_the_earliest_answer():
-    assert not score.majority_vote(responses(["5", "7", "7", "5"]))  # 2-2 tie, 5 came first
-    assert score.majority_vote(responses(["7", "5", "5", "7"]))
-    assert score.majority_vote(responses(["7.0", "5", "7", "5"]))  # 7.0 and 7 are one answer: 2-2, 7 first
+def test_majority_vote_tie_is_worth_the_mean_of_the_tied_answers():
+    assert score.majority_vote(responses(["5", "7", "7", "5"])) == 0.5  # 2-2 tie, whatever came first
+    assert score.majority_vote(responses(["7", "5", "5", "7"])) == 0.5
+    assert score.majority_vote(responses(["7.0", "5", "7", "5", "5"])) == 0.0  # 7.0 and 7 are one answer: 2-3
+    assert score.majority_vote(responses(["7.0", "5", "7"])) == 1.0
 
 
 def test_unparseable_answers_never_vote_and_alone_are_wrong():
@@ -109,7 +110,7 @@ def test_all_wrong_scores_zero_and_k_equal_n():
     m = score.problem_metrics(responses(["1", "2", "3", "4"]), set_size=2)
     assert all(v == 0 for v in m.values())
     m = score.problem_metrics(responses(["1", "2", "7", "4"]), set_size=2)
-    assert m["pass@4"] == 1.0 and m["pass@1"] == 0.25 and m["cons@4"] == 0.0  # 4-way tie, 1 first
+    assert m["pass@4"] == 1.0 and m["pass@1"] == 0.25 and m["cons@4"] == 0.25  # 4-way tie, one right
     assert set(m) == {"pass@1", "pass@2", "pass@3", "pass@4", "cons@2", "cons@4", "native_cons@2"}
 
 
@@ -135,11 +136,11 @@ def test_native_sets_use_every_forking_token_once_whatever_the_row_order():
 def test_aggregate_on_hand_built_problems():
     forks = data.fork_tokens(2) * 2  # <think1>, <think2>, <think1>, <think2>
     rows = [{"completions": responses(["7", "7", "3", None], forks=forks)},  # sets (7, 7) and (3, None)
-            {"completions": responses(["1", "7", "2", "2"], forks=forks)}]   # sets (1, 7): 1 first; (2, 2)
+            {"completions": responses(["1", "7", "2", "2"], forks=forks)}]   # sets (1, 7): a tie; (2, 2)
     m = score.aggregate(rows, set_size=6)
     assert m["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
-    assert m["cons@2"] == 0.5 and m["cons@4"] == 0.5  # [7,7,3] -> 7; [1,7,2,2] -> 2
-    assert m["native_cons@2"] == pytest.approx((1 / 2 + 0) / 2)
+    assert m["cons@2"] == (1 + 0.5) / 2 and m["cons@4"] == 0.5  # [7,7] -> 7, [1,7] a tie; [7,7,3] -> 7, [1,7,2,2] -> 2
+    assert m["native_cons@2"] == pytest.approx((1 / 2 + 0.5 / 2) / 2)
     assert m["pass@4"] == 1.0 and m["unparseable"] == 1 / 8
     assert m["per_fork"]["<think1>"]["accuracy"] == 1 / 4 and m["per_fork"]["<think2>"]["accuracy"] == 2 / 4
 
@@ -375,8 +376,8 @@ def test_score_reextracts_answers_from_text_and_gold(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     metrics = score.main(score.parse_config([str(path)]))
     assert metrics["pass@1"] == pytest.approx((2 / 4 + 1) / 2) and metrics["cons@4"] == 1.0
-    assert metrics["cons@2"] == 0.5  # (13, 12): a tie, 13 came first
-    assert metrics["native_cons@2"] == pytest.approx((1 / 2 + 1) / 2)  # sets (13, 12) and (none, 12.0)
+    assert metrics["cons@2"] == (0.5 + 1) / 2  # (13, 12): a tie, worth 0.5
+    assert metrics["native_cons@2"] == pytest.approx(((0.5 + 1) / 2 + 1) / 2)  # sets (13, 12) and (none, 12.0)
     assert json.load(open(tmp_path / "vllm.metrics.json")) == metrics
 
 

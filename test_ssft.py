@@ -60,7 +60,7 @@ def test_stages_import_downward_only():
         return set().union(*({n} | reach(n, seen + (m,)) for n in graph[m] if n not in seen)) if graph[m] else set()
     for m in graph:
         assert m not in reach(m), f"{m} imports itself through {graph[m]}"
-    for m in ("data", "match", "infer", "score", "select_token", "toy", "common"):
+    for m in ("data", "match", "infer", "score", "select_token", "toy", "common", "fsdp", "gfpo", "policy"):
         assert "train" not in reach(m), f"{m} reaches train.py"
     assert graph["common"] == set() and graph["toy"] <= {"data"}
 
@@ -392,6 +392,22 @@ def test_mix_pools_sources_keeps_correct_traces_and_is_a_function_of_the_seed(tm
     assert [r["traces"] for r in other] != [r["traces"] for r in first]  # another seed, another sample
 
 
+def test_mix_reads_the_final_answer_of_a_worked_solution_as_the_gold(tmp_path, capsys):
+    def row(question, solution, deepseek, gemini):
+        return {"question": question, "solution": solution, "deepseek_thinking_trajectory": "think",
+                "deepseek_attempt": deepseek, "gemini_thinking_trajectory": "think", "gemini_attempt": gemini}
+    rows = [row("x^2 = 49, x > 0: x?", "Since $x^2 = 49$ and $x>0$, $x = 7$.", r"So $x = \boxed{7}$.", r"$\boxed{-7}$"),
+            row("Sum?", "We add them up. The answer is 42.", "The answer is 42.", "#### 41"),
+            row("Area?", "Each side is $x$, so the area is $x^2$.", r"\boxed{x^2}", r"\boxed{x^2}")]
+    path = tmp_path / "s1k.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mixed = data.main(["mix", "--pool", str(path), "--traces", "2", "--correct_only", "--out", str(tmp_path / "m.jsonl")])
+    assert [(r["prompt"], r["sources"]) for r in mixed] == [("x^2 = 49, x > 0: x?", ["deepseek"]), ("Sum?", ["deepseek"])]
+    said = capsys.readouterr().out
+    assert "deepseek: 3 pooled, 1 dropped as wrong, 2 kept" in said and "gemini: 3 pooled, 3 dropped as wrong" in said
+    assert "1 golds could not be read" in said and "Area?" in said
+
+
 def test_data_check_prints_sources_and_token_lengths(tmp_path, capsys):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps(q) + "\n" for q in toy.make_questions(5, seed=1)))
@@ -646,7 +662,7 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path, run):
 
 FAULT = """
 import os, signal, sys
-import match, train
+import fsdp, match, train
 kind, when = sys.argv[1], int(sys.argv[2])
 calls = []
 
@@ -662,12 +678,12 @@ if kind == "kill_in_step":  # SIGKILL itself at the start of the training pass o
         return real_pass(*args, **kwargs)
     train.training_pass = training_pass
 elif kind == "kill_in_checkpoint":  # SIGKILL after the `when`-th checkpoint's shards, before its rename
-    real_save = train.dcp.save
+    real_save = fsdp.dcp.save
     def save(*args, **kwargs):
         real_save(*args, **kwargs)
         if after(when):
             os.kill(os.getpid(), signal.SIGKILL)
-    train.dcp.save = save
+    fsdp.dcp.save = save
 elif kind == "nan_in_step":  # the loss of step `when` becomes NaN (and so do its gradients)
     real_forward = match.SequenceNLL.forward
     def forward(self, *args, **kwargs):

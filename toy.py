@@ -28,6 +28,7 @@ downloaded and the same code path as Qwen2.5 (chat template, spare embedding row
 
     python train.py                  # SSFT on this task (train.py's defaults are these)
     python toy_compare.py            # hungarian vs random vs sft on it (Section 3.3, Table 1)
+    python gfpo.py --model out/ssft/final   # GFPO on its training questions (gfpo.py's defaults are GFPO_DEFAULTS)
 """
 import random
 import re
@@ -46,7 +47,12 @@ HELD_OUT_SEED = 10_000  # seed of the held-out questions (infer.py --data toy, t
 # The concat layout (Appendix A.5) computes each prompt once per question instead of once per trace: the toy's
 # prompt is about a third of each sequence, so both passes run about 40% faster on a CPU than in the batch layout.
 TRAIN_DEFAULTS = dict(num_forks=4, match_tokens=4, epochs=4, lr=3e-3, batch_size=64, layout="concat", micro_batch=8,
-                      match_batch=256, max_len=128, activation_checkpointing=False, save_every=0)
+                      match_batch=256, max_len=256, activation_checkpointing=False, save_every=0)
+
+# gfpo.py's defaults for --data toy (the issue's probe: 40 steps of 16 questions x 8 tags at lr 3e-5 move the choice to
+# the best tag while every tag's own accuracy holds; at 3e-4 the choice moved as fast and the responses were damaged).
+GFPO_DEFAULTS = dict(steps=40, batch_size=16, group_size=8, lr=1e-5, max_new_tokens=64, micro_batch=16,
+                     activation_checkpointing=False, save_every=0)
 
 # Qwen2's pre-tokenizer regex: the reloaded Qwen2Tokenizer rebuilds exactly this split.
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"

@@ -19,6 +19,12 @@ and, per metric, the difference to SFT and (for SSFT) to random matching, paired
 and initialisation), as {"mean", "ci95", "per_seed"}. toy_compare.png draws them with the
 configuration counts (Figure 7) and the matching gap (Figure 10).
 
+SSFT + GFPO (--gfpo, on by default): each seed's SSFT model then runs gfpo.py with its toy defaults
+(on the same seed's training questions) and infer.py --fork auto answers the held-out questions with
+the model's own tag, greedy. summary.json's "gfpo" holds, over seeds, pass@1_own (after GFPO),
+pass@1_own_before (the SSFT model's own greedy tag, no GFPO: the control), the final tag choice,
+and the differences paired by seed to SSFT's Eq. 6 token, SSFT's mean over tokens and SFT.
+
     python toy_compare.py                    # 3 variants x 3 seeds (timings in the README)
     python toy_compare.py --seeds 5          # tighter intervals
     python toy_compare.py --plot_only        # redraw toy_compare.png from a finished run's summary.json
@@ -61,6 +67,7 @@ class Config:
     samples: int = 16  # responses per question: 4 per forking token, or 16 from <think1> for sft
     max_new_tokens: int = 64  # the longest trace has 45 tokens
     jobs: int = 2  # runs at a time, sharing the CPU cores (tiny models run best on one core each)
+    gfpo: bool = True  # also SSFT + GFPO: gfpo.py (toy defaults) on each seed's SSFT model, then infer --fork auto
     plot_only: bool = False  # run nothing: redraw <out_dir>/toy_compare.png from <out_dir>/summary.json
 
 
@@ -87,6 +94,54 @@ def run_variant(variant, seed, cfg):
             if done.returncode:
                 raise RuntimeError(f"{' '.join(command)} failed: see {log.name}")
     return run_dir
+
+
+def run_gfpo(ssft_dir, seed, cfg):
+    """GFPO on one seed's SSFT model, then the held-out questions answered with the model's own tag
+    (infer.py --fork auto, greedy), before GFPO (the control) and after. Returns the run's directory."""
+    run_dir = os.path.join(cfg.out_dir, "runs", f"gfpo_seed{seed}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    evaluate = ["--data", "toy", "--fork", "auto", "--samples", str(cfg.samples), "--limit", str(cfg.eval_questions),
+                "--temperature", "0.7", "--top_p", "0.95", "--max_new_tokens", str(cfg.max_new_tokens), "--seed", str(seed)]
+    commands = [["infer.py", "--model", os.path.join(ssft_dir, "final"), *evaluate,
+                 "--output", os.path.join(run_dir, "before.jsonl")],
+                ["gfpo.py", "--model", os.path.join(ssft_dir, "final"), "--seed", str(seed), "--out_dir", run_dir,
+                 "--toy_questions", str(cfg.toy_questions)],
+                ["infer.py", "--model", os.path.join(run_dir, "final"), *evaluate, "--output", os.path.join(run_dir, "eval.jsonl")]]
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    with open(os.path.join(run_dir, "run.log"), "w") as log:
+        for command in commands:
+            t0 = time.time()
+            done = subprocess.run([sys.executable, *command], cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
+            print(f"gfpo seed {seed}: {command[0]} {time.time() - t0:.0f} s", file=log, flush=True)
+            if done.returncode:
+                raise RuntimeError(f"{' '.join(command)} failed: see {log.name}")
+    return run_dir
+
+
+def gfpo_metrics(run_dir):
+    """One GFPO run's numbers: Pass@1 with the model's own tag after and before GFPO, and the mean
+    tag choice of its last step."""
+    after, before = (score.aggregate(score.read_rows(os.path.join(run_dir, f)), set_size=4)["pass@1"]
+                     for f in ("eval.jsonl", "before.jsonl"))
+    last = [m for _, m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))][-1]
+    return {"pass@1_own": after, "pass@1_own_before": before, "tag_choice": last["tag_choice"]}
+
+
+def gfpo_summary(results, gfpo_runs):
+    """summary.json's "gfpo": over seeds, and paired by seed with the same seed's SSFT and SFT runs."""
+    out = {k: over_seeds([r[k] for r in gfpo_runs]) for k in ("pass@1_own", "pass@1_own_before")}
+    out["tag_choice"] = [r["tag_choice"] for r in gfpo_runs]
+    ssft = results["hungarian"]
+    against = {"SSFT Eq. 6 token": [r["pass@1_selected"] for r in ssft], "SSFT mean over tokens": [r["pass@1"] for r in ssft],
+               "SSFT own tag, no GFPO": [r["pass@1_own_before"] for r in gfpo_runs]}
+    if "sft" in results:
+        against["SFT"] = [r["pass@1"] for r in results["sft"]]
+    out["differences"] = {name: over_seeds([g["pass@1_own"] - v for g, v in zip(gfpo_runs, values)])
+                          for name, values in against.items()}
+    return out
 
 
 def eq6_token(log):
@@ -141,6 +196,9 @@ def compare(cfg):
     runs = sorted(((v, s) for s in range(cfg.seeds) for v in variants), key=lambda r: r[0] == "sft")  # longest first
     with ThreadPoolExecutor(cfg.jobs) as pool:  # threads only wait on the commands
         dirs = list(pool.map(lambda r: run_variant(*r, cfg), runs))
+        ssft_dirs = [d for (v, _), d in zip(runs, dirs) if v == "hungarian"]
+        gfpo_dirs = list(pool.map(lambda s: run_gfpo(ssft_dirs[s], s, cfg), range(cfg.seeds))) \
+            if cfg.gfpo and "hungarian" in variants else []
     results = {v: [run_metrics(v, d, cfg.samples) for (v2, _), d in zip(runs, dirs) if v2 == v] for v in variants}
     keys = ["purity", "distinct_styles", "pass@1", "pass@1_selected", "native_cons@N"] + \
         [f"{m}@{k}" for m in ("cons", "pass") for k in range(1, cfg.samples + 1)]
@@ -158,6 +216,8 @@ def compare(cfg):
     pairs += [("hungarian", "random")] if {"hungarian", "random"} <= set(variants) else []
     summary["differences"] = {f"{a} - {b}": {k: over_seeds([x[k] - y[k] for x, y in zip(results[a], results[b])])
                                              for k in keys[2:5] + [f"cons@{cfg.samples}"]} for a, b in pairs}
+    if gfpo_dirs:
+        summary["gfpo"] = gfpo_summary(results, [gfpo_metrics(d) for d in gfpo_dirs])
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     print_table(summary)
     print(f"{cfg.seeds} seed(s), {summary['time_s']:.0f} s, {os.cpu_count()} CPUs, load average before "
@@ -175,6 +235,13 @@ def print_table(summary):
     for pair, d in summary["differences"].items():  # paired by seed
         print(f"| {pair} | " + " | ".join(f"{d[k]['mean']:+.3f} ± {d[k]['ci95']:.3f}" if k in d else ""
                                          for k in shown) + " |")
+    if "gfpo" in summary:  # Pass@1 with the model's own tag (infer.py --fork auto, greedy)
+        g = summary["gfpo"]
+        print(f"\n| SSFT + GFPO | Pass@1, own tag |\n|---|---:|\n| after GFPO | {g['pass@1_own']['mean']:.3f} ± "
+              f"{g['pass@1_own']['ci95']:.3f} |\n| SSFT's own tag, before GFPO | {g['pass@1_own_before']['mean']:.3f} ± "
+              f"{g['pass@1_own_before']['ci95']:.3f} |")
+        for name, d in g["differences"].items():
+            print(f"| GFPO own tag - {name} | {d['mean']:+.3f} ± {d['ci95']:.3f} |")
 
 
 def plot(summary, path):

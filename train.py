@@ -21,8 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import re
-import shutil
 import signal
 import sys
 import time
@@ -31,18 +29,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 import data
+import fsdp
 import match
+import memory
 import toy
-from common import (DataError, append_jsonl, changed_settings, close_distributed, init_distributed, lock_dir,
-                    parse_flags, print0, read_json, read_jsonl, writable_dir, write_json, write_jsonl)
+from common import (STOP, DataError, all_max, all_sum, append_jsonl, changed_settings, close_distributed,
+                    init_distributed, parse_flags, print0, read_json, read_jsonl, stage_run, writable_dir,
+                    write_json, write_jsonl)
 
 
 @dataclass
@@ -64,6 +59,7 @@ class Config:
     max_len: int = 32768  # tokens of prompt + forking tag + trace; longer traces are cut (toy: 128)
     seed: int = 0  # data order, random matchings and new embedding rows all derive from it
     save_every: int = 50  # a resumable checkpoint every this many steps (0: only at the end)
+    keep_checkpoints: int = 2  # complete checkpoints kept, the newest; older ones go once a newer one is complete (0: all)
     warmup: float = 0.05  # fraction of the steps spent in linear warm-up
     weight_decay: float = 1e-4  # AdamW weight decay (betas 0.9, 0.95)
     grad_clip: float = 1.0  # clip the global gradient norm to this
@@ -72,9 +68,10 @@ class Config:
     skip_nonfinite: bool = False  # skip a batch whose loss is not finite instead of stopping
     toy_questions: int = 2000  # number of training questions of the toy task
     trust_remote_code: bool = False  # let transformers run code shipped with the model
+    plan: str = ""  # GPUSxGiB, e.g. 8x80: print the memory plan of these flags from config.json alone, exit 0 if it fits, 3 if not
 
 
-RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir"}  # may change on resume
+RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir", "keep_checkpoints", "plan"}  # may change on resume
 MAX_FORKS = 1024  # bound on --num_forks: each is a vocabulary entry and N forwards per trace and step
 
 
@@ -97,7 +94,13 @@ def parse_config(argv=None):
                 f"--grad_clip must be > 0 (got {cfg.grad_clip})" if not cfg.grad_clip > 0 else None,
                 f"--warmup must be in [0, 1) (got {cfg.warmup})" if not 0 <= cfg.warmup < 1 else None,
                 f"--weight_decay must be >= 0 (got {cfg.weight_decay})" if not cfg.weight_decay >= 0 else None,
-                "--max_steps and --save_every must be >= 0" if min(cfg.max_steps, cfg.save_every) < 0 else None]
+                "--max_steps, --save_every and --keep_checkpoints must be >= 0"
+                if min(cfg.max_steps, cfg.save_every, cfg.keep_checkpoints) < 0 else None]
+    if cfg.plan:
+        try:
+            memory.parse_gpus(cfg.plan)
+        except ValueError as e:
+            problems.append(str(e))
     problems = [p for p in problems if p]
     if problems:
         parser.error("; ".join(problems))
@@ -119,162 +122,13 @@ def load_tokenizer(cfg):
 
 
 def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
-    """Returns (SequenceNLL-wrapped FSDP2 model, hf_config), the forking-token rows initialised.
-
-    Only rank 0 reads the weights (a 32B model is not loaded as 8 CPU copies); the other ranks
-    build the model on the meta device, and the full state dict is broadcast from rank 0 while
-    each rank keeps its own shard (`broadcast_from_rank0`)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    attn = attention_backend(cfg.layout, device)
-    torch.manual_seed(cfg.seed)
-    if cfg.model == "toy":
-        full = toy.make_model(tokenizer) if rank == 0 else None
-        config = toy.make_model(tokenizer).config if rank != 0 else full.config
-    else:
-        config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        full = AutoModelForCausalLM.from_pretrained(
-            cfg.model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-            trust_remote_code=cfg.trust_remote_code, attn_implementation=attn) if rank == 0 else None
-    if rank == 0:
-        if cfg.fork_style == "special":  # text tags are ordinary tokens, already trained
+    """(SequenceNLL-wrapped FSDP2 model, hf_config) of --model, its new forking-token rows initialised
+    (special style; text tags are ordinary tokens, already trained): fsdp.load_model."""
+    def init_fork_rows(full):
+        if cfg.fork_style == "special":
             data.init_fork_rows(full, [ids[0] for ids in fork_ids], num_trained, cfg.seed)
-        config.vocab_size = full.get_input_embeddings().weight.shape[0]
-        state = {"lm." + k: v for k, v in full.state_dict().items()}
-        buffers = {k: v for k, v in full.named_buffers()}
-    rows = torch.tensor([config.vocab_size if rank == 0 else 0], device=device)
-    dist.broadcast(rows, src=0)  # all ranks agree on the (possibly resized) vocabulary
-    config.vocab_size = int(rows)
-    config.use_cache = False
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32,
-                                              trust_remote_code=cfg.trust_remote_code)
-    model = shard(lm, device, cfg.activation_checkpointing, cfg.cpu_offload)
-    model.to_empty(device="cpu" if cfg.cpu_offload else device)
-    set_model_state_dict(model, state if rank == 0 else {},
-                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for prefix, module in lm.named_modules():  # non-persistent buffers (rotary inv_freq) are not in
-        for name, buf in list(module.named_buffers(recurse=False)):  # the state dict: broadcast them
-            value = buffers[f"{prefix}.{name}" if prefix else name].to(device) if rank == 0 \
-                else torch.empty(buf.shape, dtype=buf.dtype, device=device)
-            dist.broadcast(value, src=0)
-            setattr(module, name, value)  # on the GPU even when parameters are offloaded
-    return model, config
-
-
-def attention_backend(layout, device):
-    """batch layout: flash-attn when installed on CUDA, else PyTorch SDPA. concat layout: its tree
-    mask needs FlexAttention on CUDA (a BlockMask, no dense L x L mask) and SDPA with a dense boolean
-    mask on CPU, where FlexAttention has no backward."""
-    if device.type != "cuda":
-        return "sdpa"
-    if layout == "concat":
-        return "flex_attention"
-    try:
-        import flash_attn  # noqa: F401  (optional, used when installed)
-        return "flash_attention_2"
-    except ImportError:
-        return "sdpa"
-
-
-def shard(lm, device, activation_checkpointing=False, cpu_offload=False):
-    """SequenceNLL(lm) under FSDP2, the canonical recipe: fully_shard each decoder layer, then the
-    root (embeddings, final norm, lm_head). bf16 compute with fp32 gradient reduction on GPU."""
-    if activation_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = match.SequenceNLL(lm)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
-    for layer in lm.model.layers:
-        fully_shard(layer, mp_policy=mp, offload_policy=offload)
-    fully_shard(model, mp_policy=mp, offload_policy=offload)
-    return model
-
-
-def save_final(model, tokenizer, config, path, rank, forks):
-    """A consolidated bf16 Hugging Face directory: from_pretrained loads it, forking tokens intact,
-    and ssft.json says how the model was prompted ({"fork_style", "num_forks"}: infer.py reads it).
-    Written to a temporary name and renamed, so a half-written final/ never exists."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging
-    logging.disable_progress_bar()  # a bar for one shard says nothing
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        with torch.device("meta"):
-            lm = AutoModelForCausalLM.from_config(config)
-        lm.load_state_dict({k[3:]: v.to(torch.bfloat16) for k, v in full.items()}, assign=True)
-        lm.config.use_cache = lm.generation_config.use_cache = True  # training turned the KV cache off
-        lm.config.dtype = torch.bfloat16
-        tmp = path + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        lm.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        write_json(os.path.join(tmp, "ssft.json"), forks)
-        if os.path.isdir(path):  # keep the previous final/ until the new one is complete
-            os.replace(path, path + ".old")
-        os.replace(tmp, path)
-        shutil.rmtree(path + ".old", ignore_errors=True)
-    dist.barrier()
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def checkpoints(out_dir):
-    """[(step, path)] of the complete checkpoints, oldest first (a half-written one ends in .tmp,
-    one that failed to load in .corrupt)."""
-    root = os.path.join(out_dir, "checkpoints")
-    names = os.listdir(root) if os.path.isdir(root) else []
-    return sorted((int(d[5:]), os.path.join(root, d)) for d in names if re.fullmatch(r"step_\d+", d))
-
-
-def save_checkpoint(model, optimizer, step, stats, out_dir, rank):
-    """Sharded model + optimiser (torch.distributed.checkpoint) and trainer state. The data order,
-    random matchings and lr are pure functions of (seed, step), so `step` is all the RNG state."""
-    path = os.path.join(out_dir, "checkpoints", f"step_{step:06d}")
-    if os.path.isdir(path):  # complete already (a rerun of a finished run)
-        return path
-    tmp = path + ".tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    if rank == 0:
-        write_json(os.path.join(tmp, "trainer_state.json"), {"step": step, "matching": stats.to_json()})
-        os.replace(tmp, path)  # only a complete checkpoint gets a step_ name
-    dist.barrier()
-    return path
-
-
-def resume(model, optimizer, out_dir, rank, device):
-    """(step, MatchingStats) of the newest checkpoint that loads, or (0, None) without one. A
-    checkpoint that fails to load (truncated shards, a missing trainer_state.json) is named, set
-    aside as step_N.corrupt (never deleted) and the one before it is tried."""
-    set_aside = []
-    for step, path in reversed(checkpoints(out_dir)):
-        try:
-            trainer = read_json(os.path.join(path, "trainer_state.json"))
-            stats = match.MatchingStats.from_json(trainer["matching"])
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=path)
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-            error = None
-        except (Exception, CheckpointException) as e:  # any failure to read it means: not usable
-            e = next(iter(e.failures.values()), e) if isinstance(e, CheckpointException) else e  # rank's cause
-            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}"
-        if all_max(error is not None, device) == 0:
-            print0(f"resumed from {path} at step {trainer['step']}")
-            return trainer["step"], stats
-        print0(f"warning: checkpoint {path} does not load ({error}); set aside as {path}.corrupt")
-        if rank == 0:
-            os.replace(path, path + ".corrupt")
-        set_aside.append(path)
-        dist.barrier()
-    if set_aside:  # the model may hold part of a failed load: never train on from there
-        raise DataError(f"{out_dir}: no checkpoint loads ({', '.join(set_aside)} set aside); "
-                        "move the directory away to start afresh")
-    return 0, None
+    return fsdp.load_model(cfg.model, tokenizer, rank, device, cfg.layout, cfg.seed, cfg.activation_checkpointing,
+                           cfg.cpu_offload, cfg.trust_remote_code, edit=init_fork_rows)
 
 
 # ----------------------------------------------------------------------------- schedule
@@ -310,25 +164,6 @@ def schedule(sizes, batch_size, seed, epochs):
     return [(e, batch) for e in range(epochs) for batch in epoch_batches(sizes, batch_size, seed, e)]
 
 
-def all_max(x, device):
-    t = torch.tensor([x], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
-
-
-def broadcast(obj):
-    """Rank 0's value of a picklable object, on every rank."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_sum(values, device):
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
 # ----------------------------------------------------------------------------- one step
 
 def training_rows(questions, matched, fork_ids, layout):
@@ -343,11 +178,13 @@ def training_rows(questions, matched, fork_ids, layout):
 
 
 def model_inputs(rows, layout, pad_id, device):
-    """A micro-batch as the keyword arguments of SequenceNLL.forward."""
+    """A micro-batch as the keyword arguments of SequenceNLL.forward. Concat rows on CUDA are padded
+    to data.bucket_length: FlexAttention then compiles one graph per bucket, not one per length."""
     if layout == "batch":
         input_ids, labels, attention_mask = (t.to(device) for t in data.collate(rows, pad_id))
         return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
-    input_ids, labels, position_ids, branch_ids = (t.to(device) for t in data.collate_branches(rows, pad_id))
+    input_ids, labels, position_ids, branch_ids = (t.to(device) for t in data.collate_branches(
+        rows, pad_id, bucket=device.type == "cuda"))
     return dict(input_ids=input_ids, labels=labels, attention_mask=data.tree_attention(branch_ids),
                 position_ids=position_ids)
 
@@ -394,8 +231,8 @@ def prepare(cfg):
         tokenizer, fork_ids, num_trained = load_tokenizer(cfg)
     except (OSError, ValueError) as e:
         raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
-    encoded = [data.encode_question(tokenizer, q, cfg.max_len, max(map(len, fork_ids))) for q in questions]
-    done = checkpoints(cfg.out_dir)
+    encoded = [data.encode_question(tokenizer, q, cfg.max_len, max(map(len, fork_ids)), cfg.layout) for q in questions]
+    done = fsdp.checkpoints(cfg.out_dir)
     if cfg.max_steps and done and done[-1][0] > cfg.max_steps:
         raise DataError(f"{cfg.out_dir} holds a checkpoint at step {done[-1][0]}, past --max_steps {cfg.max_steps}: "
                         "a run never goes back; choose another --out_dir to train fewer steps")
@@ -406,40 +243,48 @@ def prepare(cfg):
     return questions, encoded, tokenizer, fork_ids, num_trained
 
 
-STOP = []  # the signals received: SIGTERM (a scheduler about to preempt) or SIGINT (Ctrl-C)
+def memory_plan(cfg, gpus, traces=4):
+    """memory.train_plan of this run's flags on `gpus` GPUs from --model's config.json alone (fused
+    AdamW: train.py's optimiser on CUDA). traces: M, the most traces of a question."""
+    shape = memory.read_shape(toy.make_model(toy.make_tokenizer()).config.to_dict() if cfg.model == "toy"
+                              else cfg.model)
+    return memory.train_plan(shape, gpus, cfg.layout, cfg.max_len, cfg.micro_batch, cfg.match_batch, cfg.match_tokens,
+                             cfg.num_forks, traces, cfg.activation_checkpointing, cfg.cpu_offload, fused_adamw=True)
 
 
-def on_stop_signal(signum, frame):
-    """First signal: finish the optimiser step, write a checkpoint, exit. A second: stop at once."""
-    if STOP:
-        raise KeyboardInterrupt
-    STOP.append(signum)
-    print0(f"{signal.Signals(signum).name}: finishing this step, then a checkpoint (again to stop at once)")
+PLAN_HINT = ("to fit: --cpu_offload true (sharded state to host memory), a smaller --max_len or --micro_batch, "
+             "--activation_checkpointing true, or more GPUs (docs/scaling.md)")
+
+
+def print_plan(cfg):
+    """--plan GPUSxGiB: the memory table of these flags, then one JSON line; exit 0 if it fits, 3 if not.
+    Reads only --model's config.json: no weights, tokenizer or data."""
+    gpus, gib = memory.parse_gpus(cfg.plan)
+    try:
+        plan = memory_plan(cfg, gpus)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    lines, fits = memory.format_plan(plan, gpus, gib)
+    print("\n".join(lines + ([] if fits else [f"  {PLAN_HINT}"])))
+    print(json.dumps({"peak_gib_per_gpu": round(plan["peak_gib_per_gpu"], 1),
+                      "host_gib_per_rank": round(plan["host_gib_per_rank"], 1), "fits": fits, "gpus": gpus,
+                      "gib_per_gpu": gib, "layout": cfg.layout, "max_len": cfg.max_len,
+                      "micro_batch": cfg.micro_batch, "cpu_offload": cfg.cpu_offload}))
+    sys.exit(0 if fits else 3)
 
 
 def main(cfg):
+    if cfg.plan:
+        print_plan(cfg)
     try:
         questions, encoded, tokenizer, fork_ids, num_trained = prepare(cfg)
     except DataError as e:
         sys.exit(f"error: {e}")
     rank, world, device = init_distributed()
-    lock, refused = None, None
-    try:  # one run at a time in a directory: a second one would interleave logs and checkpoints
-        lock = lock_dir(cfg.out_dir) if rank == 0 else None
-    except DataError as e:
-        refused = str(e)
-    handlers = {s: signal.signal(s, on_stop_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    STOP.clear()
     try:
-        refused = broadcast(refused)
-        if refused:
-            sys.exit(f"error: {refused}")
-        train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world, device)
+        with stage_run(cfg.out_dir, rank):
+            train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world, device)
     finally:
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
-        if lock:
-            lock.close()
         close_distributed()
 
 
@@ -450,7 +295,7 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
     total_steps = len(plan)
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     final = os.path.join(cfg.out_dir, "final")
-    done = checkpoints(cfg.out_dir)
+    done = fsdp.checkpoints(cfg.out_dir)
     if done and done[-1][0] >= last_step and os.path.isdir(final):
         if rank == 0:  # nothing to train; a matching.json that no longer reads is rebuilt, exactly
             try:
@@ -461,11 +306,25 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
         print0(f"{cfg.out_dir}: complete at step {done[-1][0]}; final/ holds its model")
         return
 
+    if device.type == "cuda":  # refuse before loading 65 GB what cannot fit the GPUs we are on
+        gib = torch.cuda.get_device_properties(device).total_memory / memory.GIB
+        lines, fits = memory.format_plan(memory_plan(cfg, world, max(len(q["traces"]) for q in questions)), world, gib)
+        print0("\n".join(lines))
+        if not fits:
+            sys.exit(f"error: these flags do not fit {world} x {gib:.0f} GiB; {PLAN_HINT}")
+        if cfg.layout == "concat":  # one FlexAttention graph per row-width bucket (data.bucket_length)
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
+                                                       data.num_buckets(cfg.max_len) + 2)
+    if cfg.cpu_offload:  # torchrun sets OMP_NUM_THREADS=1: the offloaded AdamW step would use one core
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     model, hf_config = load_model(cfg, tokenizer, fork_ids, num_trained, rank, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    # fused AdamW on CUDA: the foreach path allocates a temporary the size of the sharded state at step()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
+                                  fused=True if device.type == "cuda" else None)
     fork_names = data.fork_tokens(cfg.num_forks)
     try:
-        start, stats = resume(model, optimizer, cfg.out_dir, rank, device)
+        start, stats = fsdp.resume(model, optimizer, cfg.out_dir, rank, device,
+                                   lambda state: match.MatchingStats.from_json(state["matching"]))
     except DataError as e:
         sys.exit(f"error: {e}")
     stats = stats or match.MatchingStats(cfg.matching, fork_names, cfg.fork_style)
@@ -482,19 +341,22 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
     per_epoch = [sum(e == epoch for e, _ in plan) for epoch in range(cfg.epochs)]
     per_epoch = str(min(per_epoch)) if min(per_epoch) == max(per_epoch) else f"{min(per_epoch)} to {max(per_epoch)}"
     print0(f"{len(questions)} questions, {sum(len(q['traces']) for q in questions)} traces "
-           f"({sum(e['truncated'] for e in encoded)} truncated to --max_len {cfg.max_len}), {world} rank(s) on "
+           f"({sum(e['truncated'] for e in encoded)} truncated to --max_len {cfg.max_len}"
+           f"{', cut evenly so that each question row fits it' if cfg.layout == 'concat' else ''}), {world} rank(s) on "
            f"{device.type}, steps {start}..{last_step} of {total_steps} ({per_epoch} per epoch of <= {cfg.batch_size} "
            f"sequences), forking tags {data.fork_tag(fork_names[0], cfg.fork_style)!r}.."
            f"{data.fork_tag(fork_names[-1], cfg.fork_style)!r} "
            f"= ids {fork_ids[0]}..{fork_ids[-1]}, "
-           f"{cfg.layout} layout, attention {attention_backend(cfg.layout, device)}"
+           f"{cfg.layout} layout, attention {fsdp.attention_backend(cfg.layout, device)}"
            + (" with a dense boolean tree mask" if cfg.layout == "concat" and device.type != "cuda" else ""))
     skipped = 0
 
     for step in range(start, last_step):
         t0 = time.time()
         epoch, batch = plan[step]
-        mine = [batch[i] for i in data.split_over_ranks([len(questions[i]["traces"]) for i in batch], world)[rank]]
+        # questions over ranks by the tokens of their matching forwards (prompt + tag + first K per trace)
+        mine = [batch[i] for i in data.balance([sum(len(encoded[q]["prompt_ids"]) + 1 + min(cfg.match_tokens, len(t))
+                                                    for t in encoded[q]["trace_ids"]) for q in batch], world)[rank]]
         mine_encoded = [encoded[q] for q in mine]
 
         # Eq. 3-4: the matching pass, the same number of no-grad forwards on every rank
@@ -519,7 +381,10 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
         if not nonfinite:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            rows = training_rows(mine_encoded, matched, fork_ids, cfg.layout)
+            # every rank holds every matching: the step's rows go over the ranks by tokens, so a rank with
+            # one question of long traces does not hold the others up (a question's rows may be split)
+            rows = training_rows([encoded[q] for q in batch], [all_matched[q] for q in batch], fork_ids, cfg.layout)
+            rows = [rows[i] for i in data.balance([len(r[0]) for r in rows], world)[rank]]
             loss, _, global_input, pad_fraction = training_pass(model, rows, cfg.micro_batch, cfg.layout, pad_id, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
@@ -554,14 +419,17 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
                   f"{record['gap'] if record['gap'] is not None else float('nan'):.4f} | "
                   f"{record['tokens_per_s']:7.0f} tok/s | pad {pad_fraction:.2f}", flush=True)
         if all_max(bool(STOP), device) and step + 1 < last_step:  # preempted: every rank stops here
-            path = save_checkpoint(model, optimizer, step + 1, stats, cfg.out_dir, rank)
+            path = fsdp.save_checkpoint(model, optimizer, step + 1, {"matching": stats.to_json()}, cfg.out_dir, rank,
+                                        keep=cfg.keep_checkpoints)
             print0(f"stopped by a signal after step {step + 1}: checkpoint {path}; the same command resumes")
             sys.exit(128 + (STOP[0] if STOP else signal.SIGTERM))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < last_step:
-            save_checkpoint(model, optimizer, step + 1, stats, cfg.out_dir, rank)
+            fsdp.save_checkpoint(model, optimizer, step + 1, {"matching": stats.to_json()}, cfg.out_dir, rank,
+                                        keep=cfg.keep_checkpoints)
 
-    save_checkpoint(model, optimizer, last_step, stats, cfg.out_dir, rank)
-    save_final(model, tokenizer, hf_config, final, rank, {"fork_style": cfg.fork_style, "num_forks": cfg.num_forks})
+    fsdp.save_checkpoint(model, optimizer, last_step, {"matching": stats.to_json()}, cfg.out_dir, rank,
+                                        keep=cfg.keep_checkpoints)
+    fsdp.save_final(model, tokenizer, hf_config, final, rank, {"fork_style": cfg.fork_style, "num_forks": cfg.num_forks})
     print0(f"done: {last_step} steps, {skipped} skipped. Outputs in {cfg.out_dir}/: metrics.jsonl "
            f"(one line per step), matching.json (configuration counts per epoch), checkpoints/, "
            f"final/ (Hugging Face model + tokenizer with {fork_names[0]}..{fork_names[-1]})")

@@ -1,0 +1,158 @@
+"""A memory plan before anything loads: per-GPU and host memory of a train.py run, and of infer.py's
+weights and KV cache, from a model's config.json alone (no weights, tokenizer or data).
+
+    python train.py --model Qwen/Qwen2.5-32B-Instruct --plan 8x80                    # exit 0 fits, 3 not
+    python train.py --model Qwen/Qwen2.5-32B-Instruct --plan 8x80 --cpu_offload true
+
+The arithmetic (FSDP2 over G GPUs, bf16 compute on fp32 weights, GiB = 2^30 bytes; P parameters,
+H hidden, I MLP width, D = kv heads x head dim, V vocabulary, n layers, T tokens per micro-batch):
+  sharded state       fp32 weights 4P/G, gradients 4P/G, AdamW moments 8P/G (to host with --cpu_offload)
+  optimiser step      foreach AdamW's temporary, 4P/G; 0 with fused AdamW (train.py on CUDA)
+  unsharded root      the root FSDP unit (embeddings, lm_head) stays gathered in bf16: 2VH (4VH untied)
+  gathered layers     current + prefetched layer in bf16, its bf16 gradients and their fp32 reduce copy:
+                      (2 + 2 + 2 + 4) bytes x one layer's parameters
+  layer checkpoints   with activation checkpointing, each layer's bf16 input: 2nTH
+  one layer's acts    what one decoder layer saves for backward (all n of them without checkpointing):
+                      T x [2 (7H + 2D + 4I) + 4 x 2H] bytes (bf16 projections, q/k/v, the four
+                      I-wide MLP tensors; the two RMSNorms upcast their input to fp32)
+  backward transients gradients in flight through one layer: T x 2 x 2 (I + H) bytes
+  cross-entropy       one 1024-token chunk of logits (bf16, fp32, its gradient, softmax): 1024 V x 14 bytes
+  final hidden        final norm (fp32), the last hidden state, its gathered rows and their gradient: 10TH
+  context             the CUDA context, NCCL buffers, allocator slack: 2 GiB
+The matching pass (no grad) holds the same state plus one layer's forward transients and a logits chunk
+for its match_batch rows, always less than the training pass at micro-batch 1 and the same row length.
+Sources: PyTorch's FSDP2 design (fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy), the Qwen2 modelling
+code of transformers 5.24; test_scale.py checks the parameter count and the saved-activation bytes
+against real modules on the CPU.
+"""
+import json
+import os
+
+GIB = 2 ** 30
+CE_CHUNK = 1024  # match.SequenceNLL's ce_chunk
+CONTEXT_GIB = 2.0  # CUDA context, NCCL, allocator slack per GPU
+HOST_BASE_GIB = 4.0  # a rank's process on the host: torch, CUDA and NCCL libraries, pinned buffers
+PROMPT_TOKENS = 1024  # prompt length assumed for the matching pass's rows (their K trace tokens follow)
+
+
+def read_shape(config):
+    """The shape of a decoder-only transformer from its config.json as a dict: hidden, intermediate,
+    layers, heads, kv_heads, head_dim, vocab, tied. config: a dict, a local folder holding config.json,
+    or a Hugging Face id (only config.json is fetched). Raises ValueError naming what is missing."""
+    where = config
+    if isinstance(config, str):
+        path = os.path.join(config, "config.json")
+        if not os.path.isdir(config):
+            from huggingface_hub import hf_hub_download
+            try:
+                path = hf_hub_download(config, "config.json")
+            except Exception as e:  # offline, unknown id: one message naming the model
+                raise ValueError(f"--model {config}: no config.json ({type(e).__name__})") from None
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read a model config ({e})") from None
+        where = path
+    config = config.get("text_config", config)
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "vocab_size") if k not in config]
+    if missing:
+        raise ValueError(f"{where}: no {', '.join(missing)}: not a decoder-only transformer's config")
+    heads = config["num_attention_heads"]
+    return dict(hidden=config["hidden_size"], intermediate=config["intermediate_size"],
+                layers=config["num_hidden_layers"], heads=heads,
+                kv_heads=config.get("num_key_value_heads") or heads,
+                head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+                vocab=config["vocab_size"], tied=bool(config.get("tie_word_embeddings", False)))
+
+
+def layer_params(s):
+    """Parameters of one Qwen2 decoder layer: q/k/v (with biases), o, the gated MLP, two RMSNorms."""
+    h, q, kv = s["hidden"], s["heads"] * s["head_dim"], s["kv_heads"] * s["head_dim"]
+    return h * q + q + 2 * (h * kv + kv) + q * h + 3 * h * s["intermediate"] + 2 * h
+
+
+def num_params(s):
+    """All parameters: embeddings, lm_head unless tied, the layers, the final norm."""
+    return s["vocab"] * s["hidden"] * (1 if s["tied"] else 2) + s["layers"] * layer_params(s) + s["hidden"]
+
+
+def layer_activation_bytes(s, tokens, act_bytes=2):
+    """Bytes one decoder layer saves for backward over `tokens` tokens (act_bytes: 2 for bf16 compute)."""
+    h, kv, i = s["hidden"], s["kv_heads"] * s["head_dim"], s["intermediate"]
+    return tokens * (act_bytes * (7 * h + 2 * kv + 4 * i) + 4 * 2 * h)
+
+
+def train_plan(s, gpus, layout="batch", max_len=32768, micro_batch=1, match_batch=8, match_tokens=1000,
+               num_forks=6, traces=4, activation_checkpointing=True, cpu_offload=False, fused_adamw=True):
+    """{"lines": [(what, GiB per GPU)], "peak_gib_per_gpu", "host_gib_per_rank", "rank0_load_gib",
+    "train_tokens", "match_tokens"} of one train.py rank. Worst case: every micro-batch row is max_len
+    tokens long (concat rows are bounded by max_len as a whole, data.encode_question). traces: M, the
+    traces of a question (the concat matching row holds N x M branches)."""
+    P, h, v, n = num_params(s), s["hidden"], s["vocab"], s["layers"]
+    T = micro_batch * max_len  # batch: micro_batch sequences; concat: micro_batch questions, each one row
+    if layout == "batch":
+        match_t = match_batch * min(max_len, PROMPT_TOKENS + 1 + match_tokens)
+    else:
+        per_row = min(max_len, PROMPT_TOKENS + num_forks * traces * (1 + match_tokens))
+        match_t = max(1, match_batch // (num_forks * traces)) * per_row
+    state = [("sharded fp32 weights", 4 * P / gpus), ("sharded fp32 gradients", 4 * P / gpus),
+             ("sharded AdamW moments", 8 * P / gpus),
+             ("AdamW step temporary (0: fused AdamW)", 0 if fused_adamw else 4 * P / gpus)]
+    on_gpu = [(w, 0.0 if cpu_offload else b / GIB) for w, b in state]
+    root = 2 * v * h * (1 if s["tied"] else 2)
+    act = layer_activation_bytes(s, T)
+    lines = on_gpu + [
+        ("unsharded root (embeddings, lm_head)", root / GIB),
+        ("gathered layers, prefetch, reduce buffers", 10 * layer_params(s) / GIB),
+        (f"layer-input checkpoints ({n} x {T} tokens)" if activation_checkpointing else "-",
+         2 * n * T * h / GIB if activation_checkpointing else 0.0),
+        ("one recomputed layer's activations" if activation_checkpointing else f"activations of all {n} layers",
+         act * (1 if activation_checkpointing else n) / GIB),
+        ("backward transients", T * 4 * (s["intermediate"] + h) / GIB),
+        ("cross-entropy chunk", CE_CHUNK * v * 14 / GIB),
+        ("final norm and gathered hidden", 10 * T * h / GIB),
+        ("CUDA context, NCCL, slack", CONTEXT_GIB)]
+    lines = [(w, g) for w, g in lines if w != "-"]
+    train_peak = sum(g for _, g in lines)
+    match_peak = sum(g for w, g in lines[:6]) + (layer_activation_bytes(s, match_t) + CE_CHUNK * v * 14
+                                                 + 10 * match_t * h) / GIB + CONTEXT_GIB
+    host_state = sum(b for _, b in state) / GIB if cpu_offload else 0.0
+    rank0_load = 2 * P / GIB + 4 * P / gpus / GIB  # the bf16 checkpoint read whole on rank 0, its fp32 shard
+    return {"lines": lines, "peak_gib_per_gpu": max(train_peak, match_peak),
+            "host_gib_per_rank": HOST_BASE_GIB + max(host_state, rank0_load),
+            "host_gib_other_ranks": HOST_BASE_GIB + host_state,
+            "train_tokens": T, "match_tokens": match_t, "match_peak_gib": match_peak, "params": P}
+
+
+def format_plan(plan, gpus, gib):
+    """The table train.py --plan prints, and its verdict line."""
+    out = [f"memory plan per GPU ({gpus} GPUs, {plan['params'] / 1e9:.2f}B parameters, "
+           f"{plan['train_tokens']} tokens per training micro-batch, {plan['match_tokens']} per matching forward):"]
+    out += [f"  {what:<46s} {g:7.1f} GiB" for what, g in plan["lines"]]
+    fits = plan["peak_gib_per_gpu"] <= gib
+    out.append(f"  {'peak (the matching pass: ' + format(plan['match_peak_gib'], '.1f') + ')':<46s} "
+               f"{plan['peak_gib_per_gpu']:7.1f} GiB of {gib:g}: {'fits' if fits else 'does NOT fit'}")
+    out.append(f"  host memory per rank {plan['host_gib_per_rank']:.1f} GiB (rank 0 while loading; the others "
+               f"{plan['host_gib_other_ranks']:.1f}), {plan['host_gib_per_rank'] + (gpus - 1) * plan['host_gib_other_ranks']:.0f}"
+               f" GiB for {gpus} ranks")
+    return out, fits
+
+
+def parse_gpus(text):
+    """'8x80' -> (8, 80.0): GPUs and GiB of memory each. Raises ValueError naming --plan."""
+    try:
+        gpus, gib = text.lower().split("x")
+        gpus, gib = int(gpus), float(gib)
+        assert gpus >= 1 and gib > 0
+    except (ValueError, AssertionError):
+        raise ValueError(f"--plan must be GPUSxGiB, e.g. 8x80 (got {text!r})") from None
+    return gpus, gib
+
+
+def infer_plan(s, streams, context, weight_bytes=2):
+    """(weights GiB, KV cache GiB) of infer.py: every rank holds the whole model, and the KV cache of
+    `streams` responses of `context` tokens (prompt + new tokens): 2 (K and V) x layers x D per token."""
+    kv = streams * context * s["layers"] * 2 * s["kv_heads"] * s["head_dim"] * weight_bytes
+    return num_params(s) * weight_bytes / GIB, kv / GIB
