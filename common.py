@@ -4,6 +4,7 @@ directory. Nothing here knows about SSFT.
 """
 import argparse
 import dataclasses
+import difflib
 import fcntl
 import inspect
 import json
@@ -122,9 +123,12 @@ def stage_run(out_dir, rank):
 def parse_flags(config_cls, doc, argv=None, positional=()):
     """One --flag per field of a config dataclass, its trailing comment as the help, so that --help
     documents every field; fields named in `positional` are positional arguments instead.
-    Returns (parser, {field: value} of the flags given)."""
+    Returns (parser, {field: value} of the flags given). A flag is only ever its full name: argparse
+    would otherwise take any unique prefix (--max_step for --max_steps), so that a typo silently sets
+    another field; an unknown flag exits (status 2) naming the closest real ones."""
     comments = dict(re.findall(r"^\s+(\w+): [\w.]+ = .*?  # (.*)$", inspect.getsource(config_cls), re.M))
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     for f in dataclasses.fields(config_cls):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         help_text = f"{comments[f.name]} (default {default!r})".replace("%", "%%")
@@ -134,8 +138,24 @@ def parse_flags(config_cls, doc, argv=None, positional=()):
         extra = dict(type=boolean, nargs="?", const=True) if f.type is bool else \
             dict(type=str, nargs="+") if f.type is list else dict(type=number(f.type))
         parser.add_argument(f"--{f.name}", default=None, **extra, help=help_text)
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.error(unknown_flags_message(unknown, [o for a in parser._actions for o in a.option_strings]))
+    given = {k: v for k, v in vars(args).items() if v is not None}
     return parser, given
+
+
+def unknown_flags_message(unknown, flags):
+    """argparse's "unrecognized arguments" line, with the closest real flag(s) for each unknown one
+    (--max_step: did you mean --max_steps?)."""
+    hints = []
+    for arg in unknown:
+        name = arg.split("=", 1)[0]
+        if name.startswith("-"):
+            close = difflib.get_close_matches(name, flags, n=2, cutoff=0.6)
+            close += [f for f in flags if f.startswith(name) and f not in close]  # the prefix argparse took before
+            hints.append(f"{name}: did you mean {' or '.join(close[:3])}?" if close else f"{name}: no such flag (see --help)")
+    return f"unrecognized arguments: {' '.join(unknown)}" + "".join(f"; {h}" for h in hints)
 
 
 def boolean(text):

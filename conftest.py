@@ -19,6 +19,14 @@ import toy
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+def pytest_configure(config):
+    # torch.compile (transformers compiles flex_attention even on the CPU) imports torch.utils.mkldnn,
+    # whose 14 methods use torch.jit.script_method: torch 2.13 warns once per method, from its own
+    # module, at import. Nothing the project calls; every other warning is still shown.
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.script_method` is deprecated:"
+                                              "DeprecationWarning:torch.jit._script")
+
+
 def tiny_model(num_forks, hidden=32):
     """Toy tokenizer + fp32 tiny Qwen2 (eval mode) with forking tokens whose embeddings differ
     markedly, so that the rows of a cost matrix differ. Returns (tokenizer, model, fork_ids)."""
@@ -53,8 +61,6 @@ def run():
     def run(cmd, timeout=240, **kw):
         return subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=timeout, **kw)
     return run
-
-
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,11 @@ configuration (the set of (fork, trace) edges of one question's optimal matching
      the data has sources, else by trace index; a tie goes to the largest weighted degree
      (Appendix A.2.1), and a tie of both to the lowest token index.
 
-It prints the choice and the table of learned edges, writes <out_dir>/select_token.json, and draws
-learned_matchings.png (the bipartite graph: tokens left, traces or sources right, edge width = weight)
-and matching_dynamics.png (Figures 7 and 10: configuration counts per epoch, gap and loss per step).
+It prints the choice and the table of learned edges, each token with the trace or source it was
+matched to most and in what share of the epoch's questions (a legend line says what each column
+counts), writes <out_dir>/select_token.json, and draws learned_matchings.png (the bipartite graph:
+tokens left, traces or sources right, edge width = weight) and matching_dynamics.png (Figures 7 and
+10: configuration counts per epoch, gap and loss per step). Epochs are counted from 1.
 
     python select_token.py --out_dir out/ssft                # then: python infer.py --fork "<think3>" ...
     python select_token.py --out_dir out/ssft --min_share 0  # every configuration optimal in the last epoch
@@ -34,7 +36,7 @@ from common import DataError, parse_flags, read_jsonl, write_json
 class Config:
     out_dir: str = "out/ssft"  # the training run's directory, holding matching.json
     min_share: float = 0.01  # keep configurations optimal for >= this fraction of the epoch's matchings
-    epoch: int = -1  # which logged epoch is "late in training" (-1: the last one)
+    epoch: int = 0  # which epoch is "late in training", counted from 1 as printed and drawn (0: the last)
     png: str = ""  # the graph's path ('' = <out_dir>/learned_matchings.png)
 
 
@@ -47,7 +49,8 @@ def parse_config(argv=None):
 
 
 def load_log(path, epoch):
-    """(matching.json's whole log, the chosen epoch's record); SystemExit naming the file."""
+    """(matching.json's whole log, the record of epoch `epoch`, counted from 1, 0 = the last);
+    SystemExit naming the file. (train.py logs epochs from 0; everything shown counts from 1.)"""
     try:
         with open(path) as f:
             log = json.load(f)
@@ -63,9 +66,9 @@ def load_log(path, epoch):
     except (KeyError, TypeError, ValueError):
         raise SystemExit(f"error: {path}: not a matching log (expected fork_tokens and epochs of "
                          "configurations [{edges: [[fork, key], ...], count}] with 0 <= fork < N)")
-    if not -len(epochs) <= epoch < len(epochs):
-        raise SystemExit(f"error: --epoch {epoch}: {path} has {len(epochs)} epochs")
-    return log, epochs[epoch]
+    if not 0 <= epoch <= len(epochs) or not epochs:
+        raise SystemExit(f"error: --epoch {epoch}: {path} has epochs 1..{len(epochs)} (0: the last)")
+    return log, epochs[epoch - 1]
 
 
 def select(configurations, num_forks, min_share):
@@ -104,12 +107,30 @@ def choose_token(edges, num_forks):
     return best["fork"], rows
 
 
+def top_edge(edges, fork):
+    """(the key `fork` is matched to most, that edge's count) of an edge Counter; a tie goes to the
+    first key in sort_keys order, (None, 0) for a fork with no edge."""
+    mine = {k: w for (f, k), w in edges.items() if f == fork}
+    if not mine:
+        return None, 0
+    top = max(sort_keys(mine), key=lambda k: mine[k])  # max keeps the first of equal counts
+    return top, mine[top]
+
+
 def sort_keys(keys):
     return sorted(set(keys), key=lambda k: (isinstance(k, str), k))  # trace indices, then sources
 
 
+# One colour per meaning in every figure of the project; toy_compare.py's variants and styles take
+# other colours (a test keeps the tables apart). Epochs are shaded in order with viridis.
+COLOURS = {"eq6_token": "tab:cyan",  # the edges of the Eq. 6 token
+           "other_tokens": "silver",  # the edges of every other token
+           "curve": "black"}  # a panel's one measured quantity
+
+
 def draw(edges, tokens, chosen, path):
-    """Figures 3 and 8: forking tokens left, traces or sources right, edge width = weight."""
+    """Figures 3 and 8: forking tokens left, traces or sources right, edge width = weight. The legend's
+    widths are those of the heaviest and the lightest edge drawn."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
@@ -118,18 +139,21 @@ def draw(edges, tokens, chosen, path):
     y_tok = {f: 1 - f / max(len(tokens) - 1, 1) for f in range(len(tokens))}
     y_key = {k: 1 - i / max(len(keys) - 1, 1) for i, k in enumerate(keys)}
     top = max(edges.values(), default=1)
+    width = lambda w: 0.5 + 6 * w / top  # noqa: E731
     fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.45 * max(len(tokens), len(keys))))
-    for (f, k), w in edges.items():
-        ax.plot([0, 1], [y_tok[f], y_key[k]], color="tab:red" if f == chosen else "tab:blue",
-                linewidth=0.5 + 6 * w / top, alpha=0.7)
+    for (f, k), w in sorted(edges.items(), key=lambda e: e[0][0] == chosen):  # the chosen token's on top
+        ax.plot([0, 1], [y_tok[f], y_key[k]], color=COLOURS["eq6_token" if f == chosen else "other_tokens"],
+                linewidth=width(w), alpha=0.8, solid_capstyle="butt")
     for f, name in enumerate(tokens):
         ax.text(-0.03, y_tok[f], name, ha="right", va="center", fontweight="bold" if f == chosen else None)
     for k in keys:
         ax.text(1.03, y_key[k], str(k), ha="left", va="center")
-    ax.legend(handles=[Line2D([], [], color="tab:blue", linewidth=6.5, label=f"count {top}"),
-                       Line2D([], [], color="tab:blue", linewidth=0.5 + 6 * 0.25, label=f"count {top // 4}"),
-                       Line2D([], [], color="tab:red", linewidth=3, label=f"edges of {tokens[chosen]} (Eq. 6)")],
-              title="edge width = times matched", loc="upper center", bbox_to_anchor=(0.5, 0), ncol=3, fontsize=8)
+    counts = sorted(set(edges.values()), reverse=True)
+    handles = [Line2D([], [], color=COLOURS["other_tokens"], linewidth=width(w), label=f"{w} times")
+               for w in counts[:1] + counts[-1:] * (len(counts) > 1)]  # the heaviest and the lightest edge
+    handles.append(Line2D([], [], color=COLOURS["eq6_token"], linewidth=3, label=f"edges of {tokens[chosen]} (Eq. 6)"))
+    ax.legend(handles=handles, title="edge width = times matched in the kept configurations", loc="upper center",
+              bbox_to_anchor=(0.5, 0), ncol=3, fontsize=8, title_fontsize=8)
     ax.set_xlim(-0.4, 1.4)
     ax.axis("off")
     ax.set_title(f"learned matchings (chosen for Pass@1: {tokens[chosen]})")
@@ -138,33 +162,47 @@ def draw(edges, tokens, chosen, path):
 
 
 def draw_dynamics(epochs, steps, path):
-    """Figures 7 and 10 of a run: per epoch the counts of the optimal configurations, most frequent
-    first (a few accumulating the mass = learned matchings; a flat spread = none), the number of
-    distinct ones and the top one's share; per step the matching gap and the loss."""
+    """Figures 7 and 10 of a run, epochs counted from 1: per epoch the counts of the optimal
+    configurations, most frequent first (a few accumulating the mass = learned matchings; a flat spread
+    = none), and the number of distinct ones with the top one's share; per step the matching gap and
+    the loss. Earlier epochs are drawn wider beneath later ones, so that equal curves all show."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for e in epochs:
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    (counts_ax, distinct_ax), (gap_ax, loss_ax) = axes
+    shades = plt.get_cmap("viridis")
+    number = range(1, len(epochs) + 1)
+    for n, e in zip(number, epochs):
         counts = sorted((c["count"] for c in e["configurations"]), reverse=True)
-        axes[0].plot(range(1, len(counts) + 1), counts, marker=".", label=f"epoch {e['epoch']}")
-    axes[0].set(xscale="log", yscale="log", xlabel="configuration, by rank", ylabel="times optimal",
-                title="Figure 7: configuration counts per epoch")
-    axes[0].legend(fontsize=7)
-    x = [e["epoch"] for e in epochs]
-    axes[1].plot(x, [len(e["configurations"]) for e in epochs], marker="o", label="distinct configurations")
-    axes[1].set(xlabel="epoch", ylabel="distinct optimal configurations")
-    share = axes[1].twinx()
-    share.plot(x, [max((c["count"] for c in e["configurations"]), default=0) /
-                   max(sum(c["count"] for c in e["configurations"]), 1) for e in epochs], marker="s", color="tab:orange")
-    share.set(ylim=(0, 1.05))
-    share.set_ylabel("share of the most frequent", color="tab:orange")
-    step = [r["step"] for r in steps]
-    axes[2].plot(step, [r["gap"] if r.get("gap") is not None else float("nan") for r in steps], label="gap")
-    axes[2].set(xlabel="step", ylabel="mean cost of other matchings - optimal", title="Figure 10: matching gap")
-    loss = axes[2].twinx()
-    loss.plot(step, [r["loss"] if r.get("loss") is not None else float("nan") for r in steps], color="tab:green")
-    loss.set_ylabel("loss (Eq. 5)", color="tab:green")
+        later = (len(epochs) - n) / max(len(epochs) - 1, 1)  # 1 for the first epoch, 0 for the last
+        counts_ax.plot(range(1, len(counts) + 1), counts, marker="o", markersize=3 + 6 * later,
+                       linewidth=1 + 4 * later, color=shades(0.9 * (n - 1) / max(len(epochs) - 1, 1)),
+                       label=f"epoch {n}")
+    counts_ax.set(xscale="log", yscale="log", xlabel="configuration, by rank (most frequent first)",
+                  ylabel="times optimal in the epoch", title="Figure 7: counts of the optimal configurations")
+    counts_ax.legend(fontsize=8)
+    distinct = [len(e["configurations"]) for e in epochs]
+    top = [max((c["count"] for c in e["configurations"]), default=0) /
+           max(sum(c["count"] for c in e["configurations"]), 1) for e in epochs]
+    distinct_ax.plot(number, distinct, marker="o", color=COLOURS["curve"])
+    for n, d, t in zip(number, distinct, top):
+        distinct_ax.annotate(f"top {100 * t:.0f}%", (n, d), textcoords="offset points", xytext=(0, 6),
+                             ha="center", fontsize=8)
+    distinct_ax.set(xlabel="epoch", ylabel="distinct optimal configurations", ylim=(0, max(distinct, default=1) * 1.2),
+                    xlim=(0.5, len(epochs) + 0.5),
+                    title="Figure 7: distinct optimal configurations per epoch")
+    distinct_ax.text(0.02, 0.03, "label: share of the epoch's matchings taken by the most frequent configuration",
+                     transform=distinct_ax.transAxes, fontsize=8)
+    step = [r["step"] + 1 for r in steps]  # counted from 1, as train.py prints them
+    gap_ax.plot(step, [r["gap"] if r.get("gap") is not None else float("nan") for r in steps], color=COLOURS["curve"])
+    gap_ax.set(xlabel="step", ylabel="mean cost of the other matchings - optimal", title="Figure 10: matching gap")
+    loss_ax.plot(step, [r["loss"] if r.get("loss") is not None else float("nan") for r in steps], color=COLOURS["curve"])
+    loss_ax.set(xlabel="step", ylabel="loss (Eq. 5)", yscale="log", title="training loss")
+    for ax in (distinct_ax, gap_ax, loss_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))  # epochs, steps: whole numbers
+    distinct_ax.yaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -174,20 +212,34 @@ def main(cfg):
     path = os.path.join(cfg.out_dir, "matching.json")
     log, record = load_log(path, cfg.epoch)
     tokens, configs = log["fork_tokens"], record["configurations"]
+    epoch = cfg.epoch or len(log["epochs"])
     chosen, rows, edges, kept = select(configs, len(tokens), cfg.min_share)
-    print(f"{path}: epoch {record.get('epoch', cfg.epoch)}: {len(kept)} of {len(configs)} configurations "
-          f"still accumulate mass (>= {cfg.min_share:g} of the epoch's matchings), covering "
-          f"{sum(c['count'] for c in kept)} of {sum(c['count'] for c in configs)} matchings")
-    print(f"{'token':>10} {'traces':>6} {'weighted':>8}  learned edges (trace or source: weight)")
+    total = sum(c["count"] for c in configs)  # one optimal matching per question of the epoch
+    every = learned_edges(configs)  # the shares count every matching of the epoch, kept or not
+    print(f"{path}: epoch {epoch} of {len(log['epochs'])}: {len(kept)} of {len(configs)} configurations still "
+          f"accumulate mass (>= {cfg.min_share:g} of the epoch's {total} matchings), covering "
+          f"{sum(c['count'] for c in kept)} of them")
+    named = "source" if any(isinstance(k, str) for _, k in every) else "trace"
+    print(f"{'token':>10} {named + 's':>7} {'weighted':>8}  {'top ' + named + ': count, share':<26}  "
+          f"learned edges ({named}: count)")
     for r in rows:
         mine = {k: w for (f, k), w in edges.items() if f == r["fork"]}
+        r["top"], r["top_count"] = top_edge(every, r["fork"])
+        r["share"] = r["top_count"] / max(total, 1)  # of the epoch's questions
         listed = ", ".join(f"{k}: {mine[k]}" for k in sort_keys(mine))
         mark = "*" if r["fork"] == chosen else " "
-        print(f"{mark}{tokens[r['fork']]:>9} {r['distinct']:>6} {r['weighted']:>8}  {listed}")
+        share = f"{r['top']}: {r['top_count']}, {100 * r['share']:.1f}%"
+        print(f"{mark}{tokens[r['fork']]:>9} {r['distinct']:>7} {r['weighted']:>8}  {share:<26}  {listed}")
+    print(f"columns: {named}s = distinct {named}s of the token's learned edges (Eq. 6: most wins, * = chosen); "
+          f"weighted = their summed counts (the tie-break); top {named} = the one it was matched to most, in how "
+          f"many of the epoch's {total} questions (every configuration, kept or not) and what share of them")
+    if named == "trace":
+        print("the data has no `sources`: traces are named by their position 0..M-1 in the question, so a style "
+              "here is a position (give each trace a source to see teachers or styles)")
     style = log.get("fork_style", "special")  # as trained; final/ssft.json tells infer.py the same
     print(f"Pass@1 token (Eq. 6): {tokens[chosen]} (tag {data.fork_tag(tokens[chosen], style)!r}); then:\n"
           f"    python infer.py --model {os.path.join(cfg.out_dir, 'final')} --fork \"{tokens[chosen]}\" ...")
-    result = {"token": tokens[chosen], "fork": chosen, "epoch": record.get("epoch"), "min_share": cfg.min_share,
+    result = {"token": tokens[chosen], "fork": chosen, "epoch": epoch, "min_share": cfg.min_share,
               "forks": [{**r, "token": tokens[r["fork"]]} for r in rows],
               "edges": [[f, k, w] for (f, k), w in sorted(edges.items(), key=str)]}
     write_json(os.path.join(cfg.out_dir, "select_token.json"), result)

@@ -428,6 +428,24 @@ def test_select_token_draws_the_learned_graph_and_the_matching_dynamics(tmp_path
         assert (tmp_path / "run" / figure).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_select_token_prints_each_tokens_share_and_names_traces_by_position(tmp_path, capsys):
+    """The share is of every matching of the epoch, kept configurations or not; without sources the
+    printout says that the 'styles' are trace positions. Epochs are numbered from 1."""
+    first = [([[0, 0], [1, 1]], 10)]
+    last = [([[0, 0], [1, 1]], 90), ([[0, 1], [1, 0]], 9), ([[0, 1], [2, 0]], 1)]  # the last: < --min_share 0.05
+    write_matching(tmp_path / "run", [first, last])
+    result = select_token.main(select_token.parse_config(["--out_dir", str(tmp_path / "run"), "--min_share", "0.05"]))
+    out = capsys.readouterr().out
+    assert "epoch 2 of 2" in out and result["epoch"] == 2
+    assert [(r["top"], r["top_count"], r["share"]) for r in result["forks"]] == [(0, 90, 0.9), (1, 90, 0.9), (0, 1, 0.01)]
+    assert "0: 90, 90.0%" in out and "0: 1, 1.0%" in out
+    assert "columns: traces = " in out and "traces are named by their position" in out
+    select_token.main(select_token.parse_config(["--out_dir", str(tmp_path / "run"), "--epoch", "1"]))
+    assert "epoch 1 of 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--epoch 3: .* has epochs 1..2"):
+        select_token.main(select_token.parse_config(["--out_dir", str(tmp_path / "run"), "--epoch", "3"]))
+
+
 def test_select_token_rejects_a_malformed_log(tmp_path):
     (tmp_path / "matching.json").write_text('{"fork_tokens": ["<think1>"], "epochs": [{"configurations": '
                                             '[{"edges": [[3, "a"]], "count": 1}]}]}')

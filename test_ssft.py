@@ -21,6 +21,7 @@ import common
 import data
 import match
 import score
+import select_token
 import toy
 import toy_compare
 import train
@@ -62,6 +63,22 @@ def test_stages_import_downward_only():
     for m in ("data", "match", "infer", "score", "select_token", "toy", "common", "fsdp", "gfpo", "policy"):
         assert "train" not in reach(m), f"{m} reaches train.py"
     assert graph["common"] == set() and graph["toy"] <= {"data"}
+
+
+@pytest.mark.parametrize("parse, argv, full", [
+    (lambda argv: train.parse_config(argv), ["--max_step", "10"], "--max_steps"),
+    (lambda argv: score.parse_config(argv), ["rows.jsonl", "--set", "4"], "--set_size"),
+    (lambda argv: data.main(["mix", *argv]), ["--pool", "a.jsonl", "--trace", "2"], "--traces"),
+    (lambda argv: common.parse_flags(toy_compare.Config, "", argv), ["--seed=5"], "--seeds"),
+], ids=["train", "score", "data-mix", "toy_compare"])
+def test_an_abbreviated_flag_is_refused_and_the_full_name_suggested(parse, argv, full, capsys):
+    """argparse would take --max_step as --max_steps (any unique prefix), so that a typo silently
+    changes a run; every script's flags come from common.parse_flags, which refuses it."""
+    with pytest.raises(SystemExit) as exit_:
+        parse(argv)
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]  # the usage above it lists every flag
+    assert "unrecognized arguments" in error and f"did you mean {full}" in error, error
 
 
 # ----------------------------------------------------------------------------- match.py
@@ -1015,6 +1032,34 @@ def test_run_metrics_on_a_hand_made_run(tmp_path):
     assert m["selected"] == "<think2>" and m["configurations"] == [2] and m["gap"] == [0.5]
     half = toy_compare.over_seeds([0.2, 0.4, 0.6])
     assert half["mean"] == pytest.approx(0.4) and half["ci95"] == pytest.approx(4.303 * 0.2 / 3 ** 0.5, rel=1e-3)
+
+
+def test_every_figure_gives_one_colour_to_one_meaning():
+    """Variants, styles and select_token.py's edge and curve colours never share a colour, and every
+    variant and style toy_compare.py draws has its own."""
+    tables = [toy_compare.VARIANT_COLOURS, toy_compare.STYLE_COLOURS, select_token.COLOURS]
+    colours = [c for table in tables for c in table.values()]
+    assert len(colours) == len(set(colours)), tables
+    assert set(toy_compare.Config.variants.split(",")) <= set(toy_compare.VARIANT_COLOURS)
+    assert set(toy.STYLES + ["other"]) == set(toy_compare.STYLE_COLOURS)
+
+
+def test_toy_compare_redraws_its_figure_from_a_saved_summary(tmp_path, run):
+    """--plot_only draws toy_compare.png from summary.json alone, running nothing."""
+    over = toy_compare.over_seeds
+    styles = {s: 0.25 for s in toy.STYLES} | {"other": 0.0}
+    runs = [{"per_token": {t: {"styles": styles} for t in ("<think1>", "<think2>")}, "configurations": [9, 7, 7],
+             "gap": [None, 0.1, 0.3, 0.5]} for seed in (0, 1)]
+    variant = {**{f"pass@{k}": over([0.3 * k, 0.3 * k + 0.1]) for k in (1, 2)},
+               "per_token": {t: {"accuracy": over([0.4, 0.5]), "mean_tokens": over([20, 30])} for t in ("<think1>", "<think2>")},
+               "runs": runs}
+    (tmp_path / "summary.json").write_text(json.dumps({"config": {"samples": 2},
+                                                       "variants": {"hungarian": variant, "random": variant}}))
+    done = run([sys.executable, "toy_compare.py", "--plot_only", "--out_dir", str(tmp_path)], timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "toy_compare.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "runs").exists()
+    done = run([sys.executable, "toy_compare.py", "--plot_only", "--out_dir", str(tmp_path / "none")], timeout=60)
+    assert done.returncode == 1 and "summary.json: cannot read" in done.stderr
 
 
 def test_hungarian_tokens_specialise_and_answer_held_out_questions_well_above_chance(tmp_path):

@@ -27,6 +27,7 @@ and the differences paired by seed to SSFT's Eq. 6 token, SSFT's mean over token
 
     python toy_compare.py                    # 3 variants x 3 seeds (timings in the README)
     python toy_compare.py --seeds 5          # tighter intervals
+    python toy_compare.py --plot_only        # redraw toy_compare.png from a finished run's summary.json
 """
 import dataclasses
 import json
@@ -45,9 +46,14 @@ from scipy import stats
 import score
 import select_token
 import toy
-from common import parse_flags, read_jsonl, write_json
+from common import DataError, parse_flags, read_json, read_jsonl, write_json
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# One colour per meaning in every figure: a variant keeps its colour in every panel, the styles take
+# others, and select_token.COLOURS others again (a test keeps the three apart). A new variant adds
+# its entry here (tab:purple is free).
+VARIANT_COLOURS = {"hungarian": "tab:blue", "random": "tab:orange", "sft": "tab:green"}
+STYLE_COLOURS = {"left": "tab:brown", "right": "tab:pink", "place": "tab:olive", "direct": "tab:red", "other": "tab:gray"}
 
 
 @dataclass
@@ -62,6 +68,7 @@ class Config:
     max_new_tokens: int = 64  # the longest trace has 45 tokens
     jobs: int = 2  # runs at a time, sharing the CPU cores (tiny models run best on one core each)
     gfpo: bool = True  # also SSFT + GFPO: gfpo.py (toy defaults) on each seed's SSFT model, then infer --fork auto
+    plot_only: bool = False  # run nothing: redraw <out_dir>/toy_compare.png from <out_dir>/summary.json
 
 
 def run_variant(variant, seed, cfg):
@@ -157,7 +164,7 @@ def run_metrics(variant, run_dir, max_k):
         per_token[f] = {"accuracy": s["accuracy"], "mean_tokens": s["mean_tokens"],
                         "styles": {style: styles[style] / s["responses"] for style in toy.STYLES + ["other"]},
                         "majority": top if styles[top] else None, "purity": styles[top] / s["responses"]}
-    log = select_token.load_log(os.path.join(run_dir, "matching.json"), -1)[0]
+    log = select_token.load_log(os.path.join(run_dir, "matching.json"), 0)[0]
     selected = eq6_token(log) if variant != "sft" else "<think1>"  # sft trains one token
     native = next(v for k, v in metrics.items() if k.startswith("native_cons@"))
     out = {"purity": float(np.mean([p["purity"] for p in per_token.values()])),
@@ -239,52 +246,62 @@ def print_table(summary):
 
 def plot(summary, path):
     """Figure 4 (pass@k), Figure 5 (per-token accuracy and length), the styles each token starts
-    (seed 0) and, over training, the configuration counts (Figure 7) and the matching gap (Figure 10)."""
+    (seed 0) and, over training, the configuration counts (Figure 7) and the matching gap (Figure 10),
+    from summary.json's contents. Epochs and steps are counted from 1, as train.py prints them."""
     import matplotlib
     matplotlib.use("Agg")  # no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     variants = summary["variants"]
     fig, axes = plt.subplots(2, 3, figsize=(14, 8))
     k = np.arange(1, summary["config"]["samples"] + 1)
     for v, s in variants.items():
         mean = np.array([s[f"pass@{i}"]["mean"] for i in k])
         half = np.array([s[f"pass@{i}"]["ci95"] for i in k])
-        axes[0][0].plot(k, mean, marker="o", markersize=3, label=v)
-        axes[0][0].fill_between(k, mean - half, mean + half, alpha=0.2)
+        axes[0][0].plot(k, mean, marker="o", markersize=3, color=VARIANT_COLOURS[v], label=v)
+        axes[0][0].fill_between(k, mean - half, mean + half, color=VARIANT_COLOURS[v], alpha=0.15)
     axes[0][0].set(xscale="log", xlabel="k", ylabel="pass@k (95% interval)", title="Figure 4: coverage")
+    axes[0][0].set_xticks([2 ** i for i in range(5) if 2 ** i <= k[-1]], [str(2 ** i) for i in range(5) if 2 ** i <= k[-1]])
+    axes[0][0].minorticks_off()
     width = 0.8 / len(variants)
     for i, (v, s) in enumerate(variants.items()):
         tokens = list(s["per_token"])
         x = np.arange(len(tokens)) + i * width
-        axes[0][1].bar(x, [s["per_token"][t]["accuracy"]["mean"] for t in tokens], width,
+        axes[0][1].bar(x, [s["per_token"][t]["accuracy"]["mean"] for t in tokens], width, color=VARIANT_COLOURS[v],
                        yerr=[s["per_token"][t]["accuracy"]["ci95"] for t in tokens], label=v)
-        axes[0][2].bar(x, [s["per_token"][t]["mean_tokens"]["mean"] for t in tokens], width, label=v)
+        axes[0][2].bar(x, [s["per_token"][t]["mean_tokens"]["mean"] for t in tokens], width, color=VARIANT_COLOURS[v],
+                       label=v)
     for ax, label in ((axes[0][1], "accuracy"), (axes[0][2], "mean response tokens")):
         ticks = list(next(iter(variants.values()))["per_token"])
         ax.set_xticks(np.arange(len(ticks)) + 0.4 - width / 2, ticks)
         ax.set(ylabel=label, title=f"Figure 5: {label} per forking token")
-    colours = dict(zip(toy.STYLES + ["other"], ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:gray"]))
     ax, x, ticks = axes[1][0], 0, {}
     for v, s in variants.items():  # the styles each token starts, seed 0
         for t, p in s["runs"][0]["per_token"].items():
             bottom = 0
-            for style, colour in colours.items():
-                ax.bar(x, p["styles"][style], bottom=bottom, color=colour, label=style if x == 0 else None)
+            for style in toy.STYLES + ["other"]:
+                ax.bar(x, p["styles"][style], bottom=bottom, color=STYLE_COLOURS[style], label=style if x == 0 else None)
                 bottom += p["styles"][style]
             ticks[x] = f"{v[:4]}\n{t[1:-1]}"
             x += 1
         x += 0.5  # a gap between variants
     ax.set_xticks(list(ticks), list(ticks.values()), fontsize=6)
-    ax.set(ylabel="share of the token's responses (seed 0)", title="styles each token starts")
-    ax.legend(fontsize=7)
+    ax.set(ylabel="share of the token's responses (seed 0)", title="styles each token starts", ylim=(0, 1.15),
+           yticks=np.linspace(0, 1, 6))
+    ax.legend(fontsize=7, loc="upper center", ncol=5, columnspacing=1, handlelength=1.2)  # above the bars
     for v, s in variants.items():
         if s["runs"][0]["configurations"]:  # sft computes no costs: no configurations, no gap
             counts = np.array([r["configurations"] for r in s["runs"]])
-            axes[1][1].plot(np.arange(1, counts.shape[1] + 1), counts.mean(0), marker="o", label=v)
+            axes[1][1].plot(np.arange(1, counts.shape[1] + 1), counts.mean(0), marker="o", color=VARIANT_COLOURS[v], label=v)
             gaps = np.array([[g if g is not None else np.nan for g in r["gap"]] for r in s["runs"]])
-            axes[1][2].plot(np.nanmean(gaps, 0), label=v)
-    axes[1][1].set(xlabel="epoch", ylabel="distinct optimal configurations", title="Figure 7")
+            axes[1][2].plot(np.arange(1, gaps.shape[1] + 1), np.nanmean(gaps, 0), color=VARIANT_COLOURS[v], label=v)
+    axes[1][1].set(xlabel="epoch", ylabel="distinct optimal configurations (mean over seeds)",
+                   title="Figure 7: distinct optimal configurations")
     axes[1][2].set(xlabel="step", ylabel="mean cost of other matchings - optimal", title="Figure 10: matching gap")
+    epochs = max((len(s["runs"][0]["configurations"] or []) for s in variants.values()), default=1)
+    axes[1][1].set_xlim(0.5, epochs + 0.5)
+    for axis in (axes[1][1].xaxis, axes[1][1].yaxis, axes[1][2].xaxis):  # whole epochs, counts and steps
+        axis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
     for ax in (axes[0][0], axes[0][1], axes[1][1], axes[1][2]):
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -295,5 +312,12 @@ def plot(summary, path):
 
 if __name__ == "__main__":
     _, given = parse_flags(Config, __doc__)
-    print(json.dumps(dataclasses.asdict(Config(**given))))
-    compare(Config(**given))
+    cfg = Config(**given)
+    if cfg.plot_only:
+        try:
+            plot(read_json(os.path.join(cfg.out_dir, "summary.json")), os.path.join(cfg.out_dir, "toy_compare.png"))
+        except DataError as e:
+            raise SystemExit(f"error: {e}")
+    else:
+        print(json.dumps(dataclasses.asdict(cfg)))
+        compare(cfg)
