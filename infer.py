@@ -27,7 +27,7 @@ top_p 0.95, 32768 new tokens (docs/reproducing.md).
     python infer.py --model SSFT-32B --data ../shared/data/math500.jsonl --protocol official     # released model
     python infer.py --model out/ssft/final --data ../shared/data/math500.jsonl --show_prompts    # check by eye
     torchrun --standalone --nproc_per_node 8 infer.py --model out/ssft/final --data ...          # 8 GPUs
-    python score.py eval/aime24.all.jsonl       # metrics of an existing rows file (e.g. from vLLM)
+    python score.py eval/ssft/aime24.all.jsonl  # metrics of an existing rows file (infer.py writes eval/<model>/...)
 
 Rows go to --output as each problem finishes; rerunning the same command resumes where it stopped.
 """
@@ -56,7 +56,7 @@ from common import (DataError, append_jsonl, changed_settings, close_distributed
 class Config:
     model: str = "out/ssft/final"  # a final/ directory from train.py, or any Hugging Face causal LM
     data: str = "../shared/data/math500.jsonl"  # MATH-500/AIME/AMC/GSM8K/GPQA/training JSONL or Parquet, or toy
-    output: str = ""  # rows JSONL ('' = eval/<data name>.<fork>.jsonl); metrics and config beside it
+    output: str = ""  # rows JSONL ('' = eval/<model name>/<data name>.<fork>.jsonl); metrics and config beside it
     fork: str = "all"  # all: every forking token in --tag_order; <thinkK>: all responses use it; none: baseline; auto: the model's choice (policy.py)
     auto_choice: str = "greedy"  # --fork auto: greedy (every response the most likely tag) | sample (each draws from pi)
     tag_order: str = "cycle"  # cycle: response i gets token i mod N; block: token k the k-th block of samples/N
@@ -379,6 +379,13 @@ def check_memory(cfg, device):
                          "--max_new_tokens, or serve it with vLLM (docs/vllm.md)")
 
 
+def model_name(model):
+    """The folder of a model's rows under eval/: out/ssft/final -> ssft, Qwen/Qwen2.5-32B -> Qwen2.5-32B, so
+    that two models scored on the same file never share (or refuse to resume) a rows file."""
+    parts = [p for p in os.path.normpath(model).split(os.sep) if p not in ("", ".", "..")]
+    return (parts[-2] if len(parts) > 1 and parts[-1] == "final" else parts[-1]) if parts else "model"
+
+
 def main(cfg):
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -386,7 +393,7 @@ def main(cfg):
     # every check before the model loads, on every rank alike; nothing is written before it loads
     problems = load_problems(cfg.data, cfg.instruction, cfg.limit)
     name = os.path.splitext(os.path.basename(cfg.data))[0]
-    output = cfg.output or os.path.join("eval", f"{name}.{cfg.fork.strip('<>')}.jsonl")
+    output = cfg.output or os.path.join("eval", model_name(cfg.model), f"{name}.{cfg.fork.strip('<>')}.jsonl")
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except (OSError, ValueError, TypeError) as e:

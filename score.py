@@ -31,7 +31,7 @@ Files (JSONL), with the layout detected per row:
 A row's own correctness labels ("score", "is_correct") are not used to grade, only to report how
 often the grader agrees with them.
 
-    python score.py eval/aime24.all.jsonl --set_size 6   # prints the table, writes eval/aime24.all.metrics.json
+    python score.py eval/ssft/aime24.all.jsonl --set_size 6   # prints the table, writes eval/ssft/aime24.all.metrics.json
     python score.py ../shared/data/math_cot_100x8.jsonl --set_size 8      # writes eval/math_cot_100x8.metrics.json
 """
 import itertools

@@ -451,3 +451,9 @@ def test_select_token_rejects_a_malformed_log(tmp_path):
                                             '[{"edges": [[3, "a"]], "count": 1}]}]}')
     with pytest.raises(SystemExit, match="matching.json: not a matching log"):
         select_token.main(select_token.parse_config(["--out_dir", str(tmp_path)]))
+
+
+def test_each_model_writes_its_own_rows_file_by_default():
+    """Two models scored on one data file never share (or refuse to resume) a rows file."""
+    names = [infer.model_name(m) for m in ("out/ssft/final", "out/gfpo/final/", "Qwen/Qwen2.5-32B-Instruct", "final")]
+    assert names == ["ssft", "gfpo", "Qwen2.5-32B-Instruct", "final"]
