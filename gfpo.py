@@ -382,7 +382,8 @@ def draw_tag_choice(records, names, path):
     import matplotlib.pyplot as plt
     steps = [r["step"] + 1 for r in records]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.stackplot(steps, np.array([r["tag_choice"] for r in records]).T, labels=names, alpha=0.8)
+    shades = plt.get_cmap("cividis")(np.linspace(0.15, 0.95, len(names)))  # tags: cividis, a meaning no other figure colours
+    ax.stackplot(steps, np.array([r["tag_choice"] for r in records]).T, labels=names, colors=shades, alpha=0.9)
     ax.plot(steps, [r["reward"] for r in records], color="black", marker=".", label="mean reward")
     ax.set(xlabel="step", ylabel="mean pi(tag | x) over the step's questions", ylim=(0, 1),
            title="GFPO: the tag-choice distribution")

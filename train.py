@@ -56,7 +56,7 @@ class Config:
     batch_size: int = 32  # sequences (traces) per optimiser step over all ranks; whole questions (toy: 64)
     micro_batch: int = 1  # rows per forward/backward in the training pass: sequences, or questions for concat (toy: 8 questions)
     match_batch: int = 8  # sequences per no-grad forward in the matching pass (toy: 256)
-    max_len: int = 32768  # tokens of prompt + forking tag + trace; longer traces are cut (toy: 128)
+    max_len: int = 32768  # tokens of a row: prompt + tag + trace (batch), prompt + every tag + trace (concat); traces are cut to fit (toy: 256)
     seed: int = 0  # data order, random matchings and new embedding rows all derive from it
     save_every: int = 50  # a resumable checkpoint every this many steps (0: only at the end)
     keep_checkpoints: int = 2  # complete checkpoints kept, the newest; older ones go once a newer one is complete (0: all)
@@ -351,6 +351,10 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
            + (" with a dense boolean tree mask" if cfg.layout == "concat" and device.type != "cuda" else ""))
     skipped = 0
 
+    def checkpoint(step):  # resumable: the model, AdamW and the matching statistics (--keep_checkpoints kept)
+        return fsdp.save_checkpoint(model, optimizer, step, {"matching": stats.to_json()}, cfg.out_dir, rank,
+                                    keep=cfg.keep_checkpoints)
+
     for step in range(start, last_step):
         t0 = time.time()
         epoch, batch = plan[step]
@@ -419,16 +423,13 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
                   f"{record['gap'] if record['gap'] is not None else float('nan'):.4f} | "
                   f"{record['tokens_per_s']:7.0f} tok/s | pad {pad_fraction:.2f}", flush=True)
         if all_max(bool(STOP), device) and step + 1 < last_step:  # preempted: every rank stops here
-            path = fsdp.save_checkpoint(model, optimizer, step + 1, {"matching": stats.to_json()}, cfg.out_dir, rank,
-                                        keep=cfg.keep_checkpoints)
+            path = checkpoint(step + 1)
             print0(f"stopped by a signal after step {step + 1}: checkpoint {path}; the same command resumes")
             sys.exit(128 + (STOP[0] if STOP else signal.SIGTERM))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < last_step:
-            fsdp.save_checkpoint(model, optimizer, step + 1, {"matching": stats.to_json()}, cfg.out_dir, rank,
-                                        keep=cfg.keep_checkpoints)
+            checkpoint(step + 1)
 
-    fsdp.save_checkpoint(model, optimizer, last_step, {"matching": stats.to_json()}, cfg.out_dir, rank,
-                                        keep=cfg.keep_checkpoints)
+    checkpoint(last_step)
     fsdp.save_final(model, tokenizer, hf_config, final, rank, {"fork_style": cfg.fork_style, "num_forks": cfg.num_forks})
     print0(f"done: {last_step} steps, {skipped} skipped. Outputs in {cfg.out_dir}/: metrics.jsonl "
            f"(one line per step), matching.json (configuration counts per epoch), checkpoints/, "
