@@ -173,15 +173,16 @@ def cons_at_k(completions, k, draws=CONS_DRAWS):
     return float(worth.mean())
 
 
-def problem_metrics(completions, set_size, tag_order=None, ks=None):
+def problem_metrics(completions, set_size, tag_order=None, ks=None, native=True):
     """{metric: value} of one problem's responses; values in [0, 1]. cons@k for k in `ks` (default
-    2, 4, 8, ... and n; cons_at_k), pass@k for every k in 2..n, native_cons@N over native_sets."""
+    2, 4, 8, ... and n; cons_at_k), pass@k for every k in 2..n, native_cons@N over native_sets unless
+    `native` is false (responses whose tags the model chose: infer.py --fork auto)."""
     n, c = len(completions), sum(bool(x["correct"]) for x in completions)
     m = {"pass@1": c / n}
     for k in sorted(ks or {2 ** i for i in range(1, n.bit_length())} | {n}):
         m[f"cons@{k}"] = cons_at_k(completions, k)
     m.update({f"pass@{k}": pass_at_k(n, c, k) for k in range(2, n + 1)})
-    sets = native_sets(completions, set_size, tag_order)
+    sets = native_sets(completions, set_size, tag_order) if native else []
     if sets:
         m[f"native_cons@{len(sets[0])}"] = sum(majority_vote(s) for s in sets) / len(sets)
     return m
@@ -191,7 +192,8 @@ def aggregate(rows, set_size):
     """Means over problems, plus per-fork accuracy and length. The metrics are those of the problem
     with the most responses; each is averaged over the problems that have it (counts[metric]), and
     problems with fewer responses are named in a warning on stderr."""
-    per_problem = [problem_metrics(r["completions"], set_size, r.get("tag_order")) for r in rows]
+    per_problem = [problem_metrics(r["completions"], set_size, r.get("tag_order"), native="fork_policy" not in r)
+                   for r in rows]  # a row with fork_policy: the model chose its tags, no native sets
     sizes = [len(r["completions"]) for r in rows]
     short = [str(r.get("id", i)) for i, (r, n) in enumerate(zip(rows, sizes)) if n < max(sizes)]
     if short:

@@ -207,3 +207,12 @@ def test_gsm8k_model_solutions_scored_directly_match_their_labels(tmp_path):
     m = score.main(score.parse_config([shared_data("gsm8k_test_4models.jsonl"), "--set_size", "4",
                                        "--out", str(tmp_path / "m.json")]))
     assert m["pass@1"] == pytest.approx(2001 / 5276) and m["label_agreement"] == 1.0 and m["problems"] == 1319
+
+
+def test_responses_whose_tags_the_model_chose_have_no_native_sets():
+    """infer.py --fork auto rows (fork_policy): the tags follow the model's choice, not one per token."""
+    forks = ["<think3>"] * 5 + ["<think4>"]
+    chosen = {"id": 0, "fork_policy": {"<think3>": 0.9, "<think4>": 0.1}, "completions": graded(["7"] * 6, "7", forks)}
+    forced = {"id": 1, "completions": graded(["7"] * 6, "7", forks)}
+    assert not [k for k in score.aggregate([chosen], set_size=6) if k.startswith("native_cons@")]
+    assert [k for k in score.aggregate([forced], set_size=6) if k.startswith("native_cons@")]
