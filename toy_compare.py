@@ -84,16 +84,22 @@ def run_variant(variant, seed, cfg):
                      "--samples", str(cfg.samples), "--limit", str(cfg.eval_questions), "--temperature", "0.7",
                      "--top_p", "0.95", "--max_new_tokens", str(cfg.max_new_tokens), "--set_size", "4",
                      "--seed", str(seed), "--output", os.path.join(run_dir, "eval.jsonl")])
-    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)  # the cores shared out between the runs at a time
+    run_commands(commands, run_dir, f"{variant} seed {seed}", cfg.jobs)
+    return run_dir
+
+
+def run_commands(commands, run_dir, name, jobs):
+    """Runs the scripts in turn (each [script, *flags]) on this run's share of the cores, their output
+    and times in run_dir/run.log; RuntimeError naming the log when one fails."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)  # the cores shared out between the runs at a time
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     with open(os.path.join(run_dir, "run.log"), "w") as log:
         for command in commands:
             t0 = time.time()
             done = subprocess.run([sys.executable, *command], cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
-            print(f"{variant} seed {seed}: {command[0]} {time.time() - t0:.0f} s", file=log, flush=True)
+            print(f"{name}: {command[0]} {time.time() - t0:.0f} s", file=log, flush=True)
             if done.returncode:
                 raise RuntimeError(f"{' '.join(command)} failed: see {log.name}")
-    return run_dir
 
 
 def run_gfpo(ssft_dir, seed, cfg):
@@ -109,15 +115,7 @@ def run_gfpo(ssft_dir, seed, cfg):
                 ["gfpo.py", "--model", os.path.join(ssft_dir, "final"), "--seed", str(seed), "--out_dir", run_dir,
                  "--toy_questions", str(cfg.toy_questions)],
                 ["infer.py", "--model", os.path.join(run_dir, "final"), *evaluate, "--output", os.path.join(run_dir, "eval.jsonl")]]
-    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-    with open(os.path.join(run_dir, "run.log"), "w") as log:
-        for command in commands:
-            t0 = time.time()
-            done = subprocess.run([sys.executable, *command], cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT)
-            print(f"gfpo seed {seed}: {command[0]} {time.time() - t0:.0f} s", file=log, flush=True)
-            if done.returncode:
-                raise RuntimeError(f"{' '.join(command)} failed: see {log.name}")
+    run_commands(commands, run_dir, f"gfpo seed {seed}", cfg.jobs)
     return run_dir
 
 
