@@ -192,11 +192,16 @@ def compare(cfg):
     t0, load = time.time(), os.getloadavg()
     variants = cfg.variants.split(",")
     runs = sorted(((v, s) for s in range(cfg.seeds) for v in variants), key=lambda r: r[0] == "sft")  # longest first
+    gfpo = cfg.gfpo and "hungarian" in variants
     with ThreadPoolExecutor(cfg.jobs) as pool:  # threads only wait on the commands
-        dirs = list(pool.map(lambda r: run_variant(*r, cfg), runs))
-        ssft_dirs = [d for (v, _), d in zip(runs, dirs) if v == "hungarian"]
-        gfpo_dirs = list(pool.map(lambda s: run_gfpo(ssft_dirs[s], s, cfg), range(cfg.seeds))) \
-            if cfg.gfpo and "hungarian" in variants else []
+        # one queue, so that no core idles between the stages: the GFPO runs, which need their seed's
+        # SSFT model, go in before the SFT runs, by when the SSFT runs queued first have finished
+        futures = {r: pool.submit(run_variant, *r, cfg) for r in runs if r[0] != "sft"}
+        gfpo_futures = [pool.submit(lambda s: run_gfpo(futures["hungarian", s].result(), s, cfg), s)
+                        for s in range(cfg.seeds)] if gfpo else []
+        futures.update({r: pool.submit(run_variant, *r, cfg) for r in runs if r[0] == "sft"})
+        dirs = [futures[r].result() for r in runs]
+        gfpo_dirs = [f.result() for f in gfpo_futures]
     results = {v: [run_metrics(v, d, cfg.samples) for (v2, _), d in zip(runs, dirs) if v2 == v] for v in variants}
     keys = ["purity", "distinct_styles", "pass@1", "pass@1_selected", "native_cons@N"] + \
         [f"{m}@{k}" for m in ("cons", "pass") for k in range(1, cfg.samples + 1)]
