@@ -46,7 +46,6 @@ import numpy as np
 
 from common import DataError, parse_flags, read_jsonl, write_json
 from grader import gold_answer, grade, grader_name, letter_of, same_answer
-from grader import extract_answer, is_equiv, last_boxed  # noqa: F401 (score.X, as infer.py's tests call them)
 
 GOLD_FIELDS = ("gt", "answer", "ground_truth", "solution")  # the gold of a sampled or models row, first found
 

@@ -6,7 +6,6 @@ import copy
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
@@ -20,7 +19,6 @@ import infer
 import match
 import policy
 import toy
-from conftest import HERE, tiny_model
 
 
 def direct_tag_log_probs(model, prompt_ids, fork_ids):

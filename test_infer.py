@@ -15,6 +15,7 @@ import torch
 
 import common
 import data
+import grader
 import infer
 import score
 import select_token
@@ -48,28 +49,28 @@ def model_dir(noisy, tmp_path_factory):
 
 
 def responses(preds, gold="7", forks=None):
-    return [{"pred": p, "correct": score.is_equiv(p, gold), "fork": f, "text": f"\\boxed{{{p}}}" if p else "?"}
+    return [{"pred": p, "correct": grader.is_equiv(p, gold), "fork": f, "text": f"\\boxed{{{p}}}" if p else "?"}
             for p, f in zip(preds, forks or [None] * len(preds))]
 
 
 # ----------------------------------------------------------------------------- answers
 
 def test_last_boxed_takes_the_last_balanced_answer():
-    assert score.last_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
-    assert score.last_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
-    assert score.last_boxed(r"\boxed{3} and \boxed{4") == "3"  # unclosed last one: the one before
-    assert score.last_boxed("no answer") is None
+    assert grader.last_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert grader.last_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
+    assert grader.last_boxed(r"\boxed{3} and \boxed{4") == "3"  # unclosed last one: the one before
+    assert grader.last_boxed("no answer") is None
     assert score.gold_answer("She pays 3 * 6 = 18.\n#### 1,018") == "1018"
     assert score.gold_answer(r"so it is $\boxed{\pi}$") == r"\pi"
     assert score.gold_answer(204) == "204"
 
 
 def test_builtin_equivalence_normalises_numbers_and_latex():
-    assert score.is_equiv("27", "27.0")
-    assert score.is_equiv(r"\dfrac{1}{2}", "0.5")
-    assert score.is_equiv(r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})")
-    assert score.is_equiv(r"10\%", "10") and score.is_equiv("1,000", "1000")
-    assert not score.is_equiv("3", "4") and not score.is_equiv(None, "4")
+    assert grader.is_equiv("27", "27.0")
+    assert grader.is_equiv(r"\dfrac{1}{2}", "0.5")
+    assert grader.is_equiv(r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})")
+    assert grader.is_equiv(r"10\%", "10") and grader.is_equiv("1,000", "1000")
+    assert not grader.is_equiv("3", "4") and not grader.is_equiv(None, "4")
 
 
 def test_problems_load_from_every_layout(tmp_path):

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 import common
 import data
+import grader
 import match
 import score
 import select_token
@@ -995,7 +996,7 @@ def test_recognise_finds_the_style_of_every_trace_and_its_answer():
     for q in toy.make_questions(50, seed=7):
         for style, trace in zip(q["sources"], q["traces"]):
             assert toy.recognise(trace) == style
-            assert score.last_boxed(trace) == q["answer"]
+            assert grader.last_boxed(trace) == q["answer"]
 
 
 @pytest.mark.parametrize("text", [
