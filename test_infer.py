@@ -140,7 +140,9 @@ def test_aggregate_on_hand_built_problems():
             {"completions": responses(["1", "7", "2", "2"], forks=forks)}]   # sets (1, 7): a tie; (2, 2)
     m = score.aggregate(rows, set_size=6)
     assert m["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
-    assert m["cons@2"] == (1 + 0.5) / 2 and m["cons@4"] == 0.5  # [7,7] -> 7, [1,7] a tie; [7,7,3] -> 7, [1,7,2,2] -> 2
+    # cons@2: one response of each token, every pair equally likely: (7,7) 1, (7,-) 1, (3,7) 0.5, (3,-) 0 -> 0.625;
+    # (1,7) 0.5, (1,2) 0, (2,7) 0.5, (2,2) 0 -> 0.25. cons@4, all four: [7,3,7,-] -> 7, [1,7,2,2] -> 2
+    assert m["cons@2"] == pytest.approx((0.625 + 0.25) / 2) and m["cons@4"] == 0.5
     assert m["native_cons@2"] == pytest.approx((1 / 2 + 0.5 / 2) / 2)
     assert m["pass@4"] == 1.0 and m["unparseable"] == 1 / 8
     assert m["per_fork"]["<think1>"]["accuracy"] == 1 / 4 and m["per_fork"]["<think2>"]["accuracy"] == 2 / 4
@@ -377,7 +379,8 @@ def test_score_reextracts_answers_from_text_and_gold(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     metrics = score.main(score.parse_config([str(path)]))
     assert metrics["pass@1"] == pytest.approx((2 / 4 + 1) / 2) and metrics["cons@4"] == 1.0
-    assert metrics["cons@2"] == (0.5 + 1) / 2  # (13, 12): a tie, worth 0.5
+    # cons@2, one response of each token: (13, 12) and (13, 12.0) ties worth 0.5, (none, 12) and (none, 12.0) right
+    assert metrics["cons@2"] == pytest.approx((0.75 + 1) / 2)
     assert metrics["native_cons@2"] == pytest.approx(((0.5 + 1) / 2 + 1) / 2)  # sets (13, 12) and (none, 12.0)
     assert json.load(open(tmp_path / "vllm.metrics.json")) == metrics
 
