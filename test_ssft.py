@@ -1029,7 +1029,9 @@ def test_run_metrics_on_a_hand_made_run(tmp_path):
     assert m["per_token"]["<think2>"]["majority"] == "direct" and m["per_token"]["<think2>"]["purity"] == 0.5
     assert m["distinct_styles"] == 2 and m["purity"] == 0.5
     assert m["pass@1"] == 4 / 8 and m["pass@1_selected"] == 1 / 4  # <think2> is right once: place
-    assert m["cons@1"] == 0.5 and m["cons@4"] == 0.5  # problem 0: 33 wins; problem 1: 34 (two) beats 33
+    # cons@1: one response of <think1>, the first token, in expectation: its accuracy (problem 0: 2 of 2, 1: 1 of 2);
+    # cons@4, all four: problem 0: 33 wins; problem 1: 34 (two) beats 33
+    assert m["cons@1"] == 0.75 and m["cons@4"] == 0.5
     assert m["selected"] == "<think2>" and m["configurations"] == [2] and m["gap"] == [0.5]
     half = toy_compare.over_seeds([0.2, 0.4, 0.6])
     assert half["mean"] == pytest.approx(0.4) and half["ci95"] == pytest.approx(4.303 * 0.2 / 3 ** 0.5, rel=1e-3)
