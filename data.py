@@ -124,6 +124,8 @@ def read_records(path):
     if not path.endswith(".parquet"):
         return [(f"{path}:{n}", row) for n, row in read_jsonl(path)]
     regular_file(path)
+    if not os.path.exists(path):  # not "cannot read as Parquet": the file is not there at all
+        raise DataError(f"{path}: cannot read (No such file or directory)")
     import pyarrow  # here: only Parquet files need it
     import pyarrow.parquet
     try:

@@ -1076,3 +1076,8 @@ def test_hungarian_tokens_specialise_and_answer_held_out_questions_well_above_ch
     assert summary["distinct_styles"]["mean"] >= 3 and summary["purity"]["mean"] >= 0.85, run["per_token"]
     assert summary["pass@1"]["mean"] >= 0.1, run["per_token"]
     assert (tmp_path / "summary.json").exists() and (tmp_path / "toy_compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_missing_parquet_file_is_named_as_missing_not_as_unreadable(tmp_path):
+    with pytest.raises(common.DataError, match="No such file"):
+        data.read_records(str(tmp_path / "s1K-1.1.parquet"))
