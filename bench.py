@@ -200,7 +200,7 @@ def bench_train(cfg, shape, device, fork_ids, pad_id, low, peak):
             model = fsdp.shard(lm, device, cfg.activation_checkpointing)
         else:
             if cfg.activation_checkpointing:  # the same call as fsdp.shard's
-                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                fsdp.checkpoint_layers(lm)
             model = lm.train()
         optimizer = adamw(model, params, cfg)
         for t, enc in questions.items():

@@ -41,11 +41,20 @@ def attention_backend(layout, device):
         return "sdpa"
 
 
+def checkpoint_layers(lm):
+    """Activation checkpointing: each decoder layer recomputed in backward (non-reentrant). transformers
+    5.24 names it activation_checkpointing_enable (the old name warns); 5.17 knows only the old one."""
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def shard(lm, device, activation_checkpointing=False, cpu_offload=False):
     """SequenceNLL(lm) under FSDP2, the canonical recipe: fully_shard each decoder layer, then the
     root (embeddings, final norm, lm_head). bf16 compute with fp32 gradient reduction on GPU."""
     if activation_checkpointing:
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(lm)
     model = match.SequenceNLL(lm)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()

@@ -106,7 +106,7 @@ def test_layer_checkpoints_cost_one_bf16_hidden_state_per_layer():
     for layers in (1, 3):
         lm = Qwen2ForCausalLM(Qwen2Config(**{**SMALL, "num_hidden_layers": layers}, attn_implementation="sdpa"))
         lm = lm.to(torch.bfloat16).train()
-        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        fsdp.checkpoint_layers(lm)
         ids = torch.randint(0, 512, (1, tokens))
         saved.append(saved_activation_bytes(lm, lambda: lm.model(input_ids=ids).last_hidden_state))
     assert saved[1] - saved[0] == 2 * 2 * tokens * SMALL["hidden_size"]  # plan: 2nTH bytes
