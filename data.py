@@ -372,22 +372,10 @@ def tree_block_mask(branch_ids):
 
 # ----------------------------------------------------------------------------- batching
 
-def split_over_ranks(sizes, world_size):
-    """Algorithm 2's queue, global view: questions (with `sizes[i]` sequences each) are dequeued in
-    order onto the rank holding the fewest sequences so far, so that ranks get similar numbers of
-    sequences however M varies. Returns, per rank, the indices of its questions. Deterministic, so
-    every rank computes the same split without communication."""
-    ranks, load = [[] for _ in range(world_size)], [0] * world_size
-    for i, size in enumerate(sizes):
-        r = min(range(world_size), key=lambda r: (load[r], r))
-        ranks[r].append(i)
-        load[r] += size
-    return ranks
-
-
 def balance(loads, world_size):
-    """Items spread over ranks by load (tokens): the largest first, each onto the rank with the least
-    load so far (longest-processing-time first), so that a step waits less for its slowest rank.
+    """Algorithm 2's queue, global view, by tokens: items spread over ranks by load, the largest
+    first, each onto the rank with the least load so far (longest-processing-time first), so that a
+    step waits less for its slowest rank.
     Returns, per rank, the indices of its items in ascending order. Deterministic, so every rank
     computes the same split without communication."""
     ranks, total = [[] for _ in range(world_size)], [0] * world_size

@@ -538,7 +538,7 @@ def test_micro_batches_pad_every_rank_to_the_same_number_of_forwards():
     assert [seqs[i] for i in order] == [s for b in batches[:3] for s in b]
     _, labels, _ = data.collate(batches[-1], pad_id=0)
     assert labels.shape == (1, 1) and (labels == data.IGNORE).all()  # PAD: one token, no loss
-    ranks = data.split_over_ranks([1, 8, 4, 4, 2, 1], 2)
+    ranks = data.balance([1, 8, 4, 4, 2, 1], 2)
     assert sorted(sum(ranks, [])) == list(range(6))
     loads = [sum([1, 8, 4, 4, 2, 1][i] for i in r) for r in ranks]
     assert max(loads) - min(loads) <= 8
