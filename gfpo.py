@@ -5,7 +5,7 @@ The policy is the model's distribution over its N tags right after the generatio
 renormalised over the tags (policy.py): pi(i | x) = softmax_i log p(g_i | x). Each step takes B
 questions with gold answers and, on every rank alike,
   1. rollouts (no grad): G tags g_1..g_G drawn from pi (at --fork_temperature), one response per
-     tag by infer.py's shared-prefix decoding (T = 0.7, top_p 0.95), graded by score.py:
+     tag by infer.py's shared-prefix decoding (T = 0.7, top_p 0.95), graded by grader.py:
      r_k = 1 if correct else 0 (a response cut at --max_new_tokens is graded as it stands);
   2. group-relative advantages, as GRPO: A_k = (r_k - mean r) / (std r + eps) over the question's G
      samples (--advantage mean: r_k - mean r); a group whose rewards are all equal has A = 0;
@@ -40,9 +40,9 @@ import torch.distributed as dist
 
 import data
 import fsdp
+import grader
 import infer
 import policy
-import score
 import toy
 from common import (STOP, DataError, all_max, append_jsonl, changed_settings, close_distributed, init_distributed,
                     parse_flags, print0, read_json, read_jsonl, stage_run, writable_dir, write_json, write_jsonl)
@@ -178,7 +178,7 @@ def rollouts(model, prompts, golds, fork_ids, generators, cfg, stop_ids, pad_id,
         for prompt, gold, row_tags, g in zip(prompts, golds, tags.tolist(), generators):
             responses = infer.generate(lm, prompt, [fork_ids[t] for t in row_tags], cfg.max_new_tokens,
                                        cfg.temperature, cfg.top_p, stop_ids, g, cfg.gen_batch)
-            rewards.append([float(score.grade(tokenizer.decode(ids), gold["gold"], gold["kind"])[1])
+            rewards.append([float(grader.grade(tokenizer.decode(ids), gold["gold"], gold["kind"])[1])
                             for ids, _ in responses])
             tokens.append([len(ids) for ids, _ in responses])
             truncated.append([not finished for _, finished in responses])

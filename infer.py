@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import grader
 import match
 import memory
 import policy
@@ -193,7 +194,7 @@ def load_problems(path, instruction="auto", limit=0):
             if not question.strip() or gold is None or not str(gold).strip():
                 raise DataError(f"{where}: need a prompt ('prompt', 'problem' or 'question') and a gold "
                                 "answer ('answer', 'ground_truth', 'gt' or 'solution')")
-            gold = score.gold_answer(gold)
+            gold = grader.gold_answer(gold)
         plain = path == "toy" or dapo or data.first(row, "traces", "response") is not None \
             or any(k.endswith("_thinking_trajectory") for k in row)
         form = template(instruction, kind, plain)
@@ -324,7 +325,7 @@ def solve(model, tokenizer, problem, forks, tag_ids, stop_ids, cfg, seed):
     completions = []
     for fork, (ids, finished) in zip(forks, responses):
         text = tokenizer.decode(ids)
-        pred, correct = score.grade(text, problem["gold"], problem["kind"])
+        pred, correct = grader.grade(text, problem["gold"], problem["kind"])
         completions.append({"fork": fork, "text": text, "pred": pred, "correct": correct, "tokens": len(ids),
                             "finished": finished})
     return {"id": problem["id"], "prompt": problem["prompt"], "gold": problem["gold"], "kind": problem["kind"],
