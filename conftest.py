@@ -16,6 +16,7 @@ import torch.distributed as dist
 import data
 import toy
 
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -49,7 +50,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def world_of_one():
     """A world of one process, so that train.py's passes (which all-reduce) run in-process."""
-    if not dist.is_initialized():  # as common.init_distributed makes it, but owned by the tests
+    if not dist.is_initialized():  # as ranks.init_distributed makes it, but owned by the tests
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     yield

@@ -39,13 +39,13 @@ import torch
 import torch.distributed as dist
 
 import data
-import fsdp
-import grader
-import infer
+import match
 import policy
 import toy
-from common import (STOP, DataError, all_max, append_jsonl, changed_settings, close_distributed, init_distributed,
-                    parse_flags, print0, read_json, read_jsonl, stage_run, writable_dir, write_json, write_jsonl)
+from plumbing.ranks import STOP, all_max, close_distributed, init_distributed, print0, stage_run
+from plumbing.files import DataError, append_jsonl, changed_settings, read_json, read_jsonl, writable_dir, write_json, write_jsonl
+from plumbing.flags import parse_flags
+from plumbing import decoding, evalfiles, figures, fsdp, grader
 
 
 @dataclass
@@ -176,7 +176,7 @@ def rollouts(model, prompts, golds, fork_ids, generators, cfg, stop_ids, pad_id,
     rewards, tokens, truncated = [], [], []
     try:
         for prompt, gold, row_tags, g in zip(prompts, golds, tags.tolist(), generators):
-            responses = infer.generate(lm, prompt, [fork_ids[t] for t in row_tags], cfg.max_new_tokens,
+            responses = decoding.generate(lm, prompt, [fork_ids[t] for t in row_tags], cfg.max_new_tokens,
                                        cfg.temperature, cfg.top_p, stop_ids, g, cfg.gen_batch)
             rewards.append([float(grader.grade(tokenizer.decode(ids), gold["gold"], gold["kind"])[1])
                             for ids, _ in responses])
@@ -212,11 +212,11 @@ def start_policy(model, prompts, fork_ids, micro_batch, pad_id, rank, world, dev
 
 def load_questions(cfg, tokenizer):
     """[{"id", "prompt", "gold", "kind"}] of --data: toy.py's training questions (never a held-out one)
-    or a question file (infer.load_problems: evaluation layouts, training layouts, DAPO-Math-17k)."""
+    or a question file (evalfiles.load_problems: evaluation layouts, training layouts, DAPO-Math-17k)."""
     if cfg.data == "toy":
         return [{"id": i, "prompt": q["prompt"], "gold": q["answer"], "kind": "math"}
                 for i, q in enumerate(toy.make_questions(cfg.toy_questions, cfg.seed))]
-    return infer.load_problems(cfg.data, cfg.instruction)
+    return evalfiles.load_problems(cfg.data, cfg.instruction)
 
 
 def prepare(cfg):
@@ -277,7 +277,7 @@ def train(cfg, questions, prompts, tokenizer, fork_ids, forks, rank, world, devi
     if done and done[-1][0] >= cfg.steps and os.path.isdir(final):
         print0(f"{cfg.out_dir}: complete at step {done[-1][0]}; final/ holds its model")
         return
-    model, hf_config = fsdp.load_model(cfg.model, tokenizer, rank, device, "batch", cfg.seed,
+    model, hf_config = fsdp.load_model(cfg.model, rank, device, match.SequenceNLL, "batch", cfg.seed,
                                        cfg.activation_checkpointing, cfg.cpu_offload, cfg.trust_remote_code)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     run_questions = sorted({q for batch in plan for q in batch})  # pi_start is needed for these only
@@ -353,7 +353,7 @@ def train(cfg, questions, prompts, tokenizer, fork_ids, forks, rank, world, devi
     fsdp.save_checkpoint(model, optimizer, cfg.steps, {}, cfg.out_dir, rank)
     fsdp.save_final(model, tokenizer, hf_config, final, rank, forks)  # ssft.json carried over
     if rank == 0:
-        draw_tag_choice([r for _, r in read_jsonl(metrics_path)], names, os.path.join(cfg.out_dir, "tag_choice.png"))
+        figures.draw_tag_choice([r for _, r in read_jsonl(metrics_path)], names, os.path.join(cfg.out_dir, "tag_choice.png"))
     print0(f"done: {cfg.steps} steps. Outputs in {cfg.out_dir}/: metrics.jsonl (one line per step), "
            f"pi_start.json, tag_choice.png, checkpoints/, final/ (Hugging Face model + tokenizer, ssft.json)")
 
@@ -373,24 +373,6 @@ def step_record(step, parts, names, grad_norm, lr, seconds):
             "no_signal": (rewards.std(1) == 0).float().mean().item(), "loss": sum(p["loss"] for p in parts),
             "grad_norm": grad_norm, "lr": lr, "mean_tokens": float(np.mean(tokens)),
             "truncated": float(np.mean([t for p in parts for row in p["truncated"] for t in row])), "time_s": seconds}
-
-
-def draw_tag_choice(records, names, path):
-    """tag_choice.png: pi averaged over each step's questions, stacked per tag, and the mean reward."""
-    import matplotlib
-    matplotlib.use("Agg")  # no display needed
-    import matplotlib.pyplot as plt
-    steps = [r["step"] + 1 for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    shades = plt.get_cmap("cividis")(np.linspace(0.15, 0.95, len(names)))  # tags: cividis, a meaning no other figure colours
-    ax.stackplot(steps, np.array([r["tag_choice"] for r in records]).T, labels=names, colors=shades, alpha=0.9)
-    ax.plot(steps, [r["reward"] for r in records], color="black", marker=".", label="mean reward")
-    ax.set(xlabel="step", ylabel="mean pi(tag | x) over the step's questions", ylim=(0, 1),
-           title="GFPO: the tag-choice distribution")
-    ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

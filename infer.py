@@ -43,14 +43,14 @@ import torch
 import torch.distributed as dist
 
 import data
-import grader
 import match
-import memory
 import policy
 import score
 import toy
-from common import (DataError, append_jsonl, changed_settings, close_distributed, init_distributed, parse_flags,
-                    print0, read_json, read_jsonl, write_json)
+from plumbing.ranks import close_distributed, init_distributed, print0
+from plumbing.files import DataError, append_jsonl, changed_settings, read_json, read_jsonl, write_json
+from plumbing.flags import parse_flags
+from plumbing import decoding, evalfiles, grader, memory
 
 
 @dataclass
@@ -80,29 +80,12 @@ SAME_ON_RESUME = ("model", "data", "fork", "auto_choice", "tag_order", "fork_sty
                   "temperature", "top_p", "max_new_tokens", "seed")  # rows made otherwise must not mix in a file
 
 # LightEval's prompts, verbatim (two spaces after "clearly."); {question} is the problem's text
-MATH_TEMPLATE = ("Solve the following math problem efficiently and clearly.  The last line of your response should "
-                 "be of the following format: 'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is "
-                 "correct' (without quotes) where ANSWER is just the final number or expression that solves the "
-                 "problem. Think step by step before answering.\n\n{question}")
-CHOICE_TEMPLATE = ("Answer the following multiple choice question. The last line of your response should be of the "
-                   "following format: 'Answer: $LETTER' (without quotes) where LETTER is one of ABCD. Think step by "
-                   "step before answering.\n\n{question}")
-OFFICIAL = dict(tag_order="block", instruction="auto", temperature=0.7, top_p=0.95, max_new_tokens=32768)
-OFFICIAL_TAGS = ("text", 6)  # --protocol official's tags, where the model has no ssft.json to say otherwise
 AUTO = "auto"  # the fork of a response whose tag the model chooses (--fork auto)
-CHOICE_SEED = 1234  # LightEval's: one generator, one draw per GPQA problem in file order, places the gold
-
-
-def official_samples(data_path, fork):
-    """The authors' sample counts: 32 of one token for Pass@1, else 11 per token on AIME, 6 elsewhere."""
-    return 32 if fork != "all" else 66 if "aime" in os.path.basename(data_path).lower() else 36
-
-
 def parse_config(argv=None):
     parser, given = parse_flags(Config, __doc__, argv)
     preset = {}
     if given.get("protocol") == "official":
-        preset = {**OFFICIAL, "samples": official_samples(given.get("data", Config.data), given.get("fork", "all"))}
+        preset = {**evalfiles.OFFICIAL, "samples": evalfiles.official_samples(given.get("data", Config.data), given.get("fork", "all"))}
     cfg = Config(**{**preset, **given})  # flags given win over the preset
     problems = [f"--{k} must be >= 1 (got {getattr(cfg, k)})" for k in ("samples", "max_new_tokens", "set_size")
                 if getattr(cfg, k) < 1]
@@ -120,91 +103,6 @@ def parse_config(argv=None):
 
 # ----------------------------------------------------------------------------- problems
 
-def template(instruction, kind, plain):
-    """The prompt template of a problem: --instruction auto gives LightEval's prompt for an evaluation
-    problem (math or multiple choice) and the question as it is for a training layout or the toy
-    (`plain`: the model was trained on it that way); none: as it is; any other text is a template
-    holding {question}, or is appended to the question."""
-    if instruction == "auto":
-        return "{question}" if plain else CHOICE_TEMPLATE if kind == "choice" else MATH_TEMPLATE
-    if instruction == "none":
-        return "{question}"
-    return instruction if "{question}" in instruction else "{question}" + instruction
-
-
-def choice_problem(row, rng, where):
-    """(question text with its lettered choices, gold letter) of a multiple-choice row: GPQA's columns
-    (Question, Correct Answer, Incorrect Answer 1-3; the gold's place drawn from `rng` as LightEval
-    does) or {"question", "choices": [4], "answer": letter or index}."""
-    if "Correct Answer" in row:
-        choices = [row.get(f"Incorrect Answer {k}") for k in (1, 2, 3)]
-        gold = rng.randint(0, 3)
-        choices.insert(gold, row["Correct Answer"])
-        question = row.get("Question")
-    else:
-        choices, question, gold = row.get("choices"), row.get("question", row.get("prompt")), row.get("answer")
-        gold = "ABCD".index(gold.strip().upper()) if isinstance(gold, str) and gold.strip().upper() in list("ABCD") \
-            else gold
-    if not isinstance(question, str) or not isinstance(choices, list) or len(choices) != 4 \
-            or not all(isinstance(c, str) for c in choices) or gold not in range(4) or isinstance(gold, bool):
-        raise DataError(f"{where}: a multiple-choice row needs a question, 4 choices and the answer (A-D or 0-3)")
-    return question + "\n\n" + "\n".join(f"{letter}) {c}" for letter, c in zip("ABCD", choices)), "ABCD"[gold]
-
-
-def user_message(messages, where):
-    """The content of the last user message of a chat-message list (DAPO-Math-17k's `prompt`)."""
-    texts = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    if not texts or not isinstance(texts[-1], str):
-        raise DataError(f"{where}: a 'prompt' list needs a user message with text content")
-    return texts[-1]
-
-
-def load_problems(path, instruction="auto", limit=0):
-    """[{"id", "prompt", "gold", "kind", "template"}] of an evaluation file, a training layout or the toy:
-    the question from prompt, problem or question (or a multiple-choice row, kind "choice"); the gold
-    from data.GOLD_FIELDS (DAPO-Math-17k: `prompt` a list of chat messages, whose last user message is
-    the question, as it is, with its own answer instruction; the gold reward_model.ground_truth); the id from id, unique_id, idx or Record ID, else the row's 0-based
-    position (a null counts as absent). The prompt is the question in its template."""
-    if path == "toy":  # toy.py's held-out questions
-        rows = [(f"toy:{i + 1}", {"prompt": q["prompt"], "answer": q["answer"], "id": i})
-                for i, q in enumerate(toy.held_out_questions(limit or 100))]
-    else:
-        rows = data.read_records(path)
-    problems, seen, rng = [], set(), random.Random(CHOICE_SEED)
-    for i, (where, row) in enumerate(rows):
-        row = row if isinstance(row, dict) else {}
-        dapo = isinstance(row.get("prompt"), list)  # DAPO-Math-17k: chat messages, reward_model.ground_truth
-        if dapo:
-            reward_model = row.get("reward_model")
-            row = {**row, "prompt": user_message(row["prompt"], where),
-                   "answer": reward_model.get("ground_truth") if isinstance(reward_model, dict) else None}
-        pid = data.first(row, "id", "unique_id", "idx", "Record ID")
-        pid = i if pid is None else pid
-        if isinstance(pid, bool) or not isinstance(pid, (str, int)):
-            raise DataError(f"{where}: an id must be a string or an integer, got {json.dumps(pid)}")
-        if pid in seen:
-            raise DataError(f"{where}: duplicate id {pid!r}")
-        seen.add(pid)
-        kind = "choice" if data.first(row, "Correct Answer", "choices") is not None else "math"
-        if kind == "choice":
-            question, gold = choice_problem(row, rng, where)
-        else:
-            question = next((row[k] for k in ("prompt", "problem", "question") if isinstance(row.get(k), str)), "")
-            gold = data.first(row, *data.GOLD_FIELDS)
-            if not question.strip() or gold is None or not str(gold).strip():
-                raise DataError(f"{where}: need a prompt ('prompt', 'problem' or 'question') and a gold "
-                                "answer ('answer', 'ground_truth', 'gt' or 'solution')")
-            gold = grader.gold_answer(gold)
-        plain = path == "toy" or dapo or data.first(row, "traces", "response") is not None \
-            or any(k.endswith("_thinking_trajectory") for k in row)
-        form = template(instruction, kind, plain)
-        problems.append({"id": pid, "prompt": form.replace("{question}", question), "gold": gold, "kind": kind,
-                         "template": form})
-    if not problems:
-        raise DataError(f"{path}: no problems")
-    return problems[:limit or None]
-
-
 def response_tags(tokenizer, cfg):
     """(fork name per response, the token ids of each name's tag, the style). Names are <thinkK>
     (data.fork_tokens) in --tag_order, or None for the plain prompt (--fork none). The style and N
@@ -214,7 +112,7 @@ def response_tags(tokenizer, cfg):
         return [None] * cfg.samples, {}, None
     saved = os.path.join(cfg.model, "ssft.json")
     saved = read_json(saved) if os.path.isfile(saved) else {}
-    default_style, default_n = OFFICIAL_TAGS if cfg.protocol == "official" else ("special", 0)
+    default_style, default_n = evalfiles.OFFICIAL_TAGS if cfg.protocol == "official" else ("special", 0)
     style = cfg.fork_style if cfg.fork_style != "auto" else saved.get("fork_style", default_style)
     reserved = data.count_fork_tokens(tokenizer)
     n = cfg.num_forks or saved.get("num_forks") or (reserved if style == "special" else default_n)
@@ -245,68 +143,6 @@ def response_tags(tokenizer, cfg):
 
 # ----------------------------------------------------------------------------- generation
 
-def sample(logits, temperature, top_p, generator):
-    """logits: [B, V] -> next token ids [B]. Temperature 0 is greedy; otherwise nucleus sampling from
-    the smallest set of most likely tokens whose probability reaches top_p."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    probs, order = torch.softmax(logits.float() / temperature, -1).sort(-1, descending=True)
-    probs[probs.cumsum(-1) - probs >= top_p] = 0  # the tokens before this one already reach top_p
-    return order.gather(-1, torch.multinomial(probs, 1, generator=generator))[:, 0]
-
-
-def cache_keyword(model):
-    """The keyword of the KV cache in forward(): `cache` from transformers 5.24 on, `past_key_values`
-    before (which silently ignores an unknown `cache=`, decoding without the prompt)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-@torch.no_grad()
-def generate(model, prefix_ids, starts, max_new_tokens, temperature, top_p, stop_ids, generator, batch_size=0):
-    """Responses that share one prompt. prefix_ids: the shared prompt, prefilled once; starts: [S]
-    each response's forced first tokens (its forking tag: one reserved token, or a text tag's
-    tokens; tags may differ in length). Returns S pairs (ids, finished): the new tokens after the
-    tag, cut before the first stop token, and whether one came within max_new_tokens.
-
-    Responses are decoded batch_size at a time (0: all S at once), each batch from a copy of the
-    prefilled cache. Every row advances one token per forward, a row still in its tag taking the
-    tag's next token instead of a sampled one, so all rows have the same length: no padding or
-    attention mask is needed. A row that stops leaves the batch and its cache rows are dropped."""
-    device, kv = next(model.parameters()).device, cache_keyword(model)
-    out = model(torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1)
-    prefix = out["cache"] if "cache" in out else out["past_key_values"]
-    result, chunk = [], batch_size or len(starts)
-    for first in range(0, len(starts), chunk):
-        forced = [list(s) for s in starts[first:first + chunk]]
-        cache = copy.deepcopy(prefix)
-        cache.batch_repeat_interleave(len(forced))  # [1, heads, P, dim] -> [rows, heads, P, dim]
-        ids, finished = [[] for _ in forced], [False] * len(forced)
-        live, tokens = list(range(len(forced))), torch.tensor([f[0] for f in forced], device=device)
-        for step in range(1, max(map(len, forced)) + max_new_tokens):
-            logits = model(tokens[:, None], use_cache=True, **{kv: cache}).logits[:, -1]
-            sampled, keep, nxt = sample(logits, temperature, top_p, generator).tolist(), [], []
-            for j, (row, t) in enumerate(zip(live, sampled)):
-                if step < len(forced[row]):  # still inside the tag
-                    t = forced[row][step]
-                elif t in stop_ids:
-                    finished[row] = True
-                    continue
-                else:
-                    ids[row].append(t)
-                    if len(ids[row]) == max_new_tokens:
-                        continue
-                keep.append(j)
-                nxt.append(t)
-            if not keep:
-                break
-            if len(keep) < len(live):
-                cache.batch_select_indices(torch.tensor(keep, device=device))
-                live = [live[j] for j in keep]
-            tokens = torch.tensor(nxt, device=device)
-        result += zip(ids, finished)
-    return result
-
-
 def solve(model, tokenizer, problem, forks, tag_ids, stop_ids, cfg, seed):
     """One problem -> its output row. Each response's prompt is data.build_text(prompt, tag), with
     the prompt tokenised as training did (data.encode_prompt) and the tag's ids after it; the prompt
@@ -320,7 +156,7 @@ def solve(model, tokenizer, problem, forks, tag_ids, stop_ids, cfg, seed):
         prefix, starts = prompt_ids[:-1], [prompt_ids[-1:]] * len(forks)
     else:
         prefix, starts = prompt_ids, [tag_ids[f] for f in forks]
-    responses = generate(model, prefix, starts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_ids, generator,
+    responses = decoding.generate(model, prefix, starts, cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop_ids, generator,
                          cfg.batch_size)
     completions = []
     for fork, (ids, finished) in zip(forks, responses):
@@ -380,21 +216,16 @@ def check_memory(cfg, device):
                          "--max_new_tokens, or serve it with vLLM (docs/vllm.md)")
 
 
-def model_name(model):
-    """The folder of a model's rows under eval/: out/ssft/final -> ssft, Qwen/Qwen2.5-32B -> Qwen2.5-32B, so
-    that two models scored on the same file never share (or refuse to resume) a rows file."""
-    parts = [p for p in os.path.normpath(model).split(os.sep) if p not in ("", ".", "..")]
-    return (parts[-2] if len(parts) > 1 and parts[-1] == "final" else parts[-1]) if parts else "model"
-
-
 def main(cfg):
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # every check before the model loads, on every rank alike; nothing is written before it loads
-    problems = load_problems(cfg.data, cfg.instruction, cfg.limit)
+    toy_rows = [(f"toy:{i + 1}", {"prompt": q["prompt"], "answer": q["answer"], "id": i})
+                for i, q in enumerate(toy.held_out_questions(cfg.limit or 100))] if cfg.data == "toy" else None
+    problems = evalfiles.load_problems(cfg.data, cfg.instruction, cfg.limit, toy_rows)
     name = os.path.splitext(os.path.basename(cfg.data))[0]
-    output = cfg.output or os.path.join("eval", model_name(cfg.model), f"{name}.{cfg.fork.strip('<>')}.jsonl")
+    output = cfg.output or os.path.join("eval", evalfiles.model_name(cfg.model), f"{name}.{cfg.fork.strip('<>')}.jsonl")
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     except (OSError, ValueError, TypeError) as e:
@@ -449,7 +280,7 @@ def main(cfg):
 
         metrics = None
         if rank == 0:  # the rows of this run's problems, scored
-            by_id = {r.get("id"): r for r in score.read_rows(output)}
+            by_id = {r.get("id"): r for r in evalfiles.read_rows(output)}
             metrics = score.score_rows([by_id[p["id"]] for p in problems], output, cfg.set_size)
         return metrics
     finally:

@@ -30,8 +30,9 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data import (IGNORE, collate, collate_branches, make_branches, make_sequence, micro_batches,
-                  num_micro_batches, pad_item, tree_attention)
+from data import make_sequence
+from plumbing import concat
+from plumbing.batching import IGNORE, collate, micro_batches, num_micro_batches, pad_item
 
 
 class SequenceNLL(nn.Module):
@@ -110,44 +111,12 @@ def cost_matrix(nll_model, prompt_ids, fork_ids, trace_ids, match_tokens, batch_
     return sequence_costs(nll_model, seqs, batch_size, pad_id, device).view(len(fork_ids), len(trace_ids))
 
 
-@torch.no_grad()
-def branch_costs(nll_model, questions, fork_ids, match_tokens, batch_size, pad_id, device, num_batches=None):
-    """Eq. 4 in the concat layout (Appendix A.5's rows, used for the cost matrix): one row per
-    question, its prompt once and then its N x M branches (g_i, first K tokens of y_j) under the tree
-    mask, so that the prompt is computed once instead of N*M times: P + N*M*(1+K) tokens instead of
-    N*M*(P+1+K). A forward holds max(1, batch_size // (N*M)) questions (batch_size counts sequences,
-    as in sequence_costs). Returns every question's N*M costs, fork-major, one after the other: the
-    values sequence_costs gives for the same sequences (a test)."""
-    rows = [make_branches(q["prompt_ids"], [(f, t[:match_tokens]) for f in fork_ids for t in q["trace_ids"]])
-            for q in questions]
-    per_forward = questions_per_forward(questions, len(fork_ids), batch_size)
-    num_batches = num_batches or num_micro_batches(len(rows), per_forward)
-    batches, order = micro_batches(rows, per_forward, num_batches, pad_item(pad_id, "concat"))
-    was_training = nll_model.training
-    nll_model.eval()
-    costs = []
-    for batch in batches:
-        input_ids, labels, position_ids, branch_ids = (t.to(device) for t in collate_branches(batch, pad_id))
-        nll, n = nll_model(input_ids, labels, tree_attention(branch_ids), position_ids, groups=branch_ids.clamp(min=0))
-        costs += [(nll[r, 1:] / n[r, 1:].clamp(min=1))[:len(set(b[3]) - {0})].cpu() for r, b in enumerate(batch)]
-    nll_model.train(was_training)
-    by_question = [None] * len(rows)
-    for i, cost in zip(order, costs):  # back from the length-sorted order of micro_batches
-        by_question[i] = cost
-    return torch.cat(by_question) if by_question else torch.zeros(0)
-
-
 def num_cost_batches(questions, num_forks, batch_size, layout="batch"):
-    """Forwards the matching pass of `questions` needs: its N x M sequences in batches (batch
-    layout), or its questions, max(1, batch_size // (N*M)) per forward (concat layout)."""
+    """Forwards the matching pass of `questions` needs: its N x M sequences in batches of batch_size
+    (batch layout), or its questions in rows (concat layout: concat.num_cost_batches)."""
     if layout == "concat":
-        return num_micro_batches(len(questions), questions_per_forward(questions, num_forks, batch_size))
+        return concat.num_cost_batches(questions, num_forks, batch_size)
     return num_micro_batches(num_forks * sum(len(q["trace_ids"]) for q in questions), batch_size)
-
-
-def questions_per_forward(questions, num_forks, batch_size):
-    """Questions in one forward of branch_costs: as many as hold batch_size sequences, at least one."""
-    return max(1, batch_size // (num_forks * max([len(q["trace_ids"]) for q in questions] or [1])))
 
 
 # ----------------------------------------------------------------------------- Eq. 3: matching
@@ -208,12 +177,12 @@ def match_questions(nll_model, questions, fork_ids, mode, match_tokens, batch_si
     N x M cost sequences in one queue of no-grad forwards of `batch_size` sequences, then one
     assignment per question. rngs[k] draws question k's random matching. num_batches: the number
     of forwards to run (>= what is needed; every rank must run the same number under FSDP), PAD
-    batches filling the rest. layout "concat" computes each prompt once (branch_costs). Returns one
+    batches filling the rest. layout "concat" computes each prompt once (concat.branch_costs). Returns one
     Matching per question, in order; raises NonFiniteCost (after all the forwards) if a cost is NaN
     or inf."""
     costs = None
     if mode != "sft" and layout == "concat":
-        costs = branch_costs(nll_model, questions, fork_ids, match_tokens, batch_size, pad_id, device, num_batches)
+        costs = concat.branch_costs(nll_model, questions, fork_ids, match_tokens, batch_size, pad_id, device, num_batches)
     elif mode != "sft":  # the SFT baseline needs no cost matrix
         seqs = [s for q in questions for s in cost_sequences(q["prompt_ids"], fork_ids, q["trace_ids"], match_tokens)]
         costs = sequence_costs(nll_model, seqs, batch_size, pad_id, device, num_batches)

@@ -18,6 +18,7 @@ prompts hundreds) and N plain rows read, and run on every attention backend, as 
 import torch
 
 import data
+from plumbing import batching
 
 
 def policy_rows(prompt_ids, fork_ids):
@@ -30,7 +31,7 @@ def tag_log_probs(nll_model, prompts, fork_ids, pad_id, device):
     token ids (data.fork_ids). nll_model: match.SequenceNLL around the causal LM (or an FSDP model of
     it). One forward of B * N rows; gradients flow when enabled (gfpo.py's update)."""
     rows = [row for p in prompts for row in policy_rows(p, fork_ids)]
-    input_ids, labels, attention_mask = (t.to(device) for t in data.collate(rows, pad_id))
+    input_ids, labels, attention_mask = (t.to(device) for t in batching.collate(rows, pad_id))
     nll_sum, _ = nll_model(input_ids, labels, attention_mask)
     return -nll_sum.view(len(prompts), len(fork_ids))
 

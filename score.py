@@ -44,11 +44,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from common import DataError, parse_flags, read_jsonl, write_json
-from grader import gold_answer, grade, grader_name, letter_of, same_answer
-
-GOLD_FIELDS = ("gt", "answer", "ground_truth", "solution")  # the gold of a sampled or models row, first found
-
+from plumbing.files import DataError, read_jsonl, write_json
+from plumbing import evalfiles
+from plumbing.flags import parse_flags
+from plumbing.grader import gold_answer, grade, grader_name, letter_of, same_answer
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -235,59 +234,6 @@ def print_table(metrics, title):
 
 # ----------------------------------------------------------------------------- files
 
-def row_layout(row, where):
-    """(gold field, completions [{"text", "fork", "label"?}]) of one row in any layout of the module
-    docstring (a label where the row holds one per response); DataError naming `where` for a row of none."""
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-    gold = next((row[k] for k in GOLD_FIELDS if row.get(k) is not None), None)
-    models = {k: v for k, v in row.items() if isinstance(v, dict) and isinstance(v.get("solution"), str)}
-    if "completions" in row:
-        if "gold" not in row or not isinstance(row["completions"], list) or not row["completions"] or not all(
-                isinstance(c, dict) and isinstance(c.get("text"), str) for c in row["completions"]):
-            raise DataError(f"{where}: a row needs 'gold' and 'completions': [{{'text', ...}}, ...]")
-        return row["gold"], row["completions"]
-    if isinstance(row.get("response"), list) and row["response"] and all(isinstance(r, str) for r in row["response"]):
-        labels = row.get("score") if isinstance(row.get("score"), list) and len(row["score"]) == len(row["response"]) \
-            else [None] * len(row["response"])  # labels only where there is one per response
-        return gold, [{"text": t, "fork": None, "label": s} for t, s in zip(row["response"], labels)]
-    if models:
-        return gold, [{"text": v["solution"], "fork": None, "source": k, "label": v.get("is_correct")}
-                      for k, v in models.items()]
-    raise DataError(f"{where}: unknown layout: expected 'gold' + 'completions' (infer.py's rows), a "
-                    "'response' list (sampled) or {'solution'} fields (models), with a gold in "
-                    f"{', '.join(GOLD_FIELDS)}")
-
-
-def read_rows(path):
-    """Rows of a file in any layout, each completion graded afresh from its text and the row's gold (any
-    stored pred and correct are rewritten), so a file scored twice gives one answer. DataError naming
-    the line for a malformed row, an empty gold, a duplicate id or an unknown kind."""
-    rows, seen = [], {}
-    for n, row in read_jsonl(path, drop_truncated_tail=True):
-        gold, completions = row_layout(row, f"{path}:{n}")
-        if "completions" not in row:
-            row = {"id": row.get("id", row.get("idx", n)), "gold": gold, "completions": completions,
-                   "layout": "sampled" if "response" in row else "models"}
-        if "id" in row:
-            if row["id"] in seen:
-                raise DataError(f"{path}:{n}: duplicate id {row['id']!r} (first on line {seen[row['id']]})")
-            seen[row["id"]] = n
-        kind = row.get("kind") or "math"
-        if kind not in ("math", "choice"):
-            raise DataError(f"{path}:{n}: unknown kind {kind!r} (math or choice)")
-        gold = gold_answer(gold) if gold is not None else ""
-        if not gold:
-            raise DataError(f"{path}:{n}: the gold answer is empty")
-        if kind == "choice" and not letter_of(gold):
-            raise DataError(f"{path}:{n}: a choice row needs a gold letter A-D, got {row['gold']!r}")
-        for c in completions:
-            c.setdefault("fork", None)
-            c["pred"], c["correct"] = grade(c["text"], gold, kind)
-        rows.append(row)
-    return rows
-
-
 def label_agreement(rows):
     """The share of labelled responses (sampled and models layouts) graded as their labels say; None
     without labels."""
@@ -324,7 +270,7 @@ def parse_config(argv=None):
 
 
 def main(cfg):
-    rows = read_rows(cfg.rows)
+    rows = evalfiles.read_rows(cfg.rows)
     beside = cfg.rows.removesuffix(".jsonl") + ".metrics.json"
     out = cfg.out or (beside if all("layout" not in r for r in rows) else os.path.join("eval", os.path.basename(beside)))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

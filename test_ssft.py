@@ -17,15 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import common
 import data
-import grader
 import match
 import score
 import select_token
 import toy
 import toy_compare
 import train
+from plumbing import batching, concat, datafiles, figures, files, flags, grader
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared", "data")
@@ -70,11 +69,11 @@ def test_stages_import_downward_only():
     (lambda argv: train.parse_config(argv), ["--max_step", "10"], "--max_steps"),
     (lambda argv: score.parse_config(argv), ["rows.jsonl", "--set", "4"], "--set_size"),
     (lambda argv: data.main(["mix", *argv]), ["--pool", "a.jsonl", "--trace", "2"], "--traces"),
-    (lambda argv: common.parse_flags(toy_compare.Config, "", argv), ["--seed=5"], "--seeds"),
+    (lambda argv: flags.parse_flags(toy_compare.Config, "", argv), ["--seed=5"], "--seeds"),
 ], ids=["train", "score", "data-mix", "toy_compare"])
 def test_an_abbreviated_flag_is_refused_and_the_full_name_suggested(parse, argv, full, capsys):
     """argparse would take --max_step as --max_steps (any unique prefix), so that a typo silently
-    changes a run; every script's flags come from common.parse_flags, which refuses it."""
+    changes a run; every script's flags come from flags.parse_flags, which refuses it."""
     with pytest.raises(SystemExit) as exit_:
         parse(argv)
     assert exit_.value.code == 2
@@ -190,14 +189,14 @@ def test_prompt_and_fork_carry_no_loss_and_cost_is_length_normalised(tiny):
     tok, model, fork_ids = tiny
     prompt_ids, trace = [5, 6, 7, 8], [20, 21, 22, 23, 24, 25]
     ids, labels = data.make_sequence(prompt_ids, [fork_ids[0]], trace)
-    assert labels[:5] == [data.IGNORE] * 5 and labels[5:] == trace and ids[4] == fork_ids[0]
+    assert labels[:5] == [batching.IGNORE] * 5 and labels[5:] == trace and ids[4] == fork_ids[0]
     ids, labels = data.make_sequence(prompt_ids, [90, 91, 92], trace)  # a text tag: all its tokens are prompt
-    assert labels[:7] == [data.IGNORE] * 7 and labels[7:] == trace and ids[4:7] == [90, 91, 92]
+    assert labels[:7] == [batching.IGNORE] * 7 and labels[7:] == trace and ids[4:7] == [90, 91, 92]
     nll = match.SequenceNLL(model)
     for k in (2, 6, 100):
         torch.set_grad_enabled(False)
         seq = data.make_sequence(prompt_ids, [fork_ids[0]], trace, k)
-        total, count = nll(*data.collate([seq], tok.pad_token_id)[:2])
+        total, count = nll(*batching.collate([seq], tok.pad_token_id)[:2])
         assert int(count) == min(k, len(trace))  # only trace tokens are counted
         cost = match.cost_matrix(nll, prompt_ids, [fork_ids[:1]], [trace], k, 4, tok.pad_token_id)
         assert math.isclose(float(cost), float(total) / min(k, len(trace)), rel_tol=1e-6)
@@ -208,7 +207,7 @@ def test_sequence_nll_equals_hugging_face_loss(tiny):
     """The chunked cross-entropy (never [tokens, vocab] logits for the whole batch) is the plain loss."""
     tok, model, fork_ids = tiny
     seqs = [data.make_sequence([3, 4, 5], [fork_ids[i % 4]], list(range(30, 30 + 5 + 3 * i))) for i in range(4)]
-    input_ids, labels, mask = data.collate(seqs, tok.pad_token_id)
+    input_ids, labels, mask = batching.collate(seqs, tok.pad_token_id)
     total, count = match.SequenceNLL(model, ce_chunk=5)(input_ids, labels, mask)
     reference = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
     torch.testing.assert_close(total.sum() / count.sum(), reference, rtol=1e-5, atol=1e-6)
@@ -293,7 +292,7 @@ def test_layouts_canonical_s1k_and_sampled_are_read(tmp_path):
              "deepseek_attempt": "attempt d", "gemini_thinking_trajectory": "think g", "gemini_attempt": "attempt g"},
             {"question": "r", "response": ["good", "bad", "good 2"], "score": [True, False, True], "gt": "3"}]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    qs = data.load_questions(str(path))
+    qs = datafiles.load_questions(str(path))
     assert qs[0] == {"prompt": "p", "traces": ["a", "b"], "sources": ["x", "y"], "answer": "1", "where": f"{path}:1"}
     assert qs[1]["sources"] == ["deepseek", "gemini"]
     assert qs[1]["traces"][0] == "think d\n</think>\n\nattempt d" and qs[1]["answer"] == "2"
@@ -308,7 +307,7 @@ def test_shared_sampled_file_keeps_only_correct_traces():
         raw = [json.loads(line) for line in f]
     usable = [r for r in raw if any(r["score"])]
     assert len(usable) < len(raw)  # the file has questions without a correct response: skipped
-    qs = data.load_questions(path)
+    qs = datafiles.load_questions(path)
     assert [len(q["traces"]) for q in qs] == [sum(r["score"]) for r in usable]
     assert qs[0]["traces"] == [t for t, ok in zip(usable[0]["response"], usable[0]["score"]) if ok]
 
@@ -333,9 +332,9 @@ def s1k_rows(n):
 
 
 def test_a_null_field_counts_as_absent_as_parquet_columns_hold_nulls():
-    q = data.parse_row({"prompt": None, "question": "q", "traces": ["t"], "answer": None, "gt": "3"}, "x:1")
+    q = datafiles.parse_row({"prompt": None, "question": "q", "traces": ["t"], "answer": None, "gt": "3"}, "x:1")
     assert q["prompt"] == "q" and q["answer"] == "3"
-    q = data.parse_row({"question": "q", "traces": None, "response": ["a", "b"], "score": [False, True]}, "x:2")
+    q = datafiles.parse_row({"question": "q", "traces": None, "response": ["a", "b"], "score": [False, True]}, "x:2")
     assert q["traces"] == ["b"]
 
 
@@ -344,16 +343,16 @@ def test_parquet_and_jsonl_give_the_same_questions_and_errors_name_the_row(tmp_p
     parquet = write_parquet(tmp_path / "s1k.parquet", rows)
     jsonl = tmp_path / "s1k.jsonl"
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from_parquet, from_jsonl = data.load_questions(parquet), data.load_questions(str(jsonl))
+    from_parquet, from_jsonl = datafiles.load_questions(parquet), datafiles.load_questions(str(jsonl))
     assert [{k: v for k, v in q.items() if k != "where"} for q in from_parquet] == \
         [{k: v for k, v in q.items() if k != "where"} for q in from_jsonl]
     assert from_parquet[0]["sources"] == ["deepseek", "gemini"] and from_parquet[2]["where"] == f"{parquet}:row 3"
     bad = write_parquet(tmp_path / "bad.parquet", rows[:1] + [{**rows[1], "question": ""}])
     with pytest.raises(data.DataError, match="bad.parquet:row 2: no prompt"):
-        data.load_questions(bad)
+        datafiles.load_questions(bad)
     (tmp_path / "junk.parquet").write_text("not parquet")
     with pytest.raises(data.DataError, match="junk.parquet: cannot read as Parquet"):
-        data.load_questions(str(tmp_path / "junk.parquet"))
+        datafiles.load_questions(str(tmp_path / "junk.parquet"))
 
 
 def test_an_s1k_parquet_file_trains_with_its_teachers_as_sources(tmp_path, run):
@@ -386,7 +385,7 @@ def test_mix_pools_sources_keeps_correct_traces_and_is_a_function_of_the_seed(tm
     assert (tmp_path / "a.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in first)
     data.main([*flags, "--out", str(tmp_path / "b.jsonl")])
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()  # same seed, same file
-    for q in data.load_questions(str(tmp_path / "a.jsonl")):
+    for q in datafiles.load_questions(str(tmp_path / "a.jsonl")):
         assert len(q["traces"]) == 2 and sorted(q["sources"]) == ["alpha", "gamma"]  # one per source at most
         assert all(score.grade(t, q["answer"])[1] for t in q["traces"])
     other = data.main([*flags[:-1], "4", "--out", str(tmp_path / "c.jsonl")])
@@ -435,16 +434,16 @@ def test_bad_rows_name_file_and_line(tmp_path, content, message):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
     with pytest.raises(data.DataError, match=message):
-        data.load_questions(str(path))
+        datafiles.load_questions(str(path))
 
 
 def test_non_utf8_and_missing_files_name_the_file(tmp_path):
     path = tmp_path / "bytes.jsonl"
     path.write_bytes(b'{"prompt": "p", "traces": ["a"]}\n{"prompt": "\xff"}\n')
     with pytest.raises(data.DataError, match=r"bytes.jsonl:2: not UTF-8"):
-        data.load_questions(str(path))
+        datafiles.load_questions(str(path))
     with pytest.raises(data.DataError, match=r"nothing.jsonl: cannot read"):
-        data.load_questions(str(tmp_path / "nothing.jsonl"))
+        datafiles.load_questions(str(tmp_path / "nothing.jsonl"))
 
 
 def test_bad_input_stops_before_training_and_leaves_out_dir_untouched(tmp_path, capsys):
@@ -531,14 +530,14 @@ def test_tokenizer_without_chat_template_uses_the_documented_fallback():
 
 
 def test_micro_batches_pad_every_rank_to_the_same_number_of_forwards():
-    seqs = [([1] * n, [data.IGNORE] + [1] * (n - 1)) for n in (3, 9, 4, 8, 5)]
-    batches, order = data.micro_batches(seqs, micro_batch=2, num_batches=5, pad=data.pad_item(0))
+    seqs = [([1] * n, [batching.IGNORE] + [1] * (n - 1)) for n in (3, 9, 4, 8, 5)]
+    batches, order = batching.micro_batches(seqs, micro_batch=2, num_batches=5, pad=batching.pad_item(0))
     assert len(batches) == 5 and [len(b) for b in batches] == [2, 2, 1, 1, 1]
     assert [len(s[0]) for b in batches[:3] for s in b] == [9, 8, 5, 4, 3]  # similar lengths share a batch
     assert [seqs[i] for i in order] == [s for b in batches[:3] for s in b]
-    _, labels, _ = data.collate(batches[-1], pad_id=0)
-    assert labels.shape == (1, 1) and (labels == data.IGNORE).all()  # PAD: one token, no loss
-    ranks = data.balance([1, 8, 4, 4, 2, 1], 2)
+    _, labels, _ = batching.collate(batches[-1], pad_id=0)
+    assert labels.shape == (1, 1) and (labels == batching.IGNORE).all()  # PAD: one token, no loss
+    ranks = batching.balance([1, 8, 4, 4, 2, 1], 2)
     assert sorted(sum(ranks, [])) == list(range(6))
     loads = [sum([1, 8, 4, 4, 2, 1][i] for i in r) for r in ranks]
     assert max(loads) - min(loads) <= 8
@@ -583,7 +582,7 @@ def test_one_step_trains_exactly_the_documented_pairs(world_of_one, mode):
             for enc, m in zip(mine, matched) for f, j in zip(m.forks, m.traces)]
     assert train.training_rows(mine, matched, fork_ids, "batch") == seqs
     loss, tokens, _, _ = train.training_pass(model, seqs, cfg.micro_batch, "batch", tok.pad_token_id, torch.device("cpu"))
-    total, count = reference(*data.collate(seqs, tok.pad_token_id))
+    total, count = reference(*batching.collate(seqs, tok.pad_token_id))
     (total.sum() / count.sum()).backward()
     assert tokens == count.sum() and math.isclose(loss, (total.sum() / count.sum()).item(), rel_tol=1e-5)
     grads = {k[3:]: p.grad.full_tensor() for k, p in model.named_parameters()}
@@ -663,7 +662,8 @@ def test_fsdp_on_two_processes_matches_one_process(tmp_path, run):
 
 FAULT = """
 import os, signal, sys
-import fsdp, match, train
+import match, train
+from plumbing import fsdp
 kind, when = sys.argv[1], int(sys.argv[2])
 calls = []
 
@@ -884,17 +884,17 @@ def test_sft_logs_no_matching_gap_and_logs_never_hold_nan(tmp_path):
     stats = match.MatchingStats("sft", data.fork_tokens(2))
     stats.update(0, [0, 0], [0, 1], None, None)
     assert stats.to_json()["epochs"][0]["mean_gap"] is None  # undefined without costs, not 0.0
-    common.append_jsonl(str(tmp_path / "log.jsonl"), {"lr": float("inf"), "loss": float("nan"), "x": [1.0]})
+    files.append_jsonl(str(tmp_path / "log.jsonl"), {"lr": float("inf"), "loss": float("nan"), "x": [1.0]})
     assert (tmp_path / "log.jsonl").read_text() == '{"lr": null, "loss": null, "x": [1.0]}\n'
 
 
 # ----------------------------------------------------------------------------- concat layout (A.5)
 
 def test_tree_mask_matches_its_definition():
-    rows = [data.make_branches([1, 2, 3], [([7], [4, 5]), ([8], [6]), ([9], [4, 4, 4])]),
-            data.make_branches([1], [([7], [5])]), data.pad_item(0, "concat")]
-    _, _, position_ids, branch_ids = data.collate_branches(rows, pad_id=0)
-    mask = data.tree_mask(branch_ids)
+    rows = [concat.make_branches([1, 2, 3], [([7], [4, 5]), ([8], [6]), ([9], [4, 4, 4])]),
+            concat.make_branches([1], [([7], [5])]), batching.pad_item(0, "concat")]
+    _, _, position_ids, branch_ids = concat.collate_branches(rows, pad_id=0)
+    mask = concat.tree_mask(branch_ids)
     for b in range(len(rows)):
         for q in range(branch_ids.shape[1]):
             for k in range(branch_ids.shape[1]):
@@ -914,9 +914,9 @@ def test_concat_branches_are_isolated(tiny):
     b = [a[0], ([fork_ids[1]], [90, 91, 92, 93]), a[2]]  # branch 2 changed
     logits = []
     for branches in (a, b):
-        input_ids, _, position_ids, branch_ids = data.collate_branches([data.make_branches(prompt, branches)], 0)
+        input_ids, _, position_ids, branch_ids = concat.collate_branches([concat.make_branches(prompt, branches)], 0)
         with torch.no_grad():
-            logits.append(model(input_ids=input_ids, attention_mask=data.tree_mask(branch_ids),
+            logits.append(model(input_ids=input_ids, attention_mask=concat.tree_mask(branch_ids),
                                 position_ids=position_ids).logits[0])
     other = (branch_ids[0] != 2)
     torch.testing.assert_close(logits[0][other], logits[1][other], rtol=0, atol=1e-6)
@@ -930,12 +930,12 @@ def test_flex_attention_block_mask_equals_dense_mask_forward(sdpa_and_flex_model
     """FlexAttention (the CUDA path) against SDPA with the dense mask, forward on the CPU (the
     backward on CUDA is in test_gpu.py)."""
     sdpa, flex = sdpa_and_flex_models(32, "cpu")
-    rows = [data.make_branches([1, 2, 3], [([7], list(range(20, 40))), ([8, 9], list(range(50, 61)))]),
-            data.make_branches([1, 2], [([9], [4, 5, 6])])]
-    input_ids, _, position_ids, branch_ids = data.collate_branches(rows, pad_id=0)
+    rows = [concat.make_branches([1, 2, 3], [([7], list(range(20, 40))), ([8, 9], list(range(50, 61)))]),
+            concat.make_branches([1, 2], [([9], [4, 5, 6])])]
+    input_ids, _, position_ids, branch_ids = concat.collate_branches(rows, pad_id=0)
     with torch.no_grad():
-        dense = sdpa(input_ids=input_ids, attention_mask=data.tree_mask(branch_ids), position_ids=position_ids).logits
-        block = flex(input_ids=input_ids, attention_mask=data.tree_block_mask(branch_ids),
+        dense = sdpa(input_ids=input_ids, attention_mask=concat.tree_mask(branch_ids), position_ids=position_ids).logits
+        block = flex(input_ids=input_ids, attention_mask=concat.tree_block_mask(branch_ids),
                      position_ids=position_ids).logits
     real = branch_ids >= 0
     torch.testing.assert_close(block[real], dense[real], rtol=1e-5, atol=1e-5)
@@ -1040,7 +1040,7 @@ def test_run_metrics_on_a_hand_made_run(tmp_path):
 def test_every_figure_gives_one_colour_to_one_meaning():
     """Variants, styles and select_token.py's edge and curve colours never share a colour, and every
     variant and style toy_compare.py draws has its own."""
-    tables = [toy_compare.VARIANT_COLOURS, toy_compare.STYLE_COLOURS, select_token.COLOURS]
+    tables = [toy_compare.VARIANT_COLOURS, toy_compare.STYLE_COLOURS, figures.COLOURS]
     colours = [c for table in tables for c in table.values()]
     assert len(colours) == len(set(colours)), tables
     assert set(toy_compare.Config.variants.split(",")) <= set(toy_compare.VARIANT_COLOURS)
@@ -1058,10 +1058,10 @@ def test_toy_compare_redraws_its_figure_from_a_saved_summary(tmp_path, run):
                "runs": runs}
     (tmp_path / "summary.json").write_text(json.dumps({"config": {"samples": 2},
                                                        "variants": {"hungarian": variant, "random": variant}}))
-    done = run([sys.executable, "toy_compare.py", "--plot_only", "--out_dir", str(tmp_path)], timeout=60)
+    done = run([sys.executable, "tools/toy_compare.py", "--plot_only", "--out_dir", str(tmp_path)], timeout=60)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "toy_compare.png").read_bytes()[:4] == b"\x89PNG" and not (tmp_path / "runs").exists()
-    done = run([sys.executable, "toy_compare.py", "--plot_only", "--out_dir", str(tmp_path / "none")], timeout=60)
+    done = run([sys.executable, "tools/toy_compare.py", "--plot_only", "--out_dir", str(tmp_path / "none")], timeout=60)
     assert done.returncode == 1 and "summary.json: cannot read" in done.stderr
 
 
@@ -1079,5 +1079,5 @@ def test_hungarian_tokens_specialise_and_answer_held_out_questions_well_above_ch
 
 
 def test_a_missing_parquet_file_is_named_as_missing_not_as_unreadable(tmp_path):
-    with pytest.raises(common.DataError, match="No such file"):
-        data.read_records(str(tmp_path / "s1K-1.1.parquet"))
+    with pytest.raises(files.DataError, match="No such file"):
+        datafiles.read_records(str(tmp_path / "s1K-1.1.parquet"))

@@ -31,13 +31,12 @@ import torch
 import torch.distributed as dist
 
 import data
-import fsdp
 import match
-import memory
 import toy
-from common import (STOP, DataError, all_max, all_sum, append_jsonl, changed_settings, close_distributed,
-                    init_distributed, parse_flags, print0, read_json, read_jsonl, stage_run, writable_dir,
-                    write_json, write_jsonl)
+from plumbing.ranks import STOP, all_max, all_sum, close_distributed, init_distributed, print0, stage_run
+from plumbing.files import DataError, append_jsonl, changed_settings, read_json, read_jsonl, writable_dir, write_json, write_jsonl
+from plumbing.flags import parse_flags
+from plumbing import batching, concat, datafiles, fsdp, memory
 
 
 @dataclass
@@ -127,7 +126,8 @@ def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
     def init_fork_rows(full):
         if cfg.fork_style == "special":
             data.init_fork_rows(full, [ids[0] for ids in fork_ids], num_trained, cfg.seed)
-    return fsdp.load_model(cfg.model, tokenizer, rank, device, cfg.layout, cfg.seed, cfg.activation_checkpointing,
+    source = (lambda: toy.make_model(tokenizer)) if cfg.model == "toy" else cfg.model
+    return fsdp.load_model(source, rank, device, match.SequenceNLL, cfg.layout, cfg.seed, cfg.activation_checkpointing,
                            cfg.cpu_offload, cfg.trust_remote_code, edit=init_fork_rows)
 
 
@@ -173,19 +173,19 @@ def training_rows(questions, matched, fork_ids, layout):
     if layout == "batch":
         return [data.make_sequence(q["prompt_ids"], fork_ids[f], q["trace_ids"][j])
                 for q, m in zip(questions, matched) for f, j in zip(m.forks, m.traces)]
-    return [data.make_branches(q["prompt_ids"], [(fork_ids[f], q["trace_ids"][j]) for f, j in zip(m.forks, m.traces)])
+    return [concat.make_branches(q["prompt_ids"], [(fork_ids[f], q["trace_ids"][j]) for f, j in zip(m.forks, m.traces)])
             for q, m in zip(questions, matched)]
 
 
 def model_inputs(rows, layout, pad_id, device):
     """A micro-batch as the keyword arguments of SequenceNLL.forward. Concat rows on CUDA are padded
-    to data.bucket_length: FlexAttention then compiles one graph per bucket, not one per length."""
+    to concat.bucket_length: FlexAttention then compiles one graph per bucket, not one per length."""
     if layout == "batch":
-        input_ids, labels, attention_mask = (t.to(device) for t in data.collate(rows, pad_id))
+        input_ids, labels, attention_mask = (t.to(device) for t in batching.collate(rows, pad_id))
         return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
-    input_ids, labels, position_ids, branch_ids = (t.to(device) for t in data.collate_branches(
+    input_ids, labels, position_ids, branch_ids = (t.to(device) for t in concat.collate_branches(
         rows, pad_id, bucket=device.type == "cuda"))
-    return dict(input_ids=input_ids, labels=labels, attention_mask=data.tree_attention(branch_ids),
+    return dict(input_ids=input_ids, labels=labels, attention_mask=concat.tree_attention(branch_ids),
                 position_ids=position_ids)
 
 
@@ -196,9 +196,9 @@ def training_pass(model, rows, micro_batch, layout, pad_id, device):
     per-rank means). Returns (loss, global trace tokens, global input tokens, padding fraction: the
     share of the computed positions that are padding)."""
     world = dist.get_world_size()
-    n_batches = all_max(data.num_micro_batches(len(rows), micro_batch), device)
-    batches, _ = data.micro_batches(rows, micro_batch, n_batches, data.pad_item(pad_id, layout))
-    local_tokens = sum(sum(label != data.IGNORE for label in row[1]) for row in rows)
+    n_batches = all_max(batching.num_micro_batches(len(rows), micro_batch), device)
+    batches, _ = batching.micro_batches(rows, micro_batch, n_batches, batching.pad_item(pad_id, layout))
+    local_tokens = sum(sum(label != batching.IGNORE for label in row[1]) for row in rows)
     computed = sum(len(mb) * max(len(row[0]) for row in mb) for mb in batches)
     global_tokens, global_input, global_computed = all_sum(
         [local_tokens, sum(len(row[0]) for row in rows), computed], device)
@@ -221,7 +221,7 @@ def prepare(cfg):
     Returns (questions, encoded questions, tokenizer, fork ids, number of trained vocabulary rows)."""
     if cfg.cpu_offload and not torch.cuda.is_available():
         raise DataError("--cpu_offload offloads from GPU memory and needs CUDA devices")
-    questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" else data.load_questions(cfg.data)
+    questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" else datafiles.load_questions(cfg.data)
     changed = changed_settings(os.path.join(cfg.out_dir, "config.json"), cfg,
                                [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_FREE])
     if changed:
@@ -312,9 +312,9 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
         print0("\n".join(lines))
         if not fits:
             sys.exit(f"error: these flags do not fit {world} x {gib:.0f} GiB; {PLAN_HINT}")
-        if cfg.layout == "concat":  # one FlexAttention graph per row-width bucket (data.bucket_length)
+        if cfg.layout == "concat":  # one FlexAttention graph per row-width bucket (concat.bucket_length)
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                       data.num_buckets(cfg.max_len) + 2)
+                                                       concat.num_buckets(cfg.max_len) + 2)
     if cfg.cpu_offload:  # torchrun sets OMP_NUM_THREADS=1: the offloaded AdamW step would use one core
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
     model, hf_config = load_model(cfg, tokenizer, fork_ids, num_trained, rank, device)
@@ -359,7 +359,7 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
         t0 = time.time()
         epoch, batch = plan[step]
         # questions over ranks by the tokens of their matching forwards (prompt + tag + first K per trace)
-        mine = [batch[i] for i in data.balance([sum(len(encoded[q]["prompt_ids"]) + 1 + min(cfg.match_tokens, len(t))
+        mine = [batch[i] for i in batching.balance([sum(len(encoded[q]["prompt_ids"]) + 1 + min(cfg.match_tokens, len(t))
                                                     for t in encoded[q]["trace_ids"]) for q in batch], world)[rank]]
         mine_encoded = [encoded[q] for q in mine]
 
@@ -388,7 +388,7 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
             # every rank holds every matching: the step's rows go over the ranks by tokens, so a rank with
             # one question of long traces does not hold the others up (a question's rows may be split)
             rows = training_rows([encoded[q] for q in batch], [all_matched[q] for q in batch], fork_ids, cfg.layout)
-            rows = [rows[i] for i in data.balance([len(r[0]) for r in rows], world)[rank]]
+            rows = [rows[i] for i in batching.balance([len(r[0]) for r in rows], world)[rank]]
             loss, _, global_input, pad_fraction = training_pass(model, rows, cfg.micro_batch, cfg.layout, pad_id, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)

@@ -18,17 +18,18 @@ import infer
 import match
 import toy
 import train
+from plumbing import concat, decoding
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 def test_flex_attention_block_mask_equals_the_dense_mask_forward_and_backward(sdpa_and_flex_models):
     sdpa, flex = sdpa_and_flex_models(64, "cuda")
-    rows = [data.make_branches(list(range(1, 40)), [([7], list(range(20, 200))), ([8], list(range(50, 130)))])]
-    input_ids, labels, position_ids, branch_ids = (t.cuda() for t in data.collate_branches(rows, pad_id=0))
+    rows = [concat.make_branches(list(range(1, 40)), [([7], list(range(20, 200))), ([8], list(range(50, 130)))])]
+    input_ids, labels, position_ids, branch_ids = (t.cuda() for t in concat.collate_branches(rows, pad_id=0))
     out = []
-    for model, mask in ((sdpa, data.tree_mask(branch_ids)), (flex, data.tree_block_mask(branch_ids))):
+    for model, mask in ((sdpa, concat.tree_mask(branch_ids)), (flex, concat.tree_block_mask(branch_ids))):
         total, _ = match.SequenceNLL(model)(input_ids, labels, mask, position_ids)
         total.sum().backward()
         out.append((total, {n: p.grad for n, p in model.named_parameters()}))
@@ -68,9 +69,9 @@ def test_decoding_on_cuda_equals_the_cpu_under_greedy(tiny):
     tokenizer, model, fork_ids = tiny
     prefix = data.encode_prompt(tokenizer, "Add 12+23+14.")
     starts = [[f] for f in fork_ids]
-    cpu = infer.generate(model, prefix, starts, 8, 0.0, 1.0, set(), torch.Generator())
+    cpu = decoding.generate(model, prefix, starts, 8, 0.0, 1.0, set(), torch.Generator())
     try:
-        gpu = infer.generate(model.to("cuda"), prefix, starts, 8, 0.0, 1.0, set(), torch.Generator("cuda"))
+        gpu = decoding.generate(model.to("cuda"), prefix, starts, 8, 0.0, 1.0, set(), torch.Generator("cuda"))
     finally:
         model.to("cpu")  # the fixture is shared with the CPU tests
     assert gpu == cpu

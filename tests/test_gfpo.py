@@ -13,12 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import fsdp
 import gfpo
 import infer
 import match
 import policy
 import toy
+from plumbing import evalfiles, fsdp
 
 
 def direct_tag_log_probs(model, prompt_ids, fork_ids):
@@ -118,7 +118,7 @@ def test_rollouts_on_the_fsdp_model_equal_those_of_the_plain_model(tiny, world_o
     outs = []
     for sharded in (False, True):
         lm = copy.deepcopy(model)
-        nll = fsdp.shard(lm, torch.device("cpu")) if sharded else match.SequenceNLL(lm)
+        nll = fsdp.shard(lm, torch.device("cpu"), match.SequenceNLL) if sharded else match.SequenceNLL(lm)
         generators = [torch.Generator().manual_seed(i) for i in range(2)]
         outs.append(gfpo.rollouts(nll, prompts, golds, fork_ids, generators, cfg, {tok.eos_token_id},
                                   tok.pad_token_id, tok, torch.device("cpu")))
@@ -143,7 +143,7 @@ def generate(model, prefix_ids, starts, max_new_tokens, temperature, top_p, stop
     total = sum(map(int, re.findall(r"\d+", tok.decode(prefix_ids).split("Add")[-1])))
     right = torch.rand(len(starts), generator=generator) < torch.tensor([0.8 if s == [best] else 0.2 for s in starts])
     return [(tok.encode(f"The answer is \\boxed{{{total if r else 0}}}."), True) for r in right.tolist()]
-gfpo.infer.generate = generate
+gfpo.decoding.generate = generate
 real = gfpo.rollouts
 def rollouts(*args, **kwargs):
     calls.append(1)
@@ -246,11 +246,11 @@ def test_dapo_rows_give_the_user_message_and_the_ground_truth(tmp_path):
     path.write_text(json.dumps({"data_source": "math_dapo", "prompt": [
         {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Solve 2+2.\n\nAnswer: $Answer"}],
         "ability": "MATH", "reward_model": {"ground_truth": "4", "style": "rule-lighteval/MATH_v2"}}) + "\n")
-    problem = infer.load_problems(str(path))[0]
+    problem = evalfiles.load_problems(str(path))[0]
     assert problem["prompt"] == "Solve 2+2.\n\nAnswer: $Answer" and problem["gold"] == "4"
     path.write_text(json.dumps({"prompt": [{"role": "system", "content": "x"}], "reward_model": {}}) + "\n")
     with pytest.raises(data.DataError, match=re.escape(f"{path}:1") + ".*user message"):
-        infer.load_problems(str(path))
+        evalfiles.load_problems(str(path))
 
 
 def test_show_prompts_for_fork_auto_lists_every_tag_it_chooses_among(run, ssft_dir):

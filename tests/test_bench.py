@@ -12,12 +12,12 @@ import torch
 
 import bench
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 def test_quick_run_prints_and_saves_every_row_with_positive_finite_numbers(tmp_path):
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "bench.py", "--quick", "--out", str(out)], cwd=HERE,
+    run = subprocess.run([sys.executable, "tools/bench.py", "--quick", "--out", str(out)], cwd=HERE,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     saved = json.loads(out.read_text())

@@ -8,12 +8,12 @@
 # torch, transformers, numpy, scipy, matplotlib, pyarrow, pytest and pytest-timeout, not math-verify
 # (score.py, imported by infer.py); its pure-Python wheels are fetched here beforehand and carried.
 #
-#   bash gpu_check.sh wheels                          # on a machine with PyPI: -> gpu_wheels/ (carry it)
-#   OUT=out/gpu_check bash gpu_check.sh tests         # GPU, call 1
-#   OUT=out/gpu_check bash gpu_check.sh bench         # GPU, call 2
-#   OUT=/tmp/dry QUICK=1 bash gpu_check.sh tests; OUT=/tmp/dry QUICK=1 bash gpu_check.sh bench   # dry run, CPU
+#   bash tools/gpu_check.sh wheels                          # on a machine with PyPI: -> gpu_wheels/ (carry it)
+#   OUT=out/gpu_check bash tools/gpu_check.sh tests         # GPU, call 1
+#   OUT=out/gpu_check bash tools/gpu_check.sh bench         # GPU, call 2
+#   OUT=/tmp/dry QUICK=1 bash tools/gpu_check.sh tests; OUT=/tmp/dry QUICK=1 bash tools/gpu_check.sh bench   # dry run, CPU
 set -uo pipefail
-cd "$(dirname "$0")"
+cd "$(dirname "$0")/.."  # the repository root
 STAGE=${1:-tests}
 if [ "$STAGE" = wheels ]; then
     exec pip download -q --no-deps -d gpu_wheels math-verify==0.9.0 latex2sympy2_extended==1.11.0 \
@@ -37,14 +37,14 @@ tests)
     { nvidia-smi 2>&1 | head -15; python -c "import torch, transformers; print('torch', torch.__version__, 'cuda', \
 torch.version.cuda, '| transformers', transformers.__version__)"; } > "$OUT/env.txt" 2>&1
     per_test=$(python -c "import pytest_timeout" 2>/dev/null && echo "--timeout 150")
-    timeout 450 python -m pytest -q -rs $per_test test_gpu.py 2>&1 | tee "$OUT/gpu-test.txt" ;;
+    timeout 450 python -m pytest -q -rs $per_test tests/test_gpu.py 2>&1 | tee "$OUT/gpu-test.txt" ;;
 bench)
     if [ -n "${QUICK:-}" ]; then
-        timeout 420 python bench.py --quick --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+        timeout 420 python tools/bench.py --quick --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
     else
-        timeout 420 python -m torch.distributed.run --standalone --nproc_per_node 1 bench.py --out "$OUT/bench.json" \
+        timeout 420 python -m torch.distributed.run --standalone --nproc_per_node 1 tools/bench.py --out "$OUT/bench.json" \
             2>&1 | tee "$OUT/bench.log"
     fi ;;
 *)
-    echo "usage: bash gpu_check.sh wheels|tests|bench"; exit 2 ;;
+    echo "usage: bash tools/gpu_check.sh wheels|tests|bench"; exit 2 ;;
 esac

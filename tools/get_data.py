@@ -6,16 +6,20 @@ its size and sha256; the copies on this project's machines were checked against 
 files. Downloads go to <name>.part and are renamed only once their sha256 matches, so a broken or
 changed download never replaces a file; a file already there is checked, never overwritten.
 
-    python get_data.py                          # download what is missing into ../shared/data (needs a network)
-    python get_data.py --check ../shared/data   # download nothing: is every file there, byte for byte?
+    python tools/get_data.py                          # download what is missing into ../shared/data (needs a network)
+    python tools/get_data.py --check ../shared/data   # download nothing: is every file there, byte for byte?
 """
 import hashlib
 import os
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from common import DataError, parse_flags, writable_dir
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
+from plumbing.files import DataError, writable_dir
+from plumbing.flags import parse_flags
 
 RAW = "https://raw.githubusercontent.com"
 LFS = "https://media.githubusercontent.com/media"  # prm800k keeps its .jsonl in Git LFS: raw. gives the pointer

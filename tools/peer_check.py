@@ -16,7 +16,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import grader  # noqa: E402
+from plumbing import grader  # noqa: E402
 
 
 def literal(node):

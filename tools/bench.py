@@ -9,7 +9,7 @@ Random-init models of Qwen2.5 shapes (no downloads), random token ids; one table
                (N=6, M=4, K=1000), beside its FLOP floor 1 + N*K / (c*L): matching is one forward over
                N*M*K tokens, training costs c forwards over M*L (c = 3, or 4 with activation recompute;
                L the trace length; prompt tokens left out).
-  3. decode    infer.generate (prompt prefilled once, its KV cache shared by the streams) against
+  3. decode    decoding.generate (prompt prefilled once, its KV cache shared by the streams) against
                model.generate on the same prompt and forking tokens, greedy: tokens/s, 6 and 32 streams.
 Each number is the median of --iters runs after --warmup, timed between device synchronisations.
 MFU = model FLOPs / time / the GPU's dense bf16 peak (n/a on the CPU); a T-token sequence costs
@@ -19,8 +19,8 @@ term is attention's QK^T and AV, 12 * layers * hidden * T^2 forward and backward
 mask; recompute is not counted). Models over --adamw_max_params time both steps without AdamW (the row
 says so): 7B's fp32 weights, gradients and two Adam states are 122 GB, more than an 80 GB GPU holds.
 
-    python bench.py --quick                             # tiny shapes on the CPU, ~20 s (what CI runs)
-    torchrun --standalone --nproc_per_node 1 bench.py   # one H100/H200, about 6 minutes
+    python tools/bench.py --quick                             # tiny shapes on the CPU, ~20 s (what CI runs)
+    torchrun --standalone --nproc_per_node 1 tools/bench.py   # one H100/H200, about 6 minutes
 """
 import dataclasses
 import gc
@@ -35,13 +35,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
 import data
 import infer
 import match
 import toy
-import fsdp
 import train
-from common import close_distributed, init_distributed, parse_flags, write_json
+from plumbing.ranks import close_distributed, init_distributed
+from plumbing.files import write_json
+from plumbing.flags import parse_flags
+from plumbing import batching, decoding, fsdp
 
 
 @dataclass
@@ -197,7 +201,7 @@ def bench_train(cfg, shape, device, fork_ids, pad_id, low, peak):
     for path in ("train.py", "HF"):
         lm, params, matmul_params = build_lm(shape, device, torch.float32, fsdp.attention_backend("batch", device))
         if path == "train.py":
-            model = fsdp.shard(lm, device, cfg.activation_checkpointing)
+            model = fsdp.shard(lm, device, match.SequenceNLL, cfg.activation_checkpointing)
         else:
             if cfg.activation_checkpointing:  # the same call as fsdp.shard's
                 fsdp.checkpoint_layers(lm)
@@ -209,7 +213,7 @@ def bench_train(cfg, shape, device, fork_ids, pad_id, low, peak):
                     model, optimizer, enc, fork_ids, "sft", cfg, pad_id, device), cfg, device)
             else:
                 seq = data.make_sequence(enc[0]["prompt_ids"], fork_ids[0], enc[0]["trace_ids"][0])
-                ids, labels, _ = (x.to(device) for x in data.collate([seq], pad_id))
+                ids, labels, _ = (x.to(device) for x in batching.collate([seq], pad_id))
                 res[path, t] = measure(f"train {path} {shape} {t}", lambda: hf_step(
                     lm, optimizer, ids, labels, TRAIN.grad_clip, device), cfg, device)
         lm = model = optimizer = None  # frees the model before the next one is built
@@ -228,7 +232,7 @@ def bench_ssft(cfg, device, fork_ids, pad_id, low):
     encoded = [random_question(rng, cfg.prompt_len, [L] * cfg.num_traces, low, SHAPES[cfg.shape]["vocab_size"])
                for _ in range(cfg.questions)]
     lm, params, _ = build_lm(cfg.shape, device, torch.float32, fsdp.attention_backend("batch", device))
-    model = fsdp.shard(lm, device, cfg.activation_checkpointing)
+    model = fsdp.shard(lm, device, match.SequenceNLL, cfg.activation_checkpointing)
     optimizer = adamw(model, params, cfg)
     res = {m: measure(f"step {m}", lambda: train_py_step(model, optimizer, encoded, fork_ids, m, cfg, pad_id, device),
                       cfg, device) for m in ("hungarian", "sft")}
@@ -241,7 +245,7 @@ def bench_ssft(cfg, device, fork_ids, pad_id, low):
 
 
 def bench_decode(cfg, device, fork_ids, pad_id, low):
-    """Bench 3: tokens/s of infer.generate against model.generate, one prompt, S greedy streams."""
+    """Bench 3: tokens/s of decoding.generate against model.generate, one prompt, S greedy streams."""
     rng = np.random.default_rng(3)
     prompt = random_question(rng, cfg.prompt_len, [], low, SHAPES[cfg.shape]["vocab_size"])["prompt_ids"]
     lm = build_lm(cfg.shape, device, torch.bfloat16 if device.type == "cuda" else torch.float32, "sdpa")[0].eval()
@@ -255,7 +259,7 @@ def bench_decode(cfg, device, fork_ids, pad_id, low):
                               top_k=None, temperature=None, max_new_tokens=cfg.new_tokens, eos_token_id=None,
                               pad_token_id=pad_id, use_cache=True)
             return (out.shape[1] - batch.shape[1]) * s
-        ours = measure(f"decode infer {s}", lambda: sum(len(ids) for ids, _ in infer.generate(
+        ours = measure(f"decode infer {s}", lambda: sum(len(ids) for ids, _ in decoding.generate(
             lm, prompt, firsts, cfg.new_tokens, 0.0, 1.0, set(), torch.Generator(device))), cfg, device)
         rows.append(row("decode tok/s: infer | HF", f"{cfg.shape} {s} streams P{len(prompt)}", ours,
                         measure(f"decode HF {s}", hf_generate, cfg, device), lambda r: r["value"] / r["s"],

@@ -6,9 +6,9 @@ import os
 import pytest
 
 import get_data
-from common import DataError
+from plumbing.files import DataError
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 def pinned(tmp_path, contents):

@@ -1,6 +1,7 @@
 """FSDP2 plumbing of the training stages (train.py: SSFT, gfpo.py: GFPO): a Hugging Face model loaded
 once and sharded over the ranks, resumable sharded checkpoints, and the consolidated Hugging Face
-export. Nothing here knows about the matching or the policy: each stage passes what it saves.
+export. Nothing here knows about the matching or the policy: each stage passes the module it wraps
+around the model and the state it saves.
 
 The recipe is the canonical one (pytorch/examples FSDP2, torchtitan): fully_shard each decoder layer,
 then the root; build the optimiser after sharding; bf16 compute with fp32 gradient reduction on GPU.
@@ -19,9 +20,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
-import match
-import toy
-from common import DataError, all_max, print0, read_json, write_json
+from plumbing.ranks import all_max, print0
+from plumbing.files import DataError, read_json, write_json
 
 
 # ----------------------------------------------------------------------------- model
@@ -50,12 +50,13 @@ def checkpoint_layers(lm):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def shard(lm, device, activation_checkpointing=False, cpu_offload=False):
-    """SequenceNLL(lm) under FSDP2, the canonical recipe: fully_shard each decoder layer, then the
-    root (embeddings, final norm, lm_head). bf16 compute with fp32 gradient reduction on GPU."""
+def shard(lm, device, wrap=None, activation_checkpointing=False, cpu_offload=False):
+    """wrap(lm) (the stage's module around the causal LM, e.g. match.SequenceNLL; lm itself without
+    one) under FSDP2, the canonical recipe: fully_shard each decoder layer, then the root
+    (embeddings, final norm, lm_head). bf16 compute with fp32 gradient reduction on GPU."""
     if activation_checkpointing:
         checkpoint_layers(lm)
-    model = match.SequenceNLL(lm)
+    model = wrap(lm) if wrap else lm
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if device.type == "cuda" else MixedPrecisionPolicy()
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
@@ -68,12 +69,12 @@ def shard(lm, device, activation_checkpointing=False, cpu_offload=False):
     return model
 
 
-def load_model(name, tokenizer, rank, device, layout="batch", seed=0, activation_checkpointing=False,
+def load_model(source, rank, device, wrap=None, layout="batch", seed=0, activation_checkpointing=False,
                cpu_offload=False, trust_remote_code=False, edit=None):
-    """Returns (SequenceNLL-wrapped FSDP2 model, hf_config). name: a Hugging Face id or folder, or "toy"
-    (toy.make_model: a tiny random-init Qwen2 of the tokenizer's vocabulary, seeded by `seed`).
-    edit(full_model): run on rank 0 on the full model before it is sharded (train.py initialises the
-    forking-token rows there); it may resize the vocabulary.
+    """Returns (wrap(lm) under FSDP2, hf_config). source: a Hugging Face id or folder, or a function
+    that builds a fresh model (the toy's random-init tiny Qwen2, seeded by `seed`). edit(full_model):
+    run on rank 0 on the full model before it is sharded (train.py initialises the forking-token
+    rows there); it may resize the vocabulary.
 
     Only rank 0 reads the weights (a 32B model is not loaded as 8 CPU copies); the other ranks
     build the model on the meta device, and the full state dict is broadcast from rank 0 while
@@ -81,19 +82,19 @@ def load_model(name, tokenizer, rank, device, layout="batch", seed=0, activation
     from transformers import AutoConfig, AutoModelForCausalLM
     attn = attention_backend(layout, device)
     torch.manual_seed(seed)
-    if name == "toy":
-        full = toy.make_model(tokenizer) if rank == 0 else None
-        config = toy.make_model(tokenizer).config if rank != 0 else full.config
+    if callable(source):
+        full = source() if rank == 0 else None
+        config = source().config if rank != 0 else full.config
     else:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
         full = AutoModelForCausalLM.from_pretrained(
-            name, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+            source, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
             trust_remote_code=trust_remote_code, attn_implementation=attn) if rank == 0 else None
     if rank == 0:
         if edit is not None:
             edit(full)
         config.vocab_size = full.get_input_embeddings().weight.shape[0]
-        state = {"lm." + k: v for k, v in full.state_dict().items()}
+        state = full.state_dict()
         buffers = {k: v for k, v in full.named_buffers()}
     rows = torch.tensor([config.vocab_size if rank == 0 else 0], device=device)
     dist.broadcast(rows, src=0)  # all ranks agree on the (possibly resized) vocabulary
@@ -102,9 +103,11 @@ def load_model(name, tokenizer, rank, device, layout="batch", seed=0, activation
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32,
                                               trust_remote_code=trust_remote_code)
-    model = shard(lm, device, activation_checkpointing, cpu_offload)
+    model = shard(lm, device, wrap, activation_checkpointing, cpu_offload)
     model.to_empty(device="cpu" if cpu_offload else device)
-    set_model_state_dict(model, state if rank == 0 else {},
+    prefix = next(name for name, module in model.named_modules() if module is lm)  # "lm" inside SequenceNLL
+    state = {(f"{prefix}." if prefix else "") + k: v for k, v in state.items()} if rank == 0 else {}
+    set_model_state_dict(model, state,
                          options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for prefix, module in lm.named_modules():  # non-persistent buffers (rotary inv_freq) are not in
         for name, buf in list(module.named_buffers(recurse=False)):  # the state dict: broadcast them
@@ -130,7 +133,8 @@ def save_final(model, tokenizer, config, path, rank, forks, shard_gib=2.0):
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
     seen, tensors = set(), []  # a tied lm_head is the embedding's own Parameter: written once
-    for name, t in model.lm.state_dict(keep_vars=True).items():
+    lm = getattr(model, "lm", model)  # the causal LM inside the stage's wrapper
+    for name, t in lm.state_dict(keep_vars=True).items():
         if id(t) not in seen:
             seen.add(id(t))
             tensors.append((name, t))
@@ -162,7 +166,7 @@ def save_final(model, tokenizer, config, path, rank, forks, shard_gib=2.0):
                        {"metadata": {"total_size": total}, "weight_map": weight_map})
         config = copy.deepcopy(config)
         config.use_cache = True  # training turned the KV cache off
-        config.architectures = [type(model.lm).__name__]  # vLLM and the hub pick the class from it
+        config.architectures = [type(lm).__name__]  # vLLM and the hub pick the class from it
         config.dtype = torch.bfloat16
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)

@@ -25,9 +25,9 @@ the model's own tag, greedy. summary.json's "gfpo" holds, over seeds, pass@1_own
 pass@1_own_before (the SSFT model's own greedy tag, no GFPO: the control), the final tag choice,
 and the differences paired by seed to SSFT's Eq. 6 token, SSFT's mean over tokens and SFT.
 
-    python toy_compare.py                    # 3 variants x 3 seeds (timings in the README)
-    python toy_compare.py --seeds 5          # tighter intervals
-    python toy_compare.py --plot_only        # redraw toy_compare.png from a finished run's summary.json
+    python tools/toy_compare.py                    # 3 variants x 3 seeds (timings in the README)
+    python tools/toy_compare.py --seeds 5          # tighter intervals
+    python tools/toy_compare.py --plot_only        # redraw toy_compare.png from a finished run's summary.json
 """
 import dataclasses
 import json
@@ -43,14 +43,18 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
+
 import score
 import select_token
 import toy
-from common import DataError, parse_flags, read_json, read_jsonl, write_json
+from plumbing.files import DataError, read_json, read_jsonl, write_json
+from plumbing.flags import parse_flags
+from plumbing import evalfiles, figures
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 # One colour per meaning in every figure: a variant keeps its colour in every panel, the styles take
-# others, and select_token.COLOURS others again (a test keeps the three apart). A new variant adds
+# others, and figures.COLOURS others again (a test keeps the three apart). A new variant adds
 # its entry here (tab:purple is free).
 VARIANT_COLOURS = {"hungarian": "tab:blue", "random": "tab:orange", "sft": "tab:green"}
 STYLE_COLOURS = {"left": "tab:brown", "right": "tab:pink", "place": "tab:olive", "direct": "tab:red", "other": "tab:gray"}
@@ -122,7 +126,7 @@ def run_gfpo(ssft_dir, seed, cfg):
 def gfpo_metrics(run_dir):
     """One GFPO run's numbers: Pass@1 with the model's own tag after and before GFPO, and the mean
     tag choice of its last step."""
-    after, before = (score.aggregate(score.read_rows(os.path.join(run_dir, f)), set_size=4)["pass@1"]
+    after, before = (score.aggregate(evalfiles.read_rows(os.path.join(run_dir, f)), set_size=4)["pass@1"]
                      for f in ("eval.jsonl", "before.jsonl"))
     last = [m for _, m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))][-1]
     return {"pass@1_own": after, "pass@1_own_before": before, "tag_choice": last["tag_choice"]}
@@ -152,7 +156,7 @@ def eq6_token(log):
 def run_metrics(variant, run_dir, max_k):
     """One run's numbers: the style purity of its tokens, its accuracies, votes and pass@k, its
     Eq. 6 token, per-token accuracy and length, and its training curves."""
-    rows = score.read_rows(os.path.join(run_dir, "eval.jsonl"))
+    rows = evalfiles.read_rows(os.path.join(run_dir, "eval.jsonl"))
     metrics = score.aggregate(rows, set_size=4)  # its per_fork holds each token's accuracy and length
     completions = [c for r in rows for c in r["completions"]]
     per_token = {}

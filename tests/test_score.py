@@ -10,10 +10,10 @@ import random
 
 import pytest
 
-import grader
 import score
+from plumbing import evalfiles, grader
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 
 
 def shared_data(name):
@@ -119,7 +119,7 @@ def test_choice_rows_vote_over_letters(tmp_path):
 def test_scoring_regrades_stored_verdicts(tmp_path):
     stale = [{"text": r"\boxed{3}", "pred": "5", "correct": False}, {"text": r"\boxed{5}", "pred": "3", "correct": True}]
     path = write_rows(tmp_path / "graded.jsonl", [{"id": 0, "gold": "3", "completions": stale}])
-    rows = score.read_rows(path)
+    rows = evalfiles.read_rows(path)
     assert [(c["pred"], c["correct"]) for c in rows[0]["completions"]] == [("3", True), ("5", False)]
     first = score.main(score.parse_config([path]))
     assert score.main(score.parse_config([path])) == first and first["cons@2"] == 0.5  # a tie: 3 right, 5 wrong
@@ -146,12 +146,12 @@ def test_ragged_warning_names_the_short_problems(tmp_path, capsys):
 def test_duplicate_ids_and_empty_golds_name_the_line(tmp_path):
     one = {"id": "a", "gold": "1", "completions": texts(r"\boxed{1}")}
     with pytest.raises(score.DataError, match=r"dup.jsonl:3: duplicate id 'a' \(first on line 1\)"):
-        score.read_rows(write_rows(tmp_path / "dup.jsonl", [one, {**one, "id": "b"}, one]))
+        evalfiles.read_rows(write_rows(tmp_path / "dup.jsonl", [one, {**one, "id": "b"}, one]))
     for gold in (None, "", "  "):
         with pytest.raises(score.DataError, match="gold.jsonl:2: the gold answer is empty"):
-            score.read_rows(write_rows(tmp_path / "gold.jsonl", [one, {**one, "id": "b", "gold": gold}]))
+            evalfiles.read_rows(write_rows(tmp_path / "gold.jsonl", [one, {**one, "id": "b", "gold": gold}]))
     with pytest.raises(score.DataError, match="kind.jsonl:1: a choice row needs a gold letter"):
-        score.read_rows(write_rows(tmp_path / "kind.jsonl", [{**one, "kind": "choice", "gold": "42"}]))
+        evalfiles.read_rows(write_rows(tmp_path / "kind.jsonl", [{**one, "kind": "choice", "gold": "42"}]))
 
 
 def test_the_metrics_file_names_the_grader(tmp_path, monkeypatch):
@@ -167,7 +167,7 @@ def test_native_sets_of_block_order_are_the_authors_sets(tmp_path):
     forks = [f"<think{k + 1}>" for k in range(num_forks) for _ in range(per_fork)]
     completions = [{"text": rf"\boxed{{{i}}}", "fork": f} for i, f in enumerate(forks)]
     path = write_rows(tmp_path / "block.jsonl", [{"gold": "0", "tag_order": "block", "completions": completions}])
-    rows = score.read_rows(path)
+    rows = evalfiles.read_rows(path)
     sets = score.native_sets(rows[0]["completions"], 6, "block")
     got = [[int(c["pred"]) for c in s] for s in sets]
     assert got == [[s + k * per_fork for k in range(num_forks)] for s in range(per_fork)]
@@ -185,7 +185,7 @@ def test_each_layout_is_read_per_row_and_an_unknown_one_names_its_line(tmp_path,
             {"ground_truth": "so 3 + 4 = 7\n#### 7", "m1": {"solution": "7 in all.\nA: 7", "is_correct": True},
              "m2": {"solution": "A: 6", "is_correct": False}}]
     path = write_rows(tmp_path / "mixed.jsonl", rows)
-    graded_rows = score.read_rows(path)
+    graded_rows = evalfiles.read_rows(path)
     assert [r["id"] for r in graded_rows] == ["a", "b", 3]
     assert [[c["correct"] for c in r["completions"]] for r in graded_rows] == [[True, False], [True, True], [True, False]]
     monkeypatch.chdir(tmp_path / "..")
@@ -194,7 +194,7 @@ def test_each_layout_is_read_per_row_and_an_unknown_one_names_its_line(tmp_path,
     assert os.path.exists("eval/mixed.metrics.json") and not os.path.exists(tmp_path / "mixed.metrics.json")
     bad = write_rows(tmp_path / "bad.jsonl", [rows[0], {"question": "q", "answers": ["7"]}])
     with pytest.raises(score.DataError, match=r"bad.jsonl:2: unknown layout"):
-        score.read_rows(bad)
+        evalfiles.read_rows(bad)
 
 
 def test_math_cot_scored_directly_matches_the_datasets_labels(tmp_path):

@@ -13,13 +13,12 @@ import shutil
 import pytest
 import torch
 
-import common
 import data
-import grader
 import infer
 import score
 import select_token
 import toy
+from plumbing import decoding, evalfiles, files, grader
 
 NUM_FORKS = 4
 
@@ -78,14 +77,14 @@ def test_problems_load_from_every_layout(tmp_path):
     s1k.write_text(json.dumps({"question": "2 + 2?", "solution": "so \\boxed{4}", "deepseek_thinking_trajectory": "4",
                                "deepseek_attempt": "4"}) + "\n" + json.dumps({"prompt": "1 + 1?", "traces": ["2"],
                                                                                "answer": "2"}) + "\n")
-    assert [(p["id"], p["gold"]) for p in infer.load_problems(str(s1k), "", 0)] == [(0, "4"), (1, "2")]
-    assert infer.load_problems("toy", " Think.", 3)[2]["prompt"].endswith("Think.")
+    assert [(p["id"], p["gold"]) for p in evalfiles.load_problems(str(s1k), "", 0)] == [(0, "4"), (1, "2")]
+    assert evalfiles.load_problems("toy", " Think.", 3)[2]["prompt"].endswith("Think.")
     shared = {"math500": (500, "test/precalculus/807.json"), "aime24": (30, 0), "gsm8k_test": (1319, 0),
               "gsm8k_test_4models": (1319, 0), "amc23": (40, 0), "math_cot_100x8": (100, 0)}
     for name, (count, first_id) in shared.items():
         path = f"../shared/data/{name}.jsonl"
         if os.path.exists(path):
-            problems = infer.load_problems(path, "", 0)
+            problems = evalfiles.load_problems(path, "", 0)
             assert len(problems) == count and problems[0]["id"] == first_id, name
             if name.startswith("gsm8k"):
                 assert problems[0]["gold"] == "18"
@@ -151,10 +150,10 @@ def test_aggregate_on_hand_built_problems():
 def test_top_p_samples_only_inside_the_nucleus():
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(4000, 4)
     g = torch.Generator().manual_seed(0)
-    assert set(infer.sample(logits, 1.0, 0.7, g).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
-    assert set(infer.sample(logits, 1.0, 0.85, g).tolist()) == {0, 1, 2}
-    assert set(infer.sample(logits, 1.0, 1.0, g).tolist()) == {0, 1, 2, 3}
-    assert set(infer.sample(logits, 0.0, 0.7, g).tolist()) == {0}
+    assert set(decoding.sample(logits, 1.0, 0.7, g).tolist()) == {0, 1}  # 0.5 < 0.7 <= 0.8
+    assert set(decoding.sample(logits, 1.0, 0.85, g).tolist()) == {0, 1, 2}
+    assert set(decoding.sample(logits, 1.0, 1.0, g).tolist()) == {0, 1, 2, 3}
+    assert set(decoding.sample(logits, 0.0, 0.7, g).tolist()) == {0}
 
 
 # ----------------------------------------------------------------------------- generation
@@ -178,7 +177,7 @@ def test_shared_prefix_generation_equals_independent_generation_under_greedy(noi
     stop = next(t for r in refs for t in r[3:] if t not in r[:3])
     cut = [(r[:r.index(stop)], True) if stop in r else (r, False) for r in refs]
     for batch_size in (0, 4):
-        got = infer.generate(model, prefix, starts, 12, 0.0, 1.0, {stop}, torch.Generator(), batch_size)
+        got = decoding.generate(model, prefix, starts, 12, 0.0, 1.0, {stop}, torch.Generator(), batch_size)
         assert got == cut
 
 
@@ -280,20 +279,20 @@ def test_prompts_follow_lighteval_for_evaluation_files_and_training_as_it_was(tm
             {"question": "Pick", "choices": ["a", "b", "c", "d"], "answer": "C"}]
     path = tmp_path / "mixed.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    math_, plain, gpqa, generic = infer.load_problems(str(path))
-    assert math_["prompt"] == infer.MATH_TEMPLATE.replace("{question}", "What is 1+1?") and math_["kind"] == "math"
+    math_, plain, gpqa, generic = evalfiles.load_problems(str(path))
+    assert math_["prompt"] == evalfiles.MATH_TEMPLATE.replace("{question}", "What is 1+1?") and math_["kind"] == "math"
     assert math_["prompt"].startswith("Solve the following math problem efficiently and clearly.  The last line")
-    assert plain["prompt"] == "Add 1+2+3." and infer.load_problems("toy")[0]["template"] == "{question}"
+    assert plain["prompt"] == "Add 1+2+3." and evalfiles.load_problems("toy")[0]["template"] == "{question}"
     place = random.Random(1234).randint(0, 3)  # LightEval: one generator seeded 1234, a draw per problem
     choices = ["w1", "w2", "w3"]
     choices.insert(place, "right")
     assert gpqa["id"] == "rec1" and gpqa["kind"] == "choice" and gpqa["gold"] == "ABCD"[place]
-    assert gpqa["prompt"] == infer.CHOICE_TEMPLATE.replace("{question}", "Which?\n\n" + "\n".join(
+    assert gpqa["prompt"] == evalfiles.CHOICE_TEMPLATE.replace("{question}", "Which?\n\n" + "\n".join(
         f"{letter}) {c}" for letter, c in zip("ABCD", choices)))
     assert generic["gold"] == "C" and generic["prompt"].endswith("\n\nA) a\nB) b\nC) c\nD) d")
-    assert infer.load_problems(str(path), "none")[0]["prompt"] == "What is 1+1?"
-    assert infer.load_problems(str(path), " Box it.")[0]["prompt"] == "What is 1+1? Box it."
-    assert infer.load_problems(str(path), "Q: {question}\nA:")[0]["prompt"] == "Q: What is 1+1?\nA:"
+    assert evalfiles.load_problems(str(path), "none")[0]["prompt"] == "What is 1+1?"
+    assert evalfiles.load_problems(str(path), " Box it.")[0]["prompt"] == "What is 1+1? Box it."
+    assert evalfiles.load_problems(str(path), "Q: {question}\nA:")[0]["prompt"] == "Q: What is 1+1?\nA:"
 
 
 def test_show_prompts_of_the_official_protocol_print_the_authors_prompt_and_text_tags(model_dir, tmp_path, capsys):
@@ -310,7 +309,7 @@ def test_show_prompts_of_the_official_protocol_print_the_authors_prompt_and_text
     shown = capsys.readouterr().out
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(model_dir)
-    problem = infer.load_problems(str(path), limit=1)[0]["prompt"]
+    problem = evalfiles.load_problems(str(path), limit=1)[0]["prompt"]
     assert problem.startswith("Solve the following math problem efficiently and clearly.")
     first = data.prompt_text(tok, problem) + "<|im_start|><think1>\n"
     assert first in shown and "<|im_start|>assistant\n<|im_start|><think1>\n" in shown
@@ -332,7 +331,7 @@ def test_a_text_style_model_is_prompted_with_its_text_tags(noisy, tmp_path, caps
     path = tmp_path / "text_final"
     copy.deepcopy(model).save_pretrained(path)
     tokenizer.save_pretrained(path)
-    common.write_json(str(path / "ssft.json"), {"fork_style": "text", "num_forks": 3})  # as train.py writes it
+    files.write_json(str(path / "ssft.json"), {"fork_style": "text", "num_forks": 3})  # as train.py writes it
     problems = write_problems(tmp_path / "p.jsonl", n=1)
     infer.main(infer.parse_config(["--model", str(path), "--data", problems, "--show_prompts"]))
     assert capsys.readouterr().out.count("<|im_start|>assistant\n<|im_start|><think") == 3
@@ -344,7 +343,7 @@ def test_a_text_style_model_is_prompted_with_its_text_tags(noisy, tmp_path, caps
 def test_the_models_own_tags_win_over_the_official_protocols_and_a_wrong_count_is_named(model_dir, tmp_path, capsys):
     problems = write_problems(tmp_path / "p.jsonl", n=1)
     shutil.copytree(model_dir, tmp_path / "special")
-    common.write_json(str(tmp_path / "special" / "ssft.json"), {"fork_style": "special", "num_forks": NUM_FORKS})
+    files.write_json(str(tmp_path / "special" / "ssft.json"), {"fork_style": "special", "num_forks": NUM_FORKS})
     infer.main(infer.parse_config(["--model", str(tmp_path / "special"), "--data", problems, "--protocol", "official",
                                    "--show_prompts"]))
     shown = capsys.readouterr().out
@@ -357,9 +356,9 @@ def test_a_rows_file_whose_last_row_lacks_its_newline_is_read_whole(tmp_path):
     rows = [{"id": i, "gold": "7", "completions": [{"text": "\\boxed{7}"}]} for i in range(2)]
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows))  # as many tools write: no final newline
-    assert [r["id"] for r in score.read_rows(str(path))] == [0, 1]
-    common.append_jsonl(str(path), {"id": 2, "gold": "7", "completions": [{"text": "7"}]})
-    assert [r["id"] for r in score.read_rows(str(path))] == [0, 1, 2]
+    assert [r["id"] for r in evalfiles.read_rows(str(path))] == [0, 1]
+    files.append_jsonl(str(path), {"id": 2, "gold": "7", "completions": [{"text": "7"}]})
+    assert [r["id"] for r in evalfiles.read_rows(str(path))] == [0, 1, 2]
 
 
 def test_baseline_samples_from_the_plain_prompt_and_votes_in_blocks(model_dir, tmp_path):
@@ -459,5 +458,5 @@ def test_select_token_rejects_a_malformed_log(tmp_path):
 
 def test_each_model_writes_its_own_rows_file_by_default():
     """Two models scored on one data file never share (or refuse to resume) a rows file."""
-    names = [infer.model_name(m) for m in ("out/ssft/final", "out/gfpo/final/", "Qwen/Qwen2.5-32B-Instruct", "final")]
+    names = [evalfiles.model_name(m) for m in ("out/ssft/final", "out/gfpo/final/", "Qwen/Qwen2.5-32B-Instruct", "final")]
     assert names == ["ssft", "gfpo", "Qwen2.5-32B-Instruct", "final"]

@@ -17,13 +17,13 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import data
-import fsdp
 import infer
-import memory
+import match
 import toy
 import train
+from plumbing import batching, concat, fsdp, memory, ranks
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 QWEN_32B = dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
                 num_key_value_heads=8, vocab_size=152064, max_position_embeddings=32768, tie_word_embeddings=False,
                 torch_dtype="bfloat16", model_type="qwen2", rms_norm_eps=1e-06, rope_theta=1000000.0,
@@ -117,7 +117,7 @@ def test_concat_rows_fit_max_len_as_a_whole_cutting_the_long_traces_evenly():
     q = {"prompt": "Add 12+23+14.", "traces": ["7 " * 200, "ok", "3 " * 90, "5 " * 300]}
     batch = data.encode_question(tok, q, 256)
     enc = data.encode_question(tok, q, 256, layout="concat")
-    row = data.make_branches(enc["prompt_ids"], [([7], t) for t in enc["trace_ids"]])
+    row = concat.make_branches(enc["prompt_ids"], [([7], t) for t in enc["trace_ids"]])
     assert len(row[0]) <= 256 and len(row[0]) >= 256 - len(q["traces"])  # the room is used, not wasted
     lengths = [len(t) for t in enc["trace_ids"]]
     assert enc["trace_ids"][1] == batch["trace_ids"][1]  # a short trace is never cut
@@ -142,25 +142,25 @@ def test_flex_attention_compiles_one_graph_per_bucket_not_per_row_length():
     counters.clear()
     with torch._dynamo.config.patch(automatic_dynamic_shapes=False), torch.no_grad():
         for n in lengths:
-            rows = [data.make_branches(list(range(1, 21)), [([7], list(range(20, n - 3))), ([8], [30])])]
+            rows = [concat.make_branches(list(range(1, 21)), [([7], list(range(20, n - 3))), ([8], [30])])]
             assert len(rows[0][0]) == n
-            ids, labels, pos, branches = data.collate_branches(rows, 0, bucket=True)
-            assert ids.shape[1] == data.bucket_length(n)
-            SequenceNLL(flex)(ids, labels, data.tree_block_mask(branches), pos)
-    buckets = {data.bucket_length(n) for n in lengths}
+            ids, labels, pos, branches = concat.collate_branches(rows, 0, bucket=True)
+            assert ids.shape[1] == concat.bucket_length(n)
+            SequenceNLL(flex)(ids, labels, concat.tree_block_mask(branches), pos)
+    buckets = {concat.bucket_length(n) for n in lengths}
     assert len(buckets) == 2 and 0 < counters["stats"]["unique_graphs"] <= len(buckets) < len(lengths)
-    assert data.num_buckets(32768) <= 40  # a whole 32k run stays under train.py's raised recompile limit
+    assert concat.num_buckets(32768) <= 40  # a whole 32k run stays under train.py's raised recompile limit
 
 
 def test_bucket_lengths_pad_at_most_a_quarter():
     for n in range(1, 5000):
-        b = data.bucket_length(n)
+        b = concat.bucket_length(n)
         assert b >= n and (b <= 128 or b <= 1.25 * n)
 
 
 def test_ranks_get_similar_tokens_when_one_question_holds_the_long_traces():
     loads = [9000, 1000, 1200, 900, 1100, 1000, 800, 1000]  # tokens of a step's rows
-    ranks = data.balance(loads, 2)
+    ranks = batching.balance(loads, 2)
     assert sorted(i for r in ranks for i in r) == list(range(8))
     totals = [sum(loads[i] for i in r) for r in ranks]
     assert max(totals) == 9000  # the long row alone; by count (4 + 4) one rank would hold 9000 + 3 others
@@ -169,7 +169,7 @@ def test_ranks_get_similar_tokens_when_one_question_holds_the_long_traces():
 def tiny_fsdp_model():
     tok = toy.make_tokenizer()
     lm = toy.make_model(tok)
-    return fsdp.shard(lm, torch.device("cpu")), tok, lm.config
+    return fsdp.shard(lm, torch.device("cpu"), match.SequenceNLL), tok, lm.config
 
 
 def test_only_the_newest_complete_checkpoints_are_kept_and_only_after_a_new_one_completes(
@@ -218,8 +218,9 @@ def test_sigterm_to_the_torchrun_launcher_leaves_a_checkpoint_the_same_command_r
 EXPORT_SCRIPT = """
 import json, resource, sys, torch
 from transformers import AutoModelForCausalLM, Qwen2Config
-import common, fsdp, toy
-common.init_distributed()
+import toy
+from plumbing import fsdp, ranks
+ranks.init_distributed()
 with torch.device("meta"):
     lm = AutoModelForCausalLM.from_config(Qwen2Config(**json.loads(sys.argv[1])), dtype=torch.float32)
 model = fsdp.shard(lm, torch.device("cpu"))

@@ -1,0 +1,76 @@
+"""Decoding with forking tags, shared by infer.py (evaluation) and gfpo.py (rollouts): responses that
+share one prompt, its KV cache prefilled once, each response's tag forced as its first tokens, then
+nucleus sampling (the paper's T = 0.7, top_p 0.95) until a stop token or the length limit.
+"""
+import copy
+import inspect
+
+import torch
+
+
+def sample(logits, temperature, top_p, generator):
+    """logits: [B, V] -> next token ids [B]. Temperature 0 is greedy; otherwise nucleus sampling from
+    the smallest set of most likely tokens whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs, order = torch.softmax(logits.float() / temperature, -1).sort(-1, descending=True)
+    probs[probs.cumsum(-1) - probs >= top_p] = 0  # the tokens before this one already reach top_p
+    return order.gather(-1, torch.multinomial(probs, 1, generator=generator))[:, 0]
+
+
+def cache_keyword(model):
+    """The keyword of the KV cache in forward(): `cache` from transformers 5.24 on, `past_key_values`
+    before (which silently ignores an unknown `cache=`, decoding without the prompt)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@torch.no_grad()
+def generate(model, prefix_ids, starts, max_new_tokens, temperature, top_p, stop_ids, generator, batch_size=0):
+    """Responses that share one prompt. prefix_ids: the shared prompt, prefilled once; starts: [S]
+    each response's forced first tokens (its forking tag: one reserved token, or a text tag's
+    tokens; tags may differ in length). Returns S pairs (ids, finished): the new tokens after the
+    tag, cut before the first stop token, and whether one came within max_new_tokens.
+
+    Responses are decoded batch_size at a time (0: all S at once), each batch from a copy of the
+    prefilled cache. Every row advances one token per forward, a row still in its tag taking the
+    tag's next token instead of a sampled one, so all rows have the same length: no padding or
+    attention mask is needed. A row that stops leaves the batch and its cache rows are dropped."""
+    device, kv = next(model.parameters()).device, cache_keyword(model)
+    out = model(torch.tensor([prefix_ids], device=device), use_cache=True, logits_to_keep=1)
+    prefix = out["cache"] if "cache" in out else out["past_key_values"]
+    result, chunk = [], batch_size or len(starts)
+    for first in range(0, len(starts), chunk):
+        forced = [list(s) for s in starts[first:first + chunk]]
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(len(forced))  # [1, heads, P, dim] -> [rows, heads, P, dim]
+        ids, finished = [[] for _ in forced], [False] * len(forced)
+        live, tokens = list(range(len(forced))), torch.tensor([f[0] for f in forced], device=device)
+        for step in range(1, max(map(len, forced)) + max_new_tokens):
+            logits = model(tokens[:, None], use_cache=True, **{kv: cache}).logits[:, -1]
+            sampled, keep, nxt = sample(logits, temperature, top_p, generator).tolist(), [], []
+            for j, (row, t) in enumerate(zip(live, sampled)):
+                if step < len(forced[row]):  # still inside the tag
+                    t = forced[row][step]
+                elif t in stop_ids:
+                    finished[row] = True
+                    continue
+                else:
+                    ids[row].append(t)
+                    if len(ids[row]) == max_new_tokens:
+                        continue
+                keep.append(j)
+                nxt.append(t)
+            if not keep:
+                break
+            if len(keep) < len(live):
+                cache.batch_select_indices(torch.tensor(keep, device=device))
+                live = [live[j] for j in keep]
+            tokens = torch.tensor(nxt, device=device)
+        result += zip(ids, finished)
+    return result
+
+
+def stop_ids(tokenizer, model):
+    """The ids that end a response: the tokenizer's eos and the model's generation_config eos ids."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
