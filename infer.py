@@ -221,8 +221,7 @@ def main(cfg):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # every check before the model loads, on every rank alike; nothing is written before it loads
-    toy_rows = [(f"toy:{i + 1}", {"prompt": q["prompt"], "answer": q["answer"], "id": i})
-                for i, q in enumerate(toy.held_out_questions(cfg.limit or 100))] if cfg.data == "toy" else None
+    toy_rows = toy.held_out_records(cfg.limit or 100) if cfg.data == "toy" else None
     problems = evalfiles.load_problems(cfg.data, cfg.instruction, cfg.limit, toy_rows)
     name = os.path.splitext(os.path.basename(cfg.data))[0]
     output = cfg.output or os.path.join("eval", evalfiles.model_name(cfg.model), f"{name}.{cfg.fork.strip('<>')}.jsonl")

@@ -38,31 +38,48 @@ def losses(out_dir):
 
 # ----------------------------------------------------------------------------- layout of the project
 
+SCRIPTS = {"train", "infer", "select_token", "gfpo"}  # stages run as scripts: nothing but a test imports them
+LIBRARY_STAGES = {"data", "match", "policy", "score", "toy"}  # stages whose functions other stages call
+
+
 def project_imports():
-    """{module: the project modules it imports, at any depth in the file}."""
+    """{file: the project modules it imports, at any depth in the file}: the stages and toy.py at the
+    top level, plumbing/<name> as "plumbing.<name>", tools/<name> as "tools.<name>"."""
     import ast
-    modules = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith(("test_", "conftest"))}
+    files = {f[:-3]: f for f in os.listdir(HERE) if f.endswith(".py") and not f.startswith(("test_", "conftest"))}
+    for folder in ("plumbing", "tools"):
+        files.update({f"{folder}.{f[:-3]}": os.path.join(folder, f) for f in os.listdir(os.path.join(HERE, folder))
+                      if f.endswith(".py") and f != "__init__.py"})
     graph = {}
-    for m in modules:
-        tree = ast.parse(open(os.path.join(HERE, m + ".py")).read())
-        names = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-        names |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-        graph[m] = names & modules - {m}
+    for m, path in files.items():
+        tree = ast.parse(open(os.path.join(HERE, path)).read())
+        names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.ImportFrom) and n.module == "plumbing":
+                names |= {f"plumbing.{a.name}" for a in n.names}
+            elif isinstance(n, ast.ImportFrom) and n.module:
+                names.add(n.module)
+        graph[m] = names & set(files) - {m}
     return graph
 
 
 def test_stages_import_downward_only():
-    """No import circle, and only the trainer's own users import train.py (a stage file is never
-    a helper library for another stage)."""
+    """No import circle; plumbing imports no stage (it is the small boring library under them); a
+    script stage (train, infer, select_token, gfpo) is imported by no other file, tests aside, so
+    that a stage file is never a library for another stage; decoding lives in plumbing/decoding.py."""
     graph = project_imports()
 
     def reach(m, seen=()):
         return set().union(*({n} | reach(n, seen + (m,)) for n in graph[m] if n not in seen)) if graph[m] else set()
     for m in graph:
         assert m not in reach(m), f"{m} imports itself through {graph[m]}"
-    for m in ("data", "match", "infer", "score", "select_token", "toy", "common", "fsdp", "gfpo", "policy"):
-        assert "train" not in reach(m), f"{m} reaches train.py"
-    assert graph["common"] == set() and graph["toy"] <= {"data"}
+    stages = SCRIPTS | LIBRARY_STAGES
+    assert stages <= set(graph), stages - set(graph)
+    for m in graph:
+        if m.startswith("plumbing."):
+            assert not graph[m] & stages, f"plumbing file {m} imports the stage(s) {graph[m] & stages}"
+        assert not graph[m] & SCRIPTS, f"{m} imports the script stage(s) {graph[m] & SCRIPTS}"
+    assert graph["toy"] == set() and graph["score"] <= {"plumbing." + p for p in ("evalfiles", "files", "flags", "grader")}
 
 
 @pytest.mark.parametrize("parse, argv, full", [

@@ -130,6 +130,13 @@ def held_out_questions(num_questions):
     return rows
 
 
+def held_out_records(num_questions):
+    """[(where, row)] of the held-out questions as a file reader gives them: what infer.py --data toy
+    reads (plumbing/evalfiles.load_problems)."""
+    return [(f"toy:{i + 1}", {"prompt": q["prompt"], "answer": q["answer"], "id": i})
+            for i, q in enumerate(held_out_questions(num_questions))]
+
+
 def train_defaults(layout=None):
     """TRAIN_DEFAULTS, for another --layout if given: a micro-batch of the concat layout holds whole
     questions of 4 traces (8 = 32 sequences), one of the batch layout sequences (32)."""

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from plumbing.ranks import all_max, print0
 from plumbing.files import DataError, read_json, write_json
@@ -166,7 +166,8 @@ def save_final(model, tokenizer, config, path, rank, forks, shard_gib=2.0):
                        {"metadata": {"total_size": total}, "weight_map": weight_map})
         config = copy.deepcopy(config)
         config.use_cache = True  # training turned the KV cache off
-        config.architectures = [type(lm).__name__]  # vLLM and the hub pick the class from it
+        # vLLM and the hub pick the class from it; fully_shard renamed the class of a sharded root FSDP<name>
+        config.architectures = [type(lm).__name__.removeprefix("FSDP") if isinstance(lm, FSDPModule) else type(lm).__name__]
         config.dtype = torch.bfloat16
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)

@@ -78,7 +78,7 @@ def test_problems_load_from_every_layout(tmp_path):
                                "deepseek_attempt": "4"}) + "\n" + json.dumps({"prompt": "1 + 1?", "traces": ["2"],
                                                                                "answer": "2"}) + "\n")
     assert [(p["id"], p["gold"]) for p in evalfiles.load_problems(str(s1k), "", 0)] == [(0, "4"), (1, "2")]
-    assert evalfiles.load_problems("toy", " Think.", 3)[2]["prompt"].endswith("Think.")
+    assert evalfiles.load_problems("toy", " Think.", 3, toy.held_out_records(3))[2]["prompt"].endswith("Think.")
     shared = {"math500": (500, "test/precalculus/807.json"), "aime24": (30, 0), "gsm8k_test": (1319, 0),
               "gsm8k_test_4models": (1319, 0), "amc23": (40, 0), "math_cot_100x8": (100, 0)}
     for name, (count, first_id) in shared.items():
@@ -282,7 +282,7 @@ def test_prompts_follow_lighteval_for_evaluation_files_and_training_as_it_was(tm
     math_, plain, gpqa, generic = evalfiles.load_problems(str(path))
     assert math_["prompt"] == evalfiles.MATH_TEMPLATE.replace("{question}", "What is 1+1?") and math_["kind"] == "math"
     assert math_["prompt"].startswith("Solve the following math problem efficiently and clearly.  The last line")
-    assert plain["prompt"] == "Add 1+2+3." and evalfiles.load_problems("toy")[0]["template"] == "{question}"
+    assert plain["prompt"] == "Add 1+2+3." and evalfiles.load_problems("toy", records=toy.held_out_records(100))[0]["template"] == "{question}"
     place = random.Random(1234).randint(0, 3)  # LightEval: one generator seeded 1234, a draw per problem
     choices = ["w1", "w2", "w3"]
     choices.insert(place, "right")
