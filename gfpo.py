@@ -29,7 +29,6 @@ import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -42,10 +41,10 @@ import data
 import match
 import policy
 import toy
-from plumbing.ranks import STOP, all_max, close_distributed, init_distributed, print0, stage_run
-from plumbing.files import DataError, append_jsonl, changed_settings, read_json, read_jsonl, writable_dir, write_json, write_jsonl
-from plumbing.flags import parse_flags
-from plumbing import decoding, evalfiles, figures, fsdp, grader
+from plumbing import decoding, evalfiles, figures, fsdp, grader, runs
+from plumbing.files import DataError, read_json, write_json
+from plumbing.flags import check, parse_flags
+from plumbing.ranks import all_max, close_distributed, init_distributed, print0, stage_run
 
 
 @dataclass
@@ -75,28 +74,20 @@ class Config:
     cpu_offload: bool = False  # keep sharded params, grads and AdamW states in CPU memory (FSDP2)
     toy_questions: int = 2000  # --data toy: training questions of toy.py (never the held-out ones)
     trust_remote_code: bool = False  # let transformers run code shipped with the model
+    report_to: str = ""  # tensorboard: also log every metric to <out_dir>/tensorboard (needs tensorboard)
 
 
-RESUME_FREE = {"save_every", "out_dir"}  # may change on resume
+RULES = {"steps": ">= 1", "batch_size": ">= 1", "max_new_tokens": ">= 1", "micro_batch": ">= 1",
+         "toy_questions": ">= 1", "group_size": ">= 2", "advantage": ("std", "mean"), "lr": "> 0",
+         "fork_temperature": "> 0", "temperature": ">= 0", "top_p": "(0, 1]", "beta": ">= 0", "eps": ">= 0",
+         "weight_decay": ">= 0", "gen_batch": ">= 0", "save_every": ">= 0", "grad_clip": "> 0"}
+RESUME_FREE = {"save_every", "out_dir", "report_to"}  # may change on resume
 
 
 def parse_config(argv=None):
     parser, given = parse_flags(Config, __doc__, argv)
     cfg = Config(**{**(toy.GFPO_DEFAULTS if given.get("data", Config.data) == "toy" else {}), **given})
-    problems = [*(f"--{k} must be >= 1 (got {getattr(cfg, k)})" for k in
-                  ("steps", "batch_size", "max_new_tokens", "micro_batch", "toy_questions") if getattr(cfg, k) < 1),
-                f"--group_size must be >= 2 (got {cfg.group_size})" if cfg.group_size < 2 else None,
-                f"--advantage must be std or mean (got {cfg.advantage!r})" if cfg.advantage not in ("std", "mean") else None,
-                f"--lr must be > 0 (got {cfg.lr})" if not cfg.lr > 0 else None,
-                f"--fork_temperature must be > 0 (got {cfg.fork_temperature})" if not cfg.fork_temperature > 0 else None,
-                f"need --temperature >= 0 and 0 < --top_p <= 1 (got {cfg.temperature}, {cfg.top_p})"
-                if cfg.temperature < 0 or not 0 < cfg.top_p <= 1 else None,
-                "--beta, --eps, --weight_decay, --gen_batch and --save_every must be >= 0"
-                if min(cfg.beta, cfg.eps, cfg.weight_decay, cfg.gen_batch, cfg.save_every) < 0 else None,
-                f"--grad_clip must be > 0 (got {cfg.grad_clip})" if not cfg.grad_clip > 0 else None]
-    problems = [p for p in problems if p]
-    if problems:
-        parser.error("; ".join(problems))
+    check(parser, cfg, RULES, [runs.check_reporter(cfg.report_to)])
     return cfg
 
 
@@ -242,16 +233,7 @@ def prepare(cfg):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.batch_size % world:
         raise DataError(f"--batch_size {cfg.batch_size} must be a multiple of the {world} ranks")
-    changed = changed_settings(os.path.join(cfg.out_dir, "config.json"), cfg,
-                               [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_FREE])
-    if changed:
-        raise DataError(f"{cfg.out_dir} holds a run with other settings ({', '.join(changed)}); "
-                        "resume with the same flags or choose another --out_dir")
-    done = fsdp.checkpoints(cfg.out_dir)
-    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if done and os.path.exists(metrics):  # its lines before the checkpoint are kept: they must read
-        read_jsonl(metrics, drop_truncated_tail=True)
-    writable_dir(cfg.out_dir)
+    runs.check_out_dir(cfg.out_dir, cfg, RESUME_FREE)
     prompts = [data.encode_prompt(tokenizer, q["prompt"]) for q in questions]
     return questions, prompts, tokenizer, fork_ids, forks
 
@@ -273,9 +255,8 @@ def train(cfg, questions, prompts, tokenizer, fork_ids, forks, rank, world, devi
     """GFPO from the SSFT model to final/, on every rank."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan = step_questions(len(questions), cfg.batch_size, cfg.steps, cfg.seed)
-    final, done = os.path.join(cfg.out_dir, "final"), fsdp.checkpoints(cfg.out_dir)
-    if done and done[-1][0] >= cfg.steps and os.path.isdir(final):
-        print0(f"{cfg.out_dir}: complete at step {done[-1][0]}; final/ holds its model")
+    if runs.is_complete(cfg.out_dir, cfg.steps):
+        print0(f"{cfg.out_dir}: complete at step {fsdp.checkpoints(cfg.out_dir)[-1][0]}; final/ holds its model")
         return
     model, hf_config = fsdp.load_model(cfg.model, rank, device, match.SequenceNLL, "batch", cfg.seed,
                                        cfg.activation_checkpointing, cfg.cpu_offload, cfg.trust_remote_code)
@@ -297,19 +278,16 @@ def train(cfg, questions, prompts, tokenizer, fork_ids, forks, rank, world, devi
         if rank == 0:
             write_json(start_path, {"questions": run_questions, "log_pi": logpi_start.tolist()})
     start_row = {q: i for i, q in enumerate(run_questions)}
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if rank == 0:
-        write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
-        keep = [r for _, r in read_jsonl(metrics_path, drop_truncated_tail=True) if r["step"] < start] \
-            if start else []
-        write_jsonl(metrics_path, keep)
+    log = runs.Log(cfg.out_dir, cfg, start, rank, cfg.report_to)
     names = data.fork_tokens(forks["num_forks"])
-    eos = getattr(getattr(model.lm, "generation_config", None), "eos_token_id", None)
-    stop_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    stop_ids = decoding.stop_ids(tokenizer, model.lm)
     print0(json.dumps(dataclasses.asdict(cfg)))
     print0(f"{len(questions)} questions, {world} rank(s) on {device.type}, steps {start}..{cfg.steps} of "
            f"{cfg.batch_size} questions x {cfg.group_size} tags, policy over {names[0]}..{names[-1]} "
            f"({forks['fork_style']} style, ids {fork_ids[0]}..{fork_ids[-1]})")
+
+    def checkpoint(step):
+        return fsdp.save_checkpoint(model, optimizer, step, {}, cfg.out_dir, rank)
 
     for step in range(start, cfg.steps):
         t0 = time.time()
@@ -336,24 +314,19 @@ def train(cfg, questions, prompts, tokenizer, fork_ids, forks, rank, world, devi
         parts = [None] * world
         dist.all_gather_object(parts, {k: out[k].tolist() for k in ("logpi", "tags", "rewards", "tokens", "truncated")}
                                | {"start": start_rows.tolist(), "loss": loss_sum})
-        if rank == 0:
-            record = step_record(step, parts, names, grad_norm, cfg.lr, time.time() - t0)
-            append_jsonl(metrics_path, record)
-            print(f"step {step + 1:4d}/{cfg.steps} | reward {record['reward']:.3f} | choice "
-                  + " ".join(f"{p:.2f}" for p in record["tag_choice"])
-                  + f" | entropy {record['entropy']:.3f} | kl {record['kl']:.4f} | no signal "
-                  f"{record['no_signal']:.2f} | {record['time_s']:.1f} s", flush=True)
-        if all_max(bool(STOP), device) and step + 1 < cfg.steps:  # preempted: every rank stops here
-            path = fsdp.save_checkpoint(model, optimizer, step + 1, {}, cfg.out_dir, rank)
-            print0(f"stopped by a signal after step {step + 1}: checkpoint {path}; the same command resumes")
-            sys.exit(128 + (STOP[0] if STOP else signal.SIGTERM))
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            fsdp.save_checkpoint(model, optimizer, step + 1, {}, cfg.out_dir, rank)
+        record = step_record(step, parts, names, grad_norm, cfg.lr, time.time() - t0)
+        log.write(record)
+        print0(f"step {step + 1:4d}/{cfg.steps} | reward {record['reward']:.3f} | choice "
+               + " ".join(f"{p:.2f}" for p in record["tag_choice"])
+               + f" | entropy {record['entropy']:.3f} | kl {record['kl']:.4f} | no signal "
+               f"{record['no_signal']:.2f} | {record['time_s']:.1f} s | {log.time_left(step, cfg.steps)} left")
+        runs.stop_or_save(step, cfg.steps, cfg.save_every, checkpoint, device)
 
-    fsdp.save_checkpoint(model, optimizer, cfg.steps, {}, cfg.out_dir, rank)
-    fsdp.save_final(model, tokenizer, hf_config, final, rank, forks)  # ssft.json carried over
+    checkpoint(cfg.steps)
+    fsdp.save_final(model, tokenizer, hf_config, os.path.join(cfg.out_dir, "final"), rank, forks)  # ssft.json kept
+    log.close()
     if rank == 0:
-        figures.draw_tag_choice([r for _, r in read_jsonl(metrics_path)], names, os.path.join(cfg.out_dir, "tag_choice.png"))
+        figures.draw_tag_choice(log.records(), names, os.path.join(cfg.out_dir, "tag_choice.png"))
     print0(f"done: {cfg.steps} steps. Outputs in {cfg.out_dir}/: metrics.jsonl (one line per step), "
            f"pi_start.json, tag_choice.png, checkpoints/, final/ (Hugging Face model + tokenizer, ssft.json)")
 

@@ -1,38 +1,26 @@
-"""The paper's metrics: Pass@1, Cons@k, Pass@k and Pass@1 of Native Cons@N (Section 2.3).
+"""The paper's metrics: Pass@1, Cons@k, Pass@k and Pass@1 of Native Cons@N (Section 2.3, Table 1).
 
-Each response is graded by grader.py (its answer, and whether it equals the gold). The metrics are
-computed per problem and averaged over problems (Table 1, Figures 4 and 5):
+Each response is graded by plumbing/grader.py (its answer, and whether it equals the gold). The metrics
+are computed per problem and averaged over problems (Table 1, Figures 4 and 5):
     pass@1         mean correctness of the n responses ("average of 32 generations")
-    cons@k         majority vote of k responses taken in turn over the forking tokens (<think1>,
-                   <think2>, ... in tag order: one of each token, then a second of each, ...), in
-                   expectation over which of its responses each token gives, for k = 2, 4, 8, ... and n
-                   (cons_at_k: exact up to CONS_EXACT subsets, else the mean of CONS_DRAWS seeded draws)
+    cons@k         majority vote of k responses taken in turn over the forking tokens (one of each
+                   token, then a second of each, ...), for k = 2, 4, 8, ... and n
     pass@k         Chen et al. (2021)'s unbiased 1 - C(n-c, k) / C(n, k), for every k <= n (Figure 4)
     native_cons@N  sets of N responses, one per forking token, majority-voted and averaged over the
                    sets ("Pass@1 of Native Cons@6"; the paper's 11 sets of N = 6 take --samples 66)
     per_fork       accuracy and mean response length of each forking token (Figure 5)
-Native sets: set j holds the j-th response of every forking token (each completion's "fork"), which
-for the authors' block order ("tag_order": "block", token k gets responses kS..kS+S-1) is their set
-{j + kS}, and for cycle order the j-th run of N. Without forks, a "block" row is split as the authors
-split it (first tokens one more when N does not divide n); otherwise consecutive blocks of --set_size.
-Votes do not depend on the order of the responses voting: two answers are one vote when the grader
-finds them equal (in a fixed order of the pair), and the groups are the connected sets of such pairs.
-The largest group wins and is worth the share of its responses graded correct; a tie between the
-largest groups is worth the mean of theirs (a fair coin's expectation); a response without an answer
-never votes, and a vote with no answer at all counts as wrong. A problem with fewer responses than
-the others is named in a warning, and each metric is averaged over the problems that have enough
-responses (metrics["counts"][metric] = how many). Scoring always re-grades from the text.
+A vote groups answers the grader finds equal; the largest group wins and is worth the share of its
+responses graded correct, a tie is worth the mean of the tied groups (a fair coin's expectation), a
+response without an answer never votes, and a vote with no answer counts as wrong.
 
-Files (JSONL), with the layout detected per row:
-    rows       {"id"?, "gold", "kind"?, "tag_order"?, "completions": [{"text", "fork"?}, ...]}: infer.py's
-               output, or vLLM's converted; kind "choice" grades letters A-D (GPQA)
-    sampled    {"response": [str, ...], gold "gt" or "answer"}: e.g. ../shared/data/math_cot_100x8.jsonl
-    models     {"ground_truth", "<model>": {"solution", "is_correct"}, ...}: gsm8k_test_4models.jsonl
-A row's own correctness labels ("score", "is_correct") are not used to grade, only to report how
-often the grader agrees with them.
+The paper's Cons@k votes the first k responses (`cons_at_k_first`, --cons first). That depends on
+which responses came first; the default (--cons expected, `cons_at_k`) is its expectation over which
+of its responses each token gives, so that no metric changes when the responses are shuffled (for
+k = n the two are one vote). Rows files (infer.py's, sampled, models' solutions) are read by
+plumbing/evalfiles.py; scoring always re-grades from the text (docs/grading.md).
 
-    python score.py eval/ssft/aime24.all.jsonl --set_size 6   # prints the table, writes eval/ssft/aime24.all.metrics.json
-    python score.py ../shared/data/math_cot_100x8.jsonl --set_size 8      # writes eval/math_cot_100x8.metrics.json
+    python score.py eval/ssft/aime24.all.jsonl --set_size 6   # table; eval/ssft/aime24.all.metrics.json
+    python score.py ../shared/data/math_cot_100x8.jsonl --set_size 8   # eval/math_cot_100x8.metrics.json
 """
 import itertools
 import math
@@ -44,12 +32,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from plumbing.files import DataError, read_jsonl, write_json
 from plumbing import evalfiles
-from plumbing.flags import parse_flags
-from plumbing.grader import gold_answer, grade, grader_name, letter_of, same_answer
+from plumbing.files import DataError, write_json
+from plumbing.flags import check, parse_flags
+from plumbing.grader import grader_name, same_answer
 
-# ----------------------------------------------------------------------------- metrics
+
+# ----------------------------------------------------------------------------- votes
 
 def pass_at_k(n, c, k):
     """Unbiased pass@k of Chen et al. (2021): 1 - C(n-c, k) / C(n, k), as a stable product."""
@@ -86,32 +75,11 @@ def majority_vote(completions):
     return sum(sum(bool(c["correct"]) for c in g) / len(g) for g in top) / len(top) if top else 0.0
 
 
-def fair_split_counts(total, parts):
-    """Responses per forking token in the authors' block order: 10 over 3 -> [4, 3, 3]."""
-    base, rem = divmod(total, parts)
-    return [base + (i < rem) for i in range(parts)]
-
-
 def forks_in_tag_order(forks):
     """The distinct forking tokens of `forks` in tag order: <think2> before <think10>, whatever the
     order in which responses came."""
     return sorted(set(forks), key=lambda f: (int(re.search(r"\d+", f).group()) if f and re.search(r"\d+", f)
                                              else -1, f or ""))
-
-
-def native_sets(completions, set_size, tag_order=None):
-    """Native Cons@N sets, each using every forking token once. With >= 2 forking tokens, set j = the
-    j-th response of each token, whatever the row order (for block order: the authors' {j + kS}).
-    Without forks, tag_order "block" splits the n responses into `set_size` token blocks as the
-    authors do and set j takes the j-th of each block; else consecutive blocks of `set_size`."""
-    forks = forks_in_tag_order(c["fork"] for c in completions if c["fork"])
-    if len(forks) >= 2:
-        return [list(s) for s in zip(*[[c for c in completions if c["fork"] == f] for f in forks])]
-    if tag_order == "block":
-        counts = fair_split_counts(len(completions), set_size)
-        starts = [sum(counts[:k]) for k in range(set_size)]
-        return [[completions[start + j] for start in starts] for j in range(min(counts))]
-    return [completions[i:i + set_size] for i in range(0, len(completions) - set_size + 1, set_size)]
 
 
 def in_turn(completions):
@@ -125,15 +93,21 @@ def in_turn(completions):
     return [c for turn in itertools.zip_longest(*by_fork) for c in turn if c is not None]
 
 
+def cons_at_k_first(completions, k):
+    """The paper's Cons@k of one problem, in [0, 1]: the majority vote of the first k responses taken
+    in turn over the forking tokens (in_turn)."""
+    return majority_vote(in_turn(completions)[:k])
+
+
 CONS_EXACT = 5000  # cons@k averages every subset the tokens can give when there are at most this many
 CONS_DRAWS = 1000  # else this many random draws (standard error <= 0.016 per problem)
 
 
 def cons_at_k(completions, k, draws=CONS_DRAWS):
-    """Cons@k of one problem, in [0, 1]: the majority vote (majority_vote's rule, over the problem's
-    vote_groups) of k responses taken in turn over the forking tokens, each token giving as many as
-    it has among the first k of in_turn, in expectation over WHICH of its responses it gives. A
-    function of the set of responses, not of their order (the first k would change with a shuffle):
+    """Cons@k of one problem, in [0, 1], the default: cons_at_k_first in expectation over WHICH of
+    its responses each token gives (each token gives as many as it has among the first k of in_turn),
+    computed in one vectorised pass over the problem's vote_groups. A function of the set of
+    responses, not of their order (the first k would change with a shuffle):
     the mean over every subset the tokens can give when there are at most CONS_EXACT (k = n: the one
     subset of all responses), else over `draws` uniform draws without replacement from a fixed-seed
     generator over the responses sorted by content. completions: [{"pred", "correct", "fork"}];
@@ -171,14 +145,38 @@ def cons_at_k(completions, k, draws=CONS_DRAWS):
     return float(worth.mean())
 
 
-def problem_metrics(completions, set_size, tag_order=None, ks=None, native=True):
+# ----------------------------------------------------------------------------- metrics
+
+def fair_split_counts(total, parts):
+    """Responses per forking token in the authors' block order: 10 over 3 -> [4, 3, 3]."""
+    base, rem = divmod(total, parts)
+    return [base + (i < rem) for i in range(parts)]
+
+
+def native_sets(completions, set_size, tag_order=None):
+    """Native Cons@N sets, each using every forking token once. With >= 2 forking tokens, set j = the
+    j-th response of each token, whatever the row order (for block order: the authors' {j + kS}).
+    Without forks, tag_order "block" splits the n responses into `set_size` token blocks as the
+    authors do and set j takes the j-th of each block; else consecutive blocks of `set_size`."""
+    forks = forks_in_tag_order(c["fork"] for c in completions if c["fork"])
+    if len(forks) >= 2:
+        return [list(s) for s in zip(*[[c for c in completions if c["fork"] == f] for f in forks])]
+    if tag_order == "block":
+        counts = fair_split_counts(len(completions), set_size)
+        starts = [sum(counts[:k]) for k in range(set_size)]
+        return [[completions[start + j] for start in starts] for j in range(min(counts))]
+    return [completions[i:i + set_size] for i in range(0, len(completions) - set_size + 1, set_size)]
+
+
+
+def problem_metrics(completions, set_size, tag_order=None, ks=None, native=True, cons="expected"):
     """{metric: value} of one problem's responses; values in [0, 1]. cons@k for k in `ks` (default
-    2, 4, 8, ... and n; cons_at_k), pass@k for every k in 2..n, native_cons@N over native_sets unless
+    2, 4, 8, ... and n; cons_at_k, or cons_at_k_first with cons "first"), pass@k for every k in 2..n, native_cons@N over native_sets unless
     `native` is false (responses whose tags the model chose: infer.py --fork auto)."""
     n, c = len(completions), sum(bool(x["correct"]) for x in completions)
     m = {"pass@1": c / n}
     for k in sorted(ks or {2 ** i for i in range(1, n.bit_length())} | {n}):
-        m[f"cons@{k}"] = cons_at_k(completions, k)
+        m[f"cons@{k}"] = cons_at_k(completions, k) if cons == "expected" else cons_at_k_first(completions, k)
     m.update({f"pass@{k}": pass_at_k(n, c, k) for k in range(2, n + 1)})
     sets = native_sets(completions, set_size, tag_order) if native else []
     if sets:
@@ -186,12 +184,13 @@ def problem_metrics(completions, set_size, tag_order=None, ks=None, native=True)
     return m
 
 
-def aggregate(rows, set_size):
+def aggregate(rows, set_size, cons="expected"):
     """Means over problems, plus per-fork accuracy and length. The metrics are those of the problem
     with the most responses; each is averaged over the problems that have it (counts[metric]), and
     problems with fewer responses are named in a warning on stderr."""
-    per_problem = [problem_metrics(r["completions"], set_size, r.get("tag_order"), native="fork_policy" not in r)
-                   for r in rows]  # a row with fork_policy: the model chose its tags, no native sets
+    # a row with fork_policy: the model chose its tags, so no native sets
+    per_problem = [problem_metrics(r["completions"], set_size, r.get("tag_order"), native="fork_policy" not in r,
+                                   cons=cons) for r in rows]
     sizes = [len(r["completions"]) for r in rows]
     short = [str(r.get("id", i)) for i, (r, n) in enumerate(zip(rows, sizes)) if n < max(sizes)]
     if short:
@@ -215,57 +214,35 @@ def aggregate(rows, set_size):
     return out
 
 
-def print_table(metrics, title):
-    print(f"{title}: {metrics['problems']} problems, {metrics['responses']} responses, "
-          f"{100 * metrics['unparseable']:.1f}% without an answer, graded by {metrics.get('grader', '?')}")
-    n = max(int(k[5:]) for k in metrics if k.startswith("pass@"))
-    shown = [k for k in metrics if k == "pass@1" or k.startswith(("cons@", "native_cons@"))
-             or k.startswith("pass@") and int(k[5:]) in {2 ** i for i in range(n.bit_length())} | {n}]
-    counts = metrics.get("counts", {})
-    for k in shown:
-        over = f"  (over {counts[k]} problems)" if counts.get(k, metrics["problems"]) < metrics["problems"] else ""
-        print(f"  {k:<16} {100 * metrics[k]:6.2f}{over}")
-    for fork, s in metrics["per_fork"].items():
-        length = ", ".join(f"{k[5:]} {v:.0f}" for k, v in s.items() if k.startswith("mean_"))
-        print(f"  {fork:<16} {100 * s['accuracy']:6.2f}  ({s['responses']} responses, mean {length})")
-    if "label_agreement" in metrics:
-        print(f"  graded as the file's labels: {100 * metrics['label_agreement']:.2f}% of responses")
-
-
-# ----------------------------------------------------------------------------- files
-
-def label_agreement(rows):
-    """The share of labelled responses (sampled and models layouts) graded as their labels say; None
-    without labels."""
-    labelled = [c for r in rows for c in r["completions"] if isinstance(c.get("label"), bool)]
-    return sum(c["label"] == bool(c["correct"]) for c in labelled) / len(labelled) if labelled else None
-
-
-def score_rows(rows, path, set_size, out=""):
+def score_rows(rows, path, set_size, out="", cons="expected"):
     """Metrics of `rows` (one per problem, graded by read_rows or grade), with the grader's name,
     written to `out` (default: beside the rows file `path`) and printed."""
     if not rows:
         raise DataError(f"{path}: no rows to score")
-    metrics = {**aggregate(rows, set_size), "grader": grader_name()}
-    if label_agreement(rows) is not None:
-        metrics["label_agreement"] = label_agreement(rows)
+    metrics = {**aggregate(rows, set_size, cons), "grader": grader_name(), "cons": cons}
+    if evalfiles.label_agreement(rows) is not None:
+        metrics["label_agreement"] = evalfiles.label_agreement(rows)
     write_json(out or path.removesuffix(".jsonl") + ".metrics.json", metrics)
-    print_table(metrics, path)
+    evalfiles.print_table(metrics, path)
     return metrics
 
+
+# ----------------------------------------------------------------------------- main
 
 @dataclass
 class Config:
     rows: str = ""  # the JSONL to score: infer.py's rows, or a labelled file of another layout
     set_size: int = 6  # native_cons set size when responses use fewer than 2 forking tokens (paper: 6)
+    cons: str = "expected"  # expected: Cons@k in expectation over the responses each token gives (the
+    # order of the responses does not matter); first: the paper's vote of the first k responses
     out: str = ""  # the metrics JSON ('' = ROWS.metrics.json beside infer.py's rows, eval/NAME.metrics.json else)
 
 
 def parse_config(argv=None):
     parser, given = parse_flags(Config, __doc__, argv, positional=("rows",))
     cfg = Config(**given)
-    if not cfg.rows or cfg.set_size < 1:
-        parser.error("give the rows file to score (python score.py ROWS.jsonl) and --set_size >= 1")
+    check(parser, cfg, {"set_size": ">= 1", "cons": ("expected", "first")},
+          ["give the rows file to score: python score.py ROWS.jsonl" if not cfg.rows else None])
     return cfg
 
 
@@ -274,7 +251,7 @@ def main(cfg):
     beside = cfg.rows.removesuffix(".jsonl") + ".metrics.json"
     out = cfg.out or (beside if all("layout" not in r for r in rows) else os.path.join("eval", os.path.basename(beside)))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    return score_rows(rows, cfg.rows, cfg.set_size, out)
+    return score_rows(rows, cfg.rows, cfg.set_size, out, cfg.cons)
 
 
 if __name__ == "__main__":

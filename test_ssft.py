@@ -24,7 +24,7 @@ import select_token
 import toy
 import toy_compare
 import train
-from plumbing import batching, concat, datafiles, figures, files, flags, grader
+from plumbing import batching, concat, datafiles, figures, files, flags, grader, matchstats
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(HERE, "..", "shared", "data")
@@ -898,7 +898,7 @@ def test_diverged_weights_stop_at_the_cost_matrix_or_are_skipped_with_a_strict_j
 
 
 def test_sft_logs_no_matching_gap_and_logs_never_hold_nan(tmp_path):
-    stats = match.MatchingStats("sft", data.fork_tokens(2))
+    stats = matchstats.MatchingStats("sft", data.fork_tokens(2))
     stats.update(0, [0, 0], [0, 1], None, None)
     assert stats.to_json()["epochs"][0]["mean_gap"] is None  # undefined without costs, not 0.0
     files.append_jsonl(str(tmp_path / "log.jsonl"), {"lr": float("inf"), "loss": float("nan"), "x": [1.0]})
@@ -1040,6 +1040,7 @@ def test_run_metrics_on_a_hand_made_run(tmp_path):
     configurations = [{"edges": [[1, "left"], [0, "place"]], "count": 3}, {"edges": [[1, "place"]], "count": 2}]
     (tmp_path / "matching.json").write_text(json.dumps({"fork_tokens": forks[:2], "epochs": [
         {"epoch": 0, "configurations": configurations}]}))  # Eq. 6: <think2> reaches 2 sources, <think1> 1
+    select_token.main(select_token.parse_config(["--out_dir", str(tmp_path)]))  # as the run does: select_token.json
     m = toy_compare.run_metrics("hungarian", str(tmp_path), max_k=4)
     # <think1>: left, left, direct, direct -> majority left (2 of 4); <think2>: place, direct, direct, other
     assert m["per_token"]["<think1>"]["majority"] == "left" and m["per_token"]["<think1>"]["purity"] == 0.5

@@ -27,7 +27,7 @@ downloaded and the same code path as Qwen2.5 (chat template, spare embedding row
 `TRAIN_DEFAULTS` are the flags train.py uses with --model toy.
 
     python train.py                  # SSFT on this task (train.py's defaults are these)
-    python toy_compare.py            # hungarian vs random vs sft on it (Section 3.3, Table 1)
+    python tools/toy_compare.py      # hungarian vs random vs sft on it (Section 3.3, Table 1)
     python gfpo.py --model out/ssft/final   # GFPO on its training questions (gfpo.py's defaults are GFPO_DEFAULTS)
 """
 import random
@@ -44,9 +44,9 @@ LOW, HIGH = 10, 29  # operand range: two digits each, so every digit sits at a f
 HELD_OUT_SEED = 10_000  # seed of the held-out questions (infer.py --data toy, toy_compare.py)
 
 # train.py's defaults for --model toy: 500 steps of 64 sequences, the run toy_compare.py makes of each variant.
-# The concat layout (Appendix A.5) computes each prompt once per question instead of once per trace: the toy's
-# prompt is about a third of each sequence, so both passes run about 40% faster on a CPU than in the batch layout.
-TRAIN_DEFAULTS = dict(num_forks=4, match_tokens=4, epochs=4, lr=3e-3, batch_size=64, layout="concat", micro_batch=8,
+# The batch layout is the readable one (a row per matched pair, as Eq. 5 reads); --layout concat (Appendix A.5)
+# computes each prompt once per question instead of once per trace and runs faster (README).
+TRAIN_DEFAULTS = dict(num_forks=4, match_tokens=4, epochs=4, lr=3e-3, batch_size=64, layout="batch", micro_batch=32,
                       match_batch=256, max_len=256, activation_checkpointing=False, save_every=0)
 
 # gfpo.py's defaults for --data toy: 40 steps of 16 questions x 8 tags move the choice towards the most accurate tag;
@@ -138,11 +138,11 @@ def held_out_records(num_questions):
 
 
 def train_defaults(layout=None):
-    """TRAIN_DEFAULTS, for another --layout if given: a micro-batch of the concat layout holds whole
-    questions of 4 traces (8 = 32 sequences), one of the batch layout sequences (32)."""
+    """TRAIN_DEFAULTS, for another --layout if given: a micro-batch of the batch layout holds 32
+    sequences, one of the concat layout whole questions of 4 traces (8 = the same 32 sequences)."""
     if layout in (None, TRAIN_DEFAULTS["layout"]):
         return TRAIN_DEFAULTS
-    return {**TRAIN_DEFAULTS, "layout": layout, "micro_batch": TRAIN_DEFAULTS["micro_batch"] * TRACES_PER_QUESTION}
+    return {**TRAIN_DEFAULTS, "layout": layout, "micro_batch": TRAIN_DEFAULTS["micro_batch"] // TRACES_PER_QUESTION}
 
 
 def make_tokenizer(vocab_size=400):

@@ -1,27 +1,28 @@
 """Set Supervised Fine-Tuning (Algorithm 1) in a hand-rolled FSDP2 loop.
 
 Each optimiser step takes whole questions holding `batch_size` traces in all (the paper's global batch
-of 32 sequences, Appendix A.3.2), shares them over the ranks (Algorithm 2) and runs
+of 32 sequences, Appendix A.3.2), shares them over the ranks and runs
   1. the matching pass: the N x M cost matrix of each question (Eq. 4, no grad, eval mode) and its
-     matching (Eq. 3: Hungarian, or random / sft for the baselines);
+     matching (Eq. 3: Hungarian, or random / sft for the baselines), match.py;
   2. the training pass: the NTP loss of every matched (forking token, trace) sequence (Eq. 5), in
-     micro-batches of `micro_batch` sequences with gradient accumulation, normalised by the number
-     of trace tokens over all ranks and micro-batches.
+     micro-batches with gradient accumulation, normalised by the trace tokens over all ranks.
 
-    python train.py                                     # toy task, tiny model, CPU, about a minute
+    python train.py                                     # toy task, tiny model, CPU, about two minutes
     python train.py --matching random                   # the random-matching ablation
+    python train.py --layout concat                     # Appendix A.5's rows: the prompt computed once
     torchrun --standalone --nproc_per_node 8 train.py --model Qwen/Qwen2.5-32B-Instruct \\
         --data s1k_4mixed.jsonl --out_dir out/ssft-32b   # Appendix A.3.2 defaults
     # two nodes: the same on each, with --nnodes 2 --node_rank {0,1} --rdzv_backend c10d
     #   --rdzv_endpoint HOST0:29500 --rdzv_id ssft in place of --standalone
 
-Rerunning the same command on an existing --out_dir resumes from its last complete checkpoint.
+Rerunning the same command on an existing --out_dir resumes from its last complete checkpoint. What
+keeps a run alive (resume, signals, the lock, equal forwards on every rank, the memory plan) is in
+plumbing/, which a reader of the method may skip.
 """
 import dataclasses
 import json
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -33,32 +34,36 @@ import torch.distributed as dist
 import data
 import match
 import toy
-from plumbing.ranks import STOP, all_max, all_sum, close_distributed, init_distributed, print0, stage_run
-from plumbing.files import DataError, append_jsonl, changed_settings, read_json, read_jsonl, writable_dir, write_json, write_jsonl
-from plumbing.flags import parse_flags
-from plumbing import batching, concat, datafiles, fsdp, memory
+from plumbing import concat, datafiles, fsdp, matchstats, memory, runs
+from plumbing.batching import IGNORE, balance, collate, micro_batches, num_micro_batches, pad_item
+from plumbing.files import DataError, read_json, write_json
+from plumbing.flags import check, parse_flags
+from plumbing.ranks import all_max, all_sum, close_distributed, init_distributed, print0, stage_run
 
 
 @dataclass
 class Config:
-    model: str = "toy"  # Hugging Face id or path, or "toy" (a tiny Qwen2 built in-process)
-    data: str = "toy"  # JSONL or Parquet file (see data.py for the layouts), or "toy" (toy.py's task)
+    model: str = "toy"  # Hugging Face id or folder, or "toy" (a tiny Qwen2 built in-process)
+    data: str = "toy"  # JSONL or Parquet file (layouts: plumbing/datafiles.py), or "toy" (toy.py's task)
     out_dir: str = "out/ssft"  # config.json, metrics.jsonl, matching.json, checkpoints/, final/
     num_forks: int = 6  # N, the number of global forking tokens <think1>..<thinkN> (toy: 4)
-    fork_style: str = "special"  # special: reserved tokens <thinkI>; text: "<|im_start|><thinkI>\n" as text (data.py)
+    fork_style: str = "special"  # special: reserved tokens <thinkI>; text: "<|im_start|><thinkI>\n" as text
     match_tokens: int = 1000  # K: the matching cost uses the first K tokens of each trace (Eq. 4) (toy: 4)
     matching: str = "hungarian"  # hungarian (SSFT) | random (ablation) | sft (one token, SFT-mixed)
-    layout: str = "batch"  # batch: one row per (token, trace); concat: one row per question (A.5) (toy: concat)
+    layout: str = "batch"  # batch: one row per (token, trace); concat: one row per question (Appendix A.5)
     epochs: int = 6  # passes over the questions (toy: 4)
-    max_steps: int = 0  # stop after this many optimiser steps in all (0: run all epochs)
+    max_steps: int = 0  # stop after this many optimiser steps in all (0: run all epochs). The lr schedule
+    # still spans all epochs, so a run stopped early ends before its decay: shorten a run with --epochs
     lr: float = 1e-5  # peak learning rate, 5% linear warm-up then cosine to 0 (toy: 3e-3)
     batch_size: int = 32  # sequences (traces) per optimiser step over all ranks; whole questions (toy: 64)
-    micro_batch: int = 1  # rows per forward/backward in the training pass: sequences, or questions for concat (toy: 8 questions)
+    micro_batch: int = 1  # rows per forward/backward in the training pass: sequences (batch layout) or
+    # questions (concat layout) (toy: 32 sequences, or 8 questions)
     match_batch: int = 8  # sequences per no-grad forward in the matching pass (toy: 256)
-    max_len: int = 32768  # tokens of a row: prompt + tag + trace (batch), prompt + every tag + trace (concat); traces are cut to fit (toy: 256)
+    max_len: int = 32768  # tokens of a row: prompt + tag + trace (batch), prompt + every tag + trace
+    # (concat); traces are cut to fit (toy: 256)
     seed: int = 0  # data order, random matchings and new embedding rows all derive from it
     save_every: int = 50  # a resumable checkpoint every this many steps (0: only at the end)
-    keep_checkpoints: int = 2  # complete checkpoints kept, the newest; older ones go once a newer one is complete (0: all)
+    keep_checkpoints: int = 2  # complete checkpoints kept, the newest (0: all)
     warmup: float = 0.05  # fraction of the steps spent in linear warm-up
     weight_decay: float = 1e-4  # AdamW weight decay (betas 0.9, 0.95)
     grad_clip: float = 1.0  # clip the global gradient norm to this
@@ -67,71 +72,29 @@ class Config:
     skip_nonfinite: bool = False  # skip a batch whose loss is not finite instead of stopping
     toy_questions: int = 2000  # number of training questions of the toy task
     trust_remote_code: bool = False  # let transformers run code shipped with the model
-    plan: str = ""  # GPUSxGiB, e.g. 8x80: print the memory plan of these flags from config.json alone, exit 0 if it fits, 3 if not
+    report_to: str = ""  # tensorboard: also log every metric to <out_dir>/tensorboard (needs tensorboard)
+    plan: str = ""  # GPUSxGiB, e.g. 8x80: print the memory plan of these flags from config.json alone,
+    # exit 0 if it fits, 3 if not
 
 
-RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir", "keep_checkpoints", "plan"}  # may change on resume
-MAX_FORKS = 1024  # bound on --num_forks: each is a vocabulary entry and N forwards per trace and step
+RULES = {"num_forks": "[1, 1024]",  # each forking token is a vocabulary entry and N forwards per trace and step
+         "match_tokens": ">= 1", "max_len": ">= 2", "matching": ("hungarian", "random", "sft"),
+         "layout": ("batch", "concat"), "fork_style": data.FORK_STYLES, "epochs": ">= 1", "batch_size": ">= 1",
+         "micro_batch": ">= 1", "match_batch": ">= 1", "toy_questions": ">= 1", "lr": "> 0", "grad_clip": "> 0",
+         "warmup": "[0, 1)", "weight_decay": ">= 0", "max_steps": ">= 0", "save_every": ">= 0",
+         "keep_checkpoints": ">= 0"}
+RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir", "keep_checkpoints", "plan", "report_to"}
 
 
 def parse_config(argv=None):
     parser, given = parse_flags(Config, __doc__, argv)
     toy_defaults = toy.train_defaults(given.get("layout")) if given.get("model", Config.model) == "toy" else {}
     cfg = Config(**{**toy_defaults, **given})
-    problems = [f"--num_forks must be from 1 to {MAX_FORKS} (got {cfg.num_forks})"
-                if not 1 <= cfg.num_forks <= MAX_FORKS else None,
-                f"--match_tokens must be >= 1 (got {cfg.match_tokens})" if cfg.match_tokens < 1 else None,
-                f"--max_len must be >= 2 (got {cfg.max_len})" if cfg.max_len < 2 else None,
-                f"--matching must be hungarian, random or sft (got {cfg.matching!r})"
-                if cfg.matching not in ("hungarian", "random", "sft") else None,
-                f"--layout must be batch or concat (got {cfg.layout!r})" if cfg.layout not in ("batch", "concat") else None,
-                f"--fork_style must be special or text (got {cfg.fork_style!r})" if cfg.fork_style not in data.FORK_STYLES
-                else None,
-                *(f"--{k} must be >= 1 (got {getattr(cfg, k)})" for k in
-                  ("epochs", "batch_size", "micro_batch", "match_batch", "toy_questions") if getattr(cfg, k) < 1),
-                f"--lr must be > 0 (got {cfg.lr})" if not cfg.lr > 0 else None,
-                f"--grad_clip must be > 0 (got {cfg.grad_clip})" if not cfg.grad_clip > 0 else None,
-                f"--warmup must be in [0, 1) (got {cfg.warmup})" if not 0 <= cfg.warmup < 1 else None,
-                f"--weight_decay must be >= 0 (got {cfg.weight_decay})" if not cfg.weight_decay >= 0 else None,
-                "--max_steps, --save_every and --keep_checkpoints must be >= 0"
-                if min(cfg.max_steps, cfg.save_every, cfg.keep_checkpoints) < 0 else None]
-    if cfg.plan:
-        try:
-            memory.parse_gpus(cfg.plan)
-        except ValueError as e:
-            problems.append(str(e))
-    problems = [p for p in problems if p]
-    if problems:
-        parser.error("; ".join(problems))
+    check(parser, cfg, RULES, [memory.plan_problem(cfg.plan), runs.check_reporter(cfg.report_to)])
     return cfg
 
 
-# ----------------------------------------------------------------------------- model
-
-def load_tokenizer(cfg):
-    """(tokenizer with the forking tokens, the token ids of each forking tag, the vocabulary size
-    before any was added)."""
-    from transformers import AutoTokenizer
-    if cfg.model == "toy":
-        tokenizer = toy.make_tokenizer()
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    num_trained = len(tokenizer)
-    return tokenizer, data.fork_ids(tokenizer, cfg.num_forks, cfg.fork_style), num_trained
-
-
-def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
-    """(SequenceNLL-wrapped FSDP2 model, hf_config) of --model, its new forking-token rows initialised
-    (special style; text tags are ordinary tokens, already trained): fsdp.load_model."""
-    def init_fork_rows(full):
-        if cfg.fork_style == "special":
-            data.init_fork_rows(full, [ids[0] for ids in fork_ids], num_trained, cfg.seed)
-    source = (lambda: toy.make_model(tokenizer)) if cfg.model == "toy" else cfg.model
-    return fsdp.load_model(source, rank, device, match.SequenceNLL, cfg.layout, cfg.seed, cfg.activation_checkpointing,
-                           cfg.cpu_offload, cfg.trust_remote_code, edit=init_fork_rows)
-
-
-# ----------------------------------------------------------------------------- schedule
+# ----------------------------------------------------------------------------- the schedule
 
 def lr_at(step, total, peak, warmup):
     """Linear warm-up over the first `warmup` fraction of the steps, then cosine to 0 (Appendix A.3.2)."""
@@ -166,6 +129,28 @@ def schedule(sizes, batch_size, seed, epochs):
 
 # ----------------------------------------------------------------------------- one step
 
+def match_pass(model, encoded, batch, fork_ids, cfg, pad_id, step, rank, world, device):
+    """Eq. 3-4 for the step's questions `batch` (indices into `encoded`): each rank matches its share,
+    balanced by the tokens of its matching forwards, every rank running the same number of forwards,
+    then every rank gathers every question's match.Matching. Returns ({question: Matching},
+    [questions whose costs are not finite: diverged weights])."""
+    loads = [sum(len(encoded[q]["prompt_ids"]) + 1 + min(cfg.match_tokens, len(t)) for t in encoded[q]["trace_ids"])
+             for q in batch]
+    mine = [batch[i] for i in balance(loads, world)[rank]]
+    forwards = None if cfg.matching == "sft" else all_max(match.num_cost_batches(
+        [encoded[q] for q in mine], cfg.num_forks, cfg.match_batch, cfg.layout), device)
+    rngs = [np.random.default_rng([cfg.seed, step, q]) for q in mine]  # the random matchings
+    try:
+        matched, bad = match.match_questions(model, [encoded[q] for q in mine], fork_ids, cfg.matching,
+                                             cfg.match_tokens, cfg.match_batch, pad_id, device, rngs, forwards,
+                                             cfg.layout), []
+    except match.NonFiniteCost as e:  # every rank learns of it through the gather
+        matched, bad = [None] * len(mine), [mine[k] for k in e.questions]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (dict(zip(mine, matched)), bad))
+    return {q: m for part, _ in gathered for q, m in part.items()}, sorted(q for _, bad in gathered for q in bad)
+
+
 def training_rows(questions, matched, fork_ids, layout):
     """The rows to train: one per matched (token, trace) pair (batch layout), or one per question
     with its matched branches after a single copy of the prompt (concat layout, Appendix A.5).
@@ -177,35 +162,26 @@ def training_rows(questions, matched, fork_ids, layout):
             for q, m in zip(questions, matched)]
 
 
-def model_inputs(rows, layout, pad_id, device):
-    """A micro-batch as the keyword arguments of SequenceNLL.forward. Concat rows on CUDA are padded
-    to concat.bucket_length: FlexAttention then compiles one graph per bucket, not one per length."""
-    if layout == "batch":
-        input_ids, labels, attention_mask = (t.to(device) for t in batching.collate(rows, pad_id))
-        return dict(input_ids=input_ids, labels=labels, attention_mask=attention_mask)
-    input_ids, labels, position_ids, branch_ids = (t.to(device) for t in concat.collate_branches(
-        rows, pad_id, bucket=device.type == "cuda"))
-    return dict(input_ids=input_ids, labels=labels, attention_mask=concat.tree_attention(branch_ids),
-                position_ids=position_ids)
-
-
 def training_pass(model, rows, micro_batch, layout, pad_id, device):
-    """Eq. 5 over this rank's rows (training_rows), questions stitched together in one queue and cut
-    into micro-batches (the same number on every rank, PAD-filled). Gradients accumulate; the loss
-    is the sum of token NLLs divided by the number of trace tokens over all ranks (not a mean of
-    per-rank means). Returns (loss, global trace tokens, global input tokens, padding fraction: the
-    share of the computed positions that are padding)."""
+    """Eq. 5 over this rank's rows (training_rows), cut into micro-batches, the same number on every
+    rank (PAD-filled). Gradients accumulate; the loss is the sum of token NLLs divided by the number
+    of trace tokens over all ranks (not a mean of per-rank means). Returns (loss, global trace tokens,
+    global input tokens, padding fraction: the share of the computed positions that are padding)."""
     world = dist.get_world_size()
-    n_batches = all_max(batching.num_micro_batches(len(rows), micro_batch), device)
-    batches, _ = batching.micro_batches(rows, micro_batch, n_batches, batching.pad_item(pad_id, layout))
-    local_tokens = sum(sum(label != batching.IGNORE for label in row[1]) for row in rows)
+    n_batches = all_max(num_micro_batches(len(rows), micro_batch), device)
+    batches, _ = micro_batches(rows, micro_batch, n_batches, pad_item(pad_id, layout))
+    local_tokens = sum(sum(label != IGNORE for label in row[1]) for row in rows)
     computed = sum(len(mb) * max(len(row[0]) for row in mb) for mb in batches)
     global_tokens, global_input, global_computed = all_sum(
         [local_tokens, sum(len(row[0]) for row in rows), computed], device)
     loss_sum = torch.zeros((), device=device)
     model.train()
     for mb in batches:
-        nll_sum, _ = model(**model_inputs(mb, layout, pad_id, device))
+        if layout == "batch":
+            input_ids, labels, attention_mask = (t.to(device) for t in collate(mb, pad_id))
+            nll_sum, _ = model(input_ids, labels, attention_mask)
+        else:
+            nll_sum, _ = model(**concat.model_inputs(mb, pad_id, device))
         # x world: FSDP averages gradients over ranks, and we want the global sum / global tokens
         (nll_sum.sum() / max(global_tokens, 1) * world).backward()
         loss_sum += nll_sum.sum().detach()
@@ -213,7 +189,30 @@ def training_pass(model, rows, micro_batch, layout, pad_id, device):
     return loss, global_tokens, global_input, 1 - global_input / global_computed
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- the run
+
+def load_tokenizer(cfg):
+    """(tokenizer with the forking tokens, the token ids of each forking tag, the vocabulary size
+    before any was added)."""
+    from transformers import AutoTokenizer
+    if cfg.model == "toy":
+        tokenizer = toy.make_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    num_trained = len(tokenizer)
+    return tokenizer, data.fork_ids(tokenizer, cfg.num_forks, cfg.fork_style), num_trained
+
+
+def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
+    """(SequenceNLL-wrapped FSDP2 model, hf_config) of --model, its new forking-token rows initialised
+    (special style; text tags are ordinary tokens, already trained)."""
+    def init_fork_rows(full):
+        if cfg.fork_style == "special":
+            data.init_fork_rows(full, [ids[0] for ids in fork_ids], num_trained, cfg.seed)
+    source = (lambda: toy.make_model(tokenizer)) if cfg.model == "toy" else cfg.model
+    return fsdp.load_model(source, rank, device, match.SequenceNLL, cfg.layout, cfg.seed, cfg.activation_checkpointing,
+                           cfg.cpu_offload, cfg.trust_remote_code, edit=init_fork_rows)
+
 
 def prepare(cfg):
     """Every check that needs no model, on every rank alike: the data, the tokenizer, --out_dir and
@@ -221,25 +220,15 @@ def prepare(cfg):
     Returns (questions, encoded questions, tokenizer, fork ids, number of trained vocabulary rows)."""
     if cfg.cpu_offload and not torch.cuda.is_available():
         raise DataError("--cpu_offload offloads from GPU memory and needs CUDA devices")
-    questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" else datafiles.load_questions(cfg.data)
-    changed = changed_settings(os.path.join(cfg.out_dir, "config.json"), cfg,
-                               [f.name for f in dataclasses.fields(Config) if f.name not in RESUME_FREE])
-    if changed:
-        raise DataError(f"{cfg.out_dir} holds a run with other settings ({', '.join(changed)}); "
-                        "resume with the same flags or choose another --out_dir")
+    questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" else \
+        datafiles.load_questions(cfg.data)
+    runs.check_out_dir(cfg.out_dir, cfg, RESUME_FREE, cfg.max_steps)
     try:
         tokenizer, fork_ids, num_trained = load_tokenizer(cfg)
     except (OSError, ValueError) as e:
         raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
-    encoded = [data.encode_question(tokenizer, q, cfg.max_len, max(map(len, fork_ids)), cfg.layout) for q in questions]
-    done = fsdp.checkpoints(cfg.out_dir)
-    if cfg.max_steps and done and done[-1][0] > cfg.max_steps:
-        raise DataError(f"{cfg.out_dir} holds a checkpoint at step {done[-1][0]}, past --max_steps {cfg.max_steps}: "
-                        "a run never goes back; choose another --out_dir to train fewer steps")
-    metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if done and os.path.exists(metrics):  # its lines before the checkpoint are kept: they must read
-        read_jsonl(metrics, drop_truncated_tail=True)
-    writable_dir(cfg.out_dir)
+    tag_len = max(map(len, fork_ids))
+    encoded = [data.encode_question(tokenizer, q, cfg.max_len, tag_len, cfg.layout) for q in questions]
     return questions, encoded, tokenizer, fork_ids, num_trained
 
 
@@ -252,30 +241,11 @@ def memory_plan(cfg, gpus, traces=4):
                              cfg.num_forks, traces, cfg.activation_checkpointing, cfg.cpu_offload, fused_adamw=True)
 
 
-PLAN_HINT = ("to fit: --cpu_offload true (sharded state to host memory), a smaller --max_len or --micro_batch, "
-             "--activation_checkpointing true, or more GPUs (docs/scaling.md)")
-
-
-def print_plan(cfg):
-    """--plan GPUSxGiB: the memory table of these flags, then one JSON line; exit 0 if it fits, 3 if not.
-    Reads only --model's config.json: no weights, tokenizer or data."""
-    gpus, gib = memory.parse_gpus(cfg.plan)
-    try:
-        plan = memory_plan(cfg, gpus)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    lines, fits = memory.format_plan(plan, gpus, gib)
-    print("\n".join(lines + ([] if fits else [f"  {PLAN_HINT}"])))
-    print(json.dumps({"peak_gib_per_gpu": round(plan["peak_gib_per_gpu"], 1),
-                      "host_gib_per_rank": round(plan["host_gib_per_rank"], 1), "fits": fits, "gpus": gpus,
-                      "gib_per_gpu": gib, "layout": cfg.layout, "max_len": cfg.max_len,
-                      "micro_batch": cfg.micro_batch, "cpu_offload": cfg.cpu_offload}))
-    sys.exit(0 if fits else 3)
-
-
 def main(cfg):
-    if cfg.plan:
-        print_plan(cfg)
+    if cfg.plan:  # the memory table of these flags; exits 0 if they fit, 3 if not
+        gpus, gib = memory.parse_gpus(cfg.plan)
+        memory.plan_exit(lambda: memory_plan(cfg, gpus), gpus, gib, {k: getattr(cfg, k) for k in (
+            "layout", "max_len", "micro_batch", "cpu_offload")})
     try:
         questions, encoded, tokenizer, fork_ids, num_trained = prepare(cfg)
     except DataError as e:
@@ -292,31 +262,21 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
     """Algorithm 1 from the model's loading to final/, on every rank."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan = schedule([len(q["traces"]) for q in questions], cfg.batch_size, cfg.seed, cfg.epochs)
-    total_steps = len(plan)
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    final = os.path.join(cfg.out_dir, "final")
-    done = fsdp.checkpoints(cfg.out_dir)
-    if done and done[-1][0] >= last_step and os.path.isdir(final):
+    last_step = min(len(plan), cfg.max_steps) if cfg.max_steps else len(plan)
+    matching_path = os.path.join(cfg.out_dir, "matching.json")
+    if runs.is_complete(cfg.out_dir, last_step):
         if rank == 0:  # nothing to train; a matching.json that no longer reads is rebuilt, exactly
             try:
-                read_json(os.path.join(cfg.out_dir, "matching.json"))
+                read_json(matching_path)
             except DataError:
-                write_json(os.path.join(cfg.out_dir, "matching.json"),
-                           read_json(os.path.join(done[-1][1], "trainer_state.json"))["matching"])
-        print0(f"{cfg.out_dir}: complete at step {done[-1][0]}; final/ holds its model")
+                write_json(matching_path, read_json(os.path.join(fsdp.checkpoints(cfg.out_dir)[-1][1],
+                                                                 "trainer_state.json"))["matching"])
+        print0(f"{cfg.out_dir}: complete at step {fsdp.checkpoints(cfg.out_dir)[-1][0]}; final/ holds its model")
         return
-
     if device.type == "cuda":  # refuse before loading 65 GB what cannot fit the GPUs we are on
-        gib = torch.cuda.get_device_properties(device).total_memory / memory.GIB
-        lines, fits = memory.format_plan(memory_plan(cfg, world, max(len(q["traces"]) for q in questions)), world, gib)
-        print0("\n".join(lines))
-        if not fits:
-            sys.exit(f"error: these flags do not fit {world} x {gib:.0f} GiB; {PLAN_HINT}")
-        if cfg.layout == "concat":  # one FlexAttention graph per row-width bucket (concat.bucket_length)
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit,
-                                                       concat.num_buckets(cfg.max_len) + 2)
-    if cfg.cpu_offload:  # torchrun sets OMP_NUM_THREADS=1: the offloaded AdamW step would use one core
-        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+        memory.refuse_unless_fits(memory_plan(cfg, world, max(len(q["traces"]) for q in questions)), world, device)
+        if cfg.layout == "concat":
+            concat.allow_recompiles(cfg.max_len)
     model, hf_config = load_model(cfg, tokenizer, fork_ids, num_trained, rank, device)
     # fused AdamW on CUDA: the foreach path allocates a temporary the size of the sharded state at step()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
@@ -324,80 +284,53 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
     fork_names = data.fork_tokens(cfg.num_forks)
     try:
         start, stats = fsdp.resume(model, optimizer, cfg.out_dir, rank, device,
-                                   lambda state: match.MatchingStats.from_json(state["matching"]))
+                                   lambda state: matchstats.MatchingStats.from_json(state["matching"]))
     except DataError as e:
         sys.exit(f"error: {e}")
-    stats = stats or match.MatchingStats(cfg.matching, fork_names, cfg.fork_style)
-    metrics_path, matching_path = (os.path.join(cfg.out_dir, f) for f in ("metrics.jsonl", "matching.json"))
+    stats = stats or matchstats.MatchingStats(cfg.matching, fork_names, cfg.fork_style)
+    log = runs.Log(cfg.out_dir, cfg, start, rank, cfg.report_to)
     if rank == 0:
-        write_json(os.path.join(cfg.out_dir, "config.json"), dataclasses.asdict(cfg))
-        # keep the lines logged before the checkpoint we resume from (none for a fresh run), and
-        # not a line cut by a kill; matching.json is rebuilt from the checkpoint's statistics
-        keep = [r for _, r in read_jsonl(metrics_path, drop_truncated_tail=True) if r["step"] < start] \
-            if start else []
-        write_jsonl(metrics_path, keep)
-        write_json(matching_path, stats.to_json())
+        write_json(matching_path, stats.to_json())  # rebuilt from the checkpoint's statistics
     print0(json.dumps(dataclasses.asdict(cfg)))
-    per_epoch = [sum(e == epoch for e, _ in plan) for epoch in range(cfg.epochs)]
-    per_epoch = str(min(per_epoch)) if min(per_epoch) == max(per_epoch) else f"{min(per_epoch)} to {max(per_epoch)}"
+    per_epoch = sorted({sum(e == epoch for e, _ in plan) for epoch in range(cfg.epochs)})
+    per_epoch = f"{per_epoch[0]}" + (f" to {per_epoch[-1]}" if len(per_epoch) > 1 else "")
     print0(f"{len(questions)} questions, {sum(len(q['traces']) for q in questions)} traces "
-           f"({sum(e['truncated'] for e in encoded)} truncated to --max_len {cfg.max_len}"
-           f"{', cut evenly so that each question row fits it' if cfg.layout == 'concat' else ''}), {world} rank(s) on "
-           f"{device.type}, steps {start}..{last_step} of {total_steps} ({per_epoch} per epoch of <= {cfg.batch_size} "
-           f"sequences), forking tags {data.fork_tag(fork_names[0], cfg.fork_style)!r}.."
-           f"{data.fork_tag(fork_names[-1], cfg.fork_style)!r} "
-           f"= ids {fork_ids[0]}..{fork_ids[-1]}, "
-           f"{cfg.layout} layout, attention {fsdp.attention_backend(cfg.layout, device)}"
-           + (" with a dense boolean tree mask" if cfg.layout == "concat" and device.type != "cuda" else ""))
-    skipped = 0
+           f"({sum(e['truncated'] for e in encoded)} truncated to --max_len {cfg.max_len}), {world} rank(s) on "
+           f"{device.type}, steps {start}..{last_step} of {len(plan)} ({per_epoch} per epoch of <= {cfg.batch_size} "
+           f"sequences), forking tags "
+           f"{data.fork_tag(fork_names[0], cfg.fork_style)!r}..{data.fork_tag(fork_names[-1], cfg.fork_style)!r} "
+           f"= ids {fork_ids[0]}..{fork_ids[-1]}, {cfg.layout} layout, {fsdp.attention_backend(cfg.layout, device)}")
 
-    def checkpoint(step):  # resumable: the model, AdamW and the matching statistics (--keep_checkpoints kept)
+    def checkpoint(step):  # resumable: the model, AdamW and the matching statistics
         return fsdp.save_checkpoint(model, optimizer, step, {"matching": stats.to_json()}, cfg.out_dir, rank,
                                     keep=cfg.keep_checkpoints)
 
+    skipped = 0
     for step in range(start, last_step):
         t0 = time.time()
         epoch, batch = plan[step]
-        # questions over ranks by the tokens of their matching forwards (prompt + tag + first K per trace)
-        mine = [batch[i] for i in batching.balance([sum(len(encoded[q]["prompt_ids"]) + 1 + min(cfg.match_tokens, len(t))
-                                                    for t in encoded[q]["trace_ids"]) for q in batch], world)[rank]]
-        mine_encoded = [encoded[q] for q in mine]
+        lr = lr_at(step, len(plan), cfg.lr, cfg.warmup)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
-        # Eq. 3-4: the matching pass, the same number of no-grad forwards on every rank
-        n_forwards = None if cfg.matching == "sft" else \
-            all_max(match.num_cost_batches(mine_encoded, cfg.num_forks, cfg.match_batch, cfg.layout), device)
-        try:
-            matched, bad = match.match_questions(model, mine_encoded, fork_ids, cfg.matching, cfg.match_tokens,
-                                                 cfg.match_batch, pad_id, device,
-                                                 [np.random.default_rng([cfg.seed, step, q]) for q in mine],
-                                                 n_forwards, cfg.layout), []
-        except match.NonFiniteCost as e:  # diverged weights: every rank learns of it below
-            matched, bad = [None] * len(mine), [mine[k] for k in e.questions]
-        gathered = [None] * world  # every rank sees every question's matching
-        dist.all_gather_object(gathered, (dict(zip(mine, matched)), bad))
-        all_matched = {q: m for part, _ in gathered for q, m in part.items()}
-        nonfinite = sorted(q for _, part in gathered for q in part)
+        # Eq. 3-4: the matching pass (no grad); then every rank holds every question's matching
+        matched, nonfinite = match_pass(model, encoded, batch, fork_ids, cfg, pad_id, step, rank, world, device)
 
-        # Eq. 5: the training pass over the matched pairs
-        lr = lr_at(step, total_steps, cfg.lr, cfg.warmup)
-        loss = grad_norm = pad_fraction = float("nan")
-        global_input = 0
+        # Eq. 5: the training pass over the matched pairs, the step's rows shared over the ranks by tokens
+        loss = grad_norm = pad = float("nan")
+        tokens = 0
         if not nonfinite:
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # every rank holds every matching: the step's rows go over the ranks by tokens, so a rank with
-            # one question of long traces does not hold the others up (a question's rows may be split)
-            rows = training_rows([encoded[q] for q in batch], [all_matched[q] for q in batch], fork_ids, cfg.layout)
-            rows = [rows[i] for i in batching.balance([len(r[0]) for r in rows], world)[rank]]
-            loss, _, global_input, pad_fraction = training_pass(model, rows, cfg.micro_batch, cfg.layout, pad_id, device)
+            rows = training_rows([encoded[q] for q in batch], [matched[q] for q in batch], fork_ids, cfg.layout)
+            rows = [rows[i] for i in balance([len(r[0]) for r in rows], world)[rank]]
+            loss, _, tokens, pad = training_pass(model, rows, cfg.micro_batch, cfg.layout, pad_id, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if nonfinite or not (math.isfinite(loss) and math.isfinite(grad_norm)):
             what = f"non-finite matching costs for questions {nonfinite}" if nonfinite else \
                 f"non-finite loss {loss} / grad norm {grad_norm} on questions {batch}"
             if not cfg.skip_nonfinite:
-                names = [questions[i]["prompt"][:40] for i in nonfinite or batch]
-                sys.exit(f"error: step {step}: {what} (data order of epoch {epoch}): {names}; "
+                sys.exit(f"error: step {step}: {what} (data order of epoch {epoch}): "
+                         f"{[questions[i]['prompt'][:40] for i in nonfinite or batch]}; "
                          "--skip_nonfinite true skips such batches")
             skipped += 1
             print0(f"step {step}: {what}: batch skipped ({skipped} so far)")
@@ -405,35 +338,32 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-        # statistics and logs: rank 0 writes every question's matching in batch order
-        for q in batch if not nonfinite else []:
-            m = all_matched[q]
+        # statistics (Figures 7 and 10) and the step's log line
+        for q in [] if nonfinite else batch:
+            m = matched[q]
             stats.update(epoch, m.optimal_forks, m.optimal_traces, questions[q]["sources"], m.gap)
         stats.end_step(epoch)
-        gaps = [all_matched[q].gap for q in batch if all_matched[q] is not None and all_matched[q].gap is not None]
-        dt = time.time() - t0
+        gaps = [m.gap for m in matched.values() if m is not None and m.gap is not None]
         record = {"step": step, "epoch": epoch, "questions": len(batch),
-                  "sequences": sum(len(all_matched[q].forks) for q in batch if all_matched[q] is not None),
-                  "loss": loss, "lr": lr, "grad_norm": grad_norm, "gap": float(np.mean(gaps)) if gaps else None,
-                  "tokens_per_s": global_input / dt, "pad_fraction": pad_fraction, "skipped": skipped, "time_s": dt}
+                  "sequences": sum(len(m.forks) for m in matched.values() if m is not None), "loss": loss, "lr": lr,
+                  "grad_norm": grad_norm, "gap": float(np.mean(gaps)) if gaps else None,
+                  "tokens_per_s": tokens / (time.time() - t0), "pad_fraction": pad, "skipped": skipped,
+                  "time_s": time.time() - t0}
+        log.write(record)
         if rank == 0:
-            append_jsonl(metrics_path, record)  # non-finite values are logged as null
             write_json(matching_path, stats.to_json())
-            print(f"step {step + 1:5d}/{last_step} | loss {loss:.4f} | lr {lr:.2e} | gap "
-                  f"{record['gap'] if record['gap'] is not None else float('nan'):.4f} | "
-                  f"{record['tokens_per_s']:7.0f} tok/s | pad {pad_fraction:.2f}", flush=True)
-        if all_max(bool(STOP), device) and step + 1 < last_step:  # preempted: every rank stops here
-            path = checkpoint(step + 1)
-            print0(f"stopped by a signal after step {step + 1}: checkpoint {path}; the same command resumes")
-            sys.exit(128 + (STOP[0] if STOP else signal.SIGTERM))
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < last_step:
-            checkpoint(step + 1)
+        print0(f"step {step + 1:5d}/{last_step} | loss {loss:.4f} | lr {lr:.2e} | gap "
+               f"{record['gap'] if record['gap'] is not None else float('nan'):.4f} | "
+               f"{record['tokens_per_s']:6.0f} tok/s | pad {pad:.2f} | {log.time_left(step, last_step)} left")
+        runs.stop_or_save(step, last_step, cfg.save_every, checkpoint, device)
 
     checkpoint(last_step)
-    fsdp.save_final(model, tokenizer, hf_config, final, rank, {"fork_style": cfg.fork_style, "num_forks": cfg.num_forks})
-    print0(f"done: {last_step} steps, {skipped} skipped. Outputs in {cfg.out_dir}/: metrics.jsonl "
-           f"(one line per step), matching.json (configuration counts per epoch), checkpoints/, "
-           f"final/ (Hugging Face model + tokenizer with {fork_names[0]}..{fork_names[-1]})")
+    fsdp.save_final(model, tokenizer, hf_config, os.path.join(cfg.out_dir, "final"), rank,
+                    {"fork_style": cfg.fork_style, "num_forks": cfg.num_forks})
+    log.close()
+    print0(f"done: {last_step} steps, {skipped} skipped. Outputs in {cfg.out_dir}/: metrics.jsonl (one line per "
+           f"step), matching.json (configuration counts per epoch), checkpoints/, final/ (Hugging Face model + "
+           f"tokenizer with {fork_names[0]}..{fork_names[-1]})")
 
 
 if __name__ == "__main__":

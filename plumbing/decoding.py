@@ -74,3 +74,26 @@ def stop_ids(tokenizer, model):
     """The ids that end a response: the tokenizer's eos and the model's generation_config eos ids."""
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     return {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+
+
+def load_model(model, device):
+    """The causal LM of a folder or hub name, in eval mode on `device`: bf16 on a GPU as trained, fp32 on
+    the CPU. SystemExit naming --model when it cannot load."""
+    from transformers import AutoModelForCausalLM
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                                                  attn_implementation="sdpa")
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: --model {model}: cannot load a causal LM "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return lm.to(device).eval()
+
+
+def load_tokenizer(model):
+    """The tokenizer of a folder or hub name; SystemExit naming --model when it cannot load."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model)
+    except (OSError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: --model {model}: not a model directory or hub name "
+                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None

@@ -16,7 +16,7 @@ def parse_flags(config_cls, doc, argv=None, positional=()):
     Returns (parser, {field: value} of the flags given). A flag is only ever its full name: argparse
     would otherwise take any unique prefix (--max_step for --max_steps), so that a typo silently sets
     another field; an unknown flag exits (status 2) naming the closest real ones."""
-    comments = dict(re.findall(r"^\s+(\w+): [\w.]+ = .*?  # (.*)$", inspect.getsource(config_cls), re.M))
+    comments = field_comments(config_cls)
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
                                      allow_abbrev=False)
     for f in dataclasses.fields(config_cls):
@@ -33,6 +33,23 @@ def parse_flags(config_cls, doc, argv=None, positional=()):
         parser.error(unknown_flags_message(unknown, [o for a in parser._actions for o in a.option_strings]))
     given = {k: v for k, v in vars(args).items() if v is not None}
     return parser, given
+
+
+def field_comments(config_cls):
+    """{field: its comment} of a config dataclass: the comment after the field, and the comment-only
+    lines right below it (a comment too long for one line goes on)."""
+    comments, name = {}, None
+    for line in inspect.getsource(config_cls).splitlines():
+        field_line = re.match(r"^\s+(\w+): [\w.]+ = .*?  # (.*)$", line)
+        more = re.match(r"^\s+# (.*)$", line)
+        if field_line:
+            name = field_line.group(1)
+            comments[name] = field_line.group(2)
+        elif more and name:
+            comments[name] += " " + more.group(1)
+        else:
+            name = None
+    return comments
 
 
 def unknown_flags_message(unknown, flags):

@@ -27,6 +27,7 @@ against real modules on the CPU.
 """
 import json
 import os
+import sys
 
 GIB = 2 ** 30
 CE_CHUNK = 1024  # match.SequenceNLL's ce_chunk
@@ -156,3 +157,64 @@ def infer_plan(s, streams, context, weight_bytes=2):
     `streams` responses of `context` tokens (prompt + new tokens): 2 (K and V) x layers x D per token."""
     kv = streams * context * s["layers"] * 2 * s["kv_heads"] * s["head_dim"] * weight_bytes
     return num_params(s) * weight_bytes / GIB, kv / GIB
+
+
+PLAN_HINT = ("to fit: --cpu_offload true (sharded state to host memory), a smaller --max_len or --micro_batch, "
+             "--activation_checkpointing true, or more GPUs (docs/scaling.md)")
+
+
+def plan_problem(text):
+    """The --plan problem for flags.check, or None ('' means no plan asked)."""
+    try:
+        text and parse_gpus(text)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def plan_exit(make_plan, gpus, gib, settings):
+    """--plan GPUSxGiB: prints the memory table of make_plan() and one JSON line (with `settings`, the
+    flags that shape it), then exits 0 if it fits, 3 if not. make_plan reads only config.json."""
+    try:
+        plan = make_plan()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    lines, fits = format_plan(plan, gpus, gib)
+    print("\n".join(lines + ([] if fits else [f"  {PLAN_HINT}"])))
+    print(json.dumps({"peak_gib_per_gpu": round(plan["peak_gib_per_gpu"], 1),
+                      "host_gib_per_rank": round(plan["host_gib_per_rank"], 1), "fits": fits, "gpus": gpus,
+                      "gib_per_gpu": gib, **settings}))
+    sys.exit(0 if fits else 3)
+
+
+def refuse_unless_fits(plan, world, device):
+    """On CUDA, before the weights load: prints the plan for the GPUs we are on and exits naming what to
+    change when it does not fit."""
+    import torch
+    gib = torch.cuda.get_device_properties(device).total_memory / GIB
+    lines, fits = format_plan(plan, world, gib)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print("\n".join(lines), flush=True)
+    if not fits:
+        sys.exit(f"error: these flags do not fit {world} x {gib:.0f} GiB; {PLAN_HINT}")
+
+
+def refuse_unless_infer_fits(model, streams, max_new_tokens, device):
+    """infer.py, before loading: SystemExit when a whole model per rank (read on its CPU first) and the
+    KV cache of `streams` responses of a PROMPT_TOKENS prompt + max_new_tokens cannot fit a rank
+    (infer_plan: 256 GiB of cache for 32B at 32 x 32k), naming what to lower or vLLM. A model without
+    a plain config.json is left to from_pretrained to judge."""
+    import torch
+    try:
+        shape = read_shape(model)
+    except ValueError:
+        return
+    context = PROMPT_TOKENS + max_new_tokens
+    weights, kv = infer_plan(shape, streams, context, 2 if device.type == "cuda" else 4)
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    have = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else host
+    if weights + kv > have or weights > host:
+        raise SystemExit(f"error: --model {model}: {weights:.0f} GiB of weights + {kv:.0f} GiB of KV cache "
+                         f"({streams} streams x {context} tokens) do not fit {have:.0f} GiB on {device.type} per rank "
+                         f"(host {host:.0f} GiB): infer.py keeps a whole model per rank; lower --batch_size or "
+                         "--max_new_tokens, or serve it with vLLM (docs/vllm.md)")

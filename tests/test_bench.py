@@ -55,3 +55,35 @@ def test_bare_quick_flag_selects_the_tiny_cpu_defaults():
     cfg = bench.parse_config(["--quick", "--iters", "2"])
     assert (cfg.quick, cfg.iters, cfg.device) == (True, 2, "cpu")
     assert bench.parse_config(["--quick", "false"]).shapes == "1.5b,7b"
+
+
+def test_the_bench_step_computes_train_py_s_gradients_with_its_defaults(tiny, world_of_one, monkeypatch):
+    """bench.ssft_step times train.py's step without importing train.py: the same matching, the same
+    loss (sum over trace tokens / their number) and so the same gradients as train.training_pass, and
+    train.py's default learning rate, AdamW settings and clipping."""
+    import copy
+    import numpy as np
+    import data
+    import match
+    import train
+    tok, lm, fork_ids = tiny
+    cfg = bench.parse_config(["--quick"])
+    rng = np.random.default_rng(0)
+    encoded = [bench.random_question(rng, 12, [9, 14, 6], len(tok), lm.config.vocab_size) for _ in range(2)]
+    ids = [[i] for i in fork_ids]
+    ours, theirs = match.SequenceNLL(copy.deepcopy(lm)), match.SequenceNLL(copy.deepcopy(lm))
+    grads = {}
+    ours.zero_grad = lambda set_to_none=True: None  # keep the gradients the step leaves
+    assert (bench.LR, bench.BETAS, bench.WEIGHT_DECAY, bench.GRAD_CLIP) == (
+        train.Config.lr, (0.9, 0.95), train.Config.weight_decay, train.Config.grad_clip)
+    monkeypatch.setattr(bench, "GRAD_CLIP", 1e9)  # unclipped: a clipped gradient would hide a scale error
+    bench.ssft_step(ours, None, encoded, ids, "hungarian", cfg, tok.pad_token_id, torch.device("cpu"))
+    matched = match.match_questions(theirs, encoded, ids, "hungarian", cfg.match_tokens, cfg.match_batch,
+                                    tok.pad_token_id, torch.device("cpu"), [np.random.default_rng([0, i]) for i in range(2)])
+    rows = train.training_rows(encoded, matched, ids, "batch")
+    train.training_pass(theirs, rows, train.Config.micro_batch, "batch", tok.pad_token_id, torch.device("cpu"))
+    for (name, a), (_, b) in zip(ours.named_parameters(), theirs.named_parameters()):
+        grads[name] = (a.grad, b.grad)
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    assert any(a is not None and a.abs().sum() > 0 for a, _ in grads.values())
+    assert "betas=(0.9, 0.95)" in open(train.__file__).read()  # train.py's AdamW, as the bench builds it

@@ -38,10 +38,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import data
-import infer
 import match
 import toy
-import train
 from plumbing.ranks import close_distributed, init_distributed
 from plumbing.files import write_json
 from plumbing.flags import parse_flags
@@ -156,18 +154,26 @@ def random_question(rng, prompt_len, trace_lens, low, high):
 
 # ----------------------------------------------------------------------------- the steps
 
-TRAIN = train.Config()  # the trainer's defaults: micro-batch, clipping, AdamW settings
+LR, BETAS, WEIGHT_DECAY, GRAD_CLIP = 1e-5, (0.9, 0.95), 1e-4, 1.0  # train.py's defaults (tests/test_bench.py)
 
 
-def train_py_step(model, optimizer, encoded, fork_ids, matching, cfg, pad_id, device):
-    """train.py's optimiser step (its main loop without the logging): matching pass (Eq. 3-4),
-    training pass (Eq. 5), gradient clipping, AdamW."""
+def ssft_step(model, optimizer, encoded, fork_ids, matching, cfg, pad_id, device):
+    """train.py's optimiser step on one device, its logging left out: the matching pass
+    (match.match_questions, Eq. 3-4), then Eq. 5 over the matched pairs one sequence per micro-batch
+    (train.py's default micro-batch), the loss a sum over trace tokens divided by their number,
+    gradient clipping and AdamW. tests/test_bench.py holds its gradients equal to train.training_pass's."""
     rngs = [np.random.default_rng([0, i]) for i in range(len(encoded))]
     matched = match.match_questions(model, encoded, fork_ids, matching, cfg.match_tokens, cfg.match_batch, pad_id,
                                     device, rngs)
-    rows = train.training_rows(encoded, matched, fork_ids, "batch")
-    train.training_pass(model, rows, TRAIN.micro_batch, "batch", pad_id, device)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN.grad_clip)
+    rows = [data.make_sequence(q["prompt_ids"], fork_ids[f], q["trace_ids"][j])
+            for q, m in zip(encoded, matched) for f, j in zip(m.forks, m.traces)]
+    tokens = sum(len(q["trace_ids"][j]) for q, m in zip(encoded, matched) for j in m.traces)
+    model.train()
+    for row in rows:
+        input_ids, labels, attention_mask = (t.to(device) for t in batching.collate([row], pad_id))
+        nll_sum, _ = model(input_ids, labels, attention_mask)
+        (nll_sum.sum() / tokens).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
     if optimizer is not None:
         optimizer.step()
     model.zero_grad(set_to_none=True)
@@ -188,7 +194,7 @@ def adamw(model, params, cfg):
     """train.py's optimiser, or None above --adamw_max_params."""
     if params > cfg.adamw_max_params:
         return None
-    return torch.optim.AdamW(model.parameters(), lr=TRAIN.lr, betas=(0.9, 0.95), weight_decay=TRAIN.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
 
 
 # ----------------------------------------------------------------------------- the benches
@@ -209,13 +215,13 @@ def bench_train(cfg, shape, device, fork_ids, pad_id, low, peak):
         optimizer = adamw(model, params, cfg)
         for t, enc in questions.items():
             if path == "train.py":  # sft: no cost matrix, a one-trace question is one row
-                res[path, t] = measure(f"train {path} {shape} {t}", lambda: train_py_step(
+                res[path, t] = measure(f"train {path} {shape} {t}", lambda: ssft_step(
                     model, optimizer, enc, fork_ids, "sft", cfg, pad_id, device), cfg, device)
             else:
                 seq = data.make_sequence(enc[0]["prompt_ids"], fork_ids[0], enc[0]["trace_ids"][0])
                 ids, labels, _ = (x.to(device) for x in batching.collate([seq], pad_id))
                 res[path, t] = measure(f"train {path} {shape} {t}", lambda: hf_step(
-                    lm, optimizer, ids, labels, TRAIN.grad_clip, device), cfg, device)
+                    lm, optimizer, ids, labels, GRAD_CLIP, device), cfg, device)
         lm = model = optimizer = None  # frees the model before the next one is built
         free_memory(device)
     what = "fwd+bwd+clip+AdamW" if params <= cfg.adamw_max_params else "fwd+bwd+clip, no AdamW (memory)"
@@ -234,7 +240,7 @@ def bench_ssft(cfg, device, fork_ids, pad_id, low):
     lm, params, _ = build_lm(cfg.shape, device, torch.float32, fsdp.attention_backend("batch", device))
     model = fsdp.shard(lm, device, match.SequenceNLL, cfg.activation_checkpointing)
     optimizer = adamw(model, params, cfg)
-    res = {m: measure(f"step {m}", lambda: train_py_step(model, optimizer, encoded, fork_ids, m, cfg, pad_id, device),
+    res = {m: measure(f"step {m}", lambda: ssft_step(model, optimizer, encoded, fork_ids, m, cfg, pad_id, device),
                       cfg, device) for m in ("hungarian", "sft")}
     lm = model = optimizer = None
     c = 4 if cfg.activation_checkpointing else 3

@@ -4,7 +4,7 @@ Each variant is trained by train.py on the same data, seeds and step budget (--m
 random, sft), then evaluated by the project's own inference and scoring: infer.py samples 16
 responses per held-out question at the paper's T = 0.7, top_p 0.95 (SSFT and random matching: 4 per
 forking token, in turn; SFT: all from its one trained token, <think1>, the paper's protocol for
-single-token baselines), score.py grades them, and select_token.py's Eq. 6 rule picks the Pass@1
+single-token baselines), score.py grades them, and select_token.py picks the Pass@1
 token from the run's matching.json. Every run is a real command, two at a time on a core each
 (--jobs). Per variant,
 summary.json holds, as {"mean", "ci95", "per_seed"} over seeds (ci95: the half-width of Student's t
@@ -46,11 +46,10 @@ from scipy import stats
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import score
-import select_token
 import toy
 from plumbing.files import DataError, read_json, read_jsonl, write_json
 from plumbing.flags import parse_flags
-from plumbing import evalfiles, figures
+from plumbing import evalfiles
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 # One colour per meaning in every figure: a variant keeps its colour in every panel, the styles take
@@ -84,6 +83,8 @@ def run_variant(variant, seed, cfg):
     fork = "<think1>" if variant == "sft" else "all"
     commands = [["train.py", "--matching", variant, "--seed", str(seed), "--out_dir", run_dir,
                  "--toy_questions", str(cfg.toy_questions), "--epochs", str(cfg.epochs)]]
+    if variant != "sft":  # the Eq. 6 token from the run's matching.json (sft trains one token, <think1>)
+        commands.append(["select_token.py", "--out_dir", run_dir])
     commands.append(["infer.py", "--model", os.path.join(run_dir, "final"), "--data", "toy", "--fork", fork,
                      "--samples", str(cfg.samples), "--limit", str(cfg.eval_questions), "--temperature", "0.7",
                      "--top_p", "0.95", "--max_new_tokens", str(cfg.max_new_tokens), "--set_size", "4",
@@ -146,13 +147,6 @@ def gfpo_summary(results, gfpo_runs):
     return out
 
 
-def eq6_token(log):
-    """The Pass@1 token of a run's matching.json log by select_token.py's rule (Eq. 6 on the last
-    epoch, its default --min_share)."""
-    tokens = log["fork_tokens"]
-    return tokens[select_token.select(log["epochs"][-1]["configurations"], len(tokens), select_token.Config.min_share)[0]]
-
-
 def run_metrics(variant, run_dir, max_k):
     """One run's numbers: the style purity of its tokens, its accuracies, votes and pass@k, its
     Eq. 6 token, per-token accuracy and length, and its training curves."""
@@ -166,8 +160,8 @@ def run_metrics(variant, run_dir, max_k):
         per_token[f] = {"accuracy": s["accuracy"], "mean_tokens": s["mean_tokens"],
                         "styles": {style: styles[style] / s["responses"] for style in toy.STYLES + ["other"]},
                         "majority": top if styles[top] else None, "purity": styles[top] / s["responses"]}
-    log = select_token.load_log(os.path.join(run_dir, "matching.json"), 0)[0]
-    selected = eq6_token(log) if variant != "sft" else "<think1>"  # sft trains one token
+    log = read_json(os.path.join(run_dir, "matching.json"))
+    selected = read_json(os.path.join(run_dir, "select_token.json"))["token"] if variant != "sft" else "<think1>"
     native = next(v for k, v in metrics.items() if k.startswith("native_cons@"))
     out = {"purity": float(np.mean([p["purity"] for p in per_token.values()])),
            "distinct_styles": len({p["majority"] for p in per_token.values()} - {None}),

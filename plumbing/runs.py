@@ -1,0 +1,113 @@
+"""A training stage's --out_dir, the same for train.py (SSFT) and gfpo.py (GFPO): the checks made before
+any model loads, the step logs (metrics.jsonl, optionally TensorBoard), and where a run stops on a
+signal or saves a checkpoint. Resuming is the same command on the same --out_dir: the run goes on
+from its newest complete checkpoint (plumbing/fsdp.py), its logs cut back to that step.
+"""
+import dataclasses
+import os
+import signal
+import sys
+import time
+
+from plumbing import fsdp
+from plumbing.files import DataError, append_jsonl, changed_settings, read_jsonl, writable_dir, write_json, write_jsonl
+from plumbing.ranks import STOP, all_max, print0
+
+REPORTERS = ("", "tensorboard")  # --report_to: metrics.jsonl always, TensorBoard too when asked
+
+
+def check_out_dir(out_dir, cfg, resume_free, max_steps=0):
+    """Before any model loads, on every rank alike. DataError when `out_dir` holds a run made with other
+    settings (every field of the config dataclass `cfg` but those in `resume_free`), a checkpoint past
+    `max_steps` (a run never goes back), or a metrics.jsonl that does not read; else creates it and
+    checks that files can be written there."""
+    changed = changed_settings(os.path.join(out_dir, "config.json"), cfg,
+                               [f.name for f in dataclasses.fields(cfg) if f.name not in resume_free])
+    if changed:
+        raise DataError(f"{out_dir} holds a run with other settings ({', '.join(changed)}); "
+                        "resume with the same flags or choose another --out_dir")
+    done = fsdp.checkpoints(out_dir)
+    if max_steps and done and done[-1][0] > max_steps:
+        raise DataError(f"{out_dir} holds a checkpoint at step {done[-1][0]}, past --max_steps {max_steps}: "
+                        "a run never goes back; choose another --out_dir to train fewer steps")
+    metrics = os.path.join(out_dir, "metrics.jsonl")
+    if done and os.path.exists(metrics):  # its lines before the checkpoint are kept: they must read
+        read_jsonl(metrics, drop_truncated_tail=True)
+    writable_dir(out_dir)
+
+
+def is_complete(out_dir, last_step):
+    """Whether `out_dir` already holds a checkpoint at `last_step` (or later) and its final/ model."""
+    done = fsdp.checkpoints(out_dir)
+    return bool(done) and done[-1][0] >= last_step and os.path.isdir(os.path.join(out_dir, "final"))
+
+
+def check_reporter(report_to):
+    """The --report_to problem for flags.check, or None: TensorBoard needs its package."""
+    if report_to not in REPORTERS:
+        return f"--report_to must be '' or tensorboard (got {report_to!r})"
+    if report_to == "tensorboard":
+        try:
+            import torch.utils.tensorboard  # noqa: F401  (needs the tensorboard package)
+        except ImportError:
+            return "--report_to tensorboard needs the tensorboard package (pip install tensorboard)"
+    return None
+
+
+class Log:
+    """The step log of a run on rank 0: metrics.jsonl, one JSON line per step (non-finite values as null),
+    and with report_to "tensorboard" the same numbers as TensorBoard scalars in <out_dir>/tensorboard.
+    On creation it writes config.json and cuts metrics.jsonl back to the steps before `start`, the step
+    the run resumes from (a fresh run: none), dropping a line cut by a kill. Other ranks log nothing."""
+
+    def __init__(self, out_dir, cfg, start, rank, report_to=""):
+        self.path, self.rank, self.writer = os.path.join(out_dir, "metrics.jsonl"), rank, None
+        self.t0, self.start = time.time(), start
+        if rank != 0:
+            return
+        write_json(os.path.join(out_dir, "config.json"), dataclasses.asdict(cfg))
+        keep = [r for _, r in read_jsonl(self.path, drop_truncated_tail=True) if r["step"] < start] if start else []
+        write_jsonl(self.path, keep)
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start)
+
+    def write(self, record):
+        """One step's record ({"step": int, name: number or list, ...}) to every log."""
+        if self.rank != 0:
+            return
+        append_jsonl(self.path, record)
+        if self.writer is not None:
+            for name, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and name != "step":
+                    self.writer.add_scalar(name, value, record["step"])
+                elif isinstance(value, list):  # per-tag numbers: one scalar per entry
+                    for i, v in enumerate(value):
+                        if isinstance(v, (int, float)):
+                            self.writer.add_scalar(f"{name}/{i}", v, record["step"])
+            self.writer.flush()
+
+    def records(self):
+        return [r for _, r in read_jsonl(self.path, drop_truncated_tail=True)]
+
+    def time_left(self, step, last_step):
+        """The time the steps after `step` (0-based, done) will take at this launch's mean pace: '12m05s'."""
+        seconds = (time.time() - self.t0) / (step + 1 - self.start) * (last_step - step - 1)
+        return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if seconds >= 3600 else \
+            f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def stop_or_save(step, last_step, save_every, checkpoint, device):
+    """After optimiser step `step` (0-based) on every rank: when any rank got SIGTERM or SIGINT, every
+    rank writes checkpoint(step + 1) and exits with 128 + the signal, and the same command resumes from
+    it; otherwise a checkpoint every `save_every` steps (0: none before the end)."""
+    if all_max(bool(STOP), device) and step + 1 < last_step:
+        path = checkpoint(step + 1)
+        print0(f"stopped by a signal after step {step + 1}: checkpoint {path}; the same command resumes")
+        sys.exit(128 + (STOP[0] if STOP else signal.SIGTERM))
+    if save_every and (step + 1) % save_every == 0 and step + 1 < last_step:
+        checkpoint(step + 1)
