@@ -256,7 +256,6 @@ def train(cfg, questions, prompts, tokenizer, fork_ids, forks, rank, world, devi
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     plan = step_questions(len(questions), cfg.batch_size, cfg.steps, cfg.seed)
     if runs.is_complete(cfg.out_dir, cfg.steps):
-        print0(f"{cfg.out_dir}: complete at step {fsdp.checkpoints(cfg.out_dir)[-1][0]}; final/ holds its model")
         return
     model, hf_config = fsdp.load_model(cfg.model, rank, device, match.SequenceNLL, "batch", cfg.seed,
                                        cfg.activation_checkpointing, cfg.cpu_offload, cfg.trust_remote_code)

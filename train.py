@@ -1,15 +1,15 @@
 """Set Supervised Fine-Tuning (Algorithm 1) in a hand-rolled FSDP2 loop.
 
-Each optimiser step takes whole questions holding `batch_size` traces in all (the paper's global batch
-of 32 sequences, Appendix A.3.2), shares them over the ranks and runs
+Each optimiser step takes whole questions holding `batch_size` traces in all (the paper's global
+batch of 32 sequences, Appendix A.3.2), shares them over the ranks and runs
   1. the matching pass: the N x M cost matrix of each question (Eq. 4, no grad, eval mode) and its
      matching (Eq. 3: Hungarian, or random / sft for the baselines), match.py;
   2. the training pass: the NTP loss of every matched (forking token, trace) sequence (Eq. 5), in
      micro-batches with gradient accumulation, normalised by the trace tokens over all ranks.
 
-    python train.py                                     # toy task, tiny model, CPU, about two minutes
-    python train.py --matching random                   # the random-matching ablation
-    python train.py --layout concat                     # Appendix A.5's rows: the prompt computed once
+    python train.py                        # toy task, tiny model, CPU, a few minutes
+    python train.py --matching random      # the random-matching ablation
+    python train.py --layout concat        # Appendix A.5's rows: each prompt computed once
     torchrun --standalone --nproc_per_node 8 train.py --model Qwen/Qwen2.5-32B-Instruct \\
         --data s1k_4mixed.jsonl --out_dir out/ssft-32b   # Appendix A.3.2 defaults
     # two nodes: the same on each, with --nnodes 2 --node_rank {0,1} --rdzv_backend c10d
@@ -34,9 +34,10 @@ import torch.distributed as dist
 import data
 import match
 import toy
-from plumbing import concat, datafiles, fsdp, matchstats, memory, runs
+from plumbing import concat, datafiles, fsdp, memory, runs
 from plumbing.batching import IGNORE, balance, collate, micro_batches, num_micro_batches, pad_item
-from plumbing.files import DataError, read_json, write_json
+from plumbing.files import DataError, write_json
+from plumbing.matchstats import MatchingStats
 from plumbing.flags import check, parse_flags
 from plumbing.ranks import all_max, all_sum, close_distributed, init_distributed, print0, stage_run
 
@@ -44,23 +45,23 @@ from plumbing.ranks import all_max, all_sum, close_distributed, init_distributed
 @dataclass
 class Config:
     model: str = "toy"  # Hugging Face id or folder, or "toy" (a tiny Qwen2 built in-process)
-    data: str = "toy"  # JSONL or Parquet file (layouts: plumbing/datafiles.py), or "toy" (toy.py's task)
+    data: str = "toy"  # JSONL or Parquet file (layouts: plumbing/datafiles.py), or toy (toy.py)
     out_dir: str = "out/ssft"  # config.json, metrics.jsonl, matching.json, checkpoints/, final/
     num_forks: int = 6  # N, the number of global forking tokens <think1>..<thinkN> (toy: 4)
-    fork_style: str = "special"  # special: reserved tokens <thinkI>; text: "<|im_start|><thinkI>\n" as text
-    match_tokens: int = 1000  # K: the matching cost uses the first K tokens of each trace (Eq. 4) (toy: 4)
+    fork_style: str = "special"  # special: reserved tokens <thinkI>; text: "<|im_start|><thinkI>\n"
+    match_tokens: int = 1000  # K: the cost uses the first K tokens of each trace (Eq. 4) (toy: 4)
     matching: str = "hungarian"  # hungarian (SSFT) | random (ablation) | sft (one token, SFT-mixed)
-    layout: str = "batch"  # batch: one row per (token, trace); concat: one row per question (Appendix A.5)
+    layout: str = "batch"  # batch: a row per (token, trace); concat: a row per question (App. A.5)
     epochs: int = 6  # passes over the questions (toy: 4)
-    max_steps: int = 0  # stop after this many optimiser steps in all (0: run all epochs). The lr schedule
-    # still spans all epochs, so a run stopped early ends before its decay: shorten a run with --epochs
+    max_steps: int = 0  # stop after this many optimiser steps in all (0: all epochs). The lr
+    # schedule still spans all epochs: a run stopped early ends before its decay (fewer: --epochs)
     lr: float = 1e-5  # peak learning rate, 5% linear warm-up then cosine to 0 (toy: 3e-3)
-    batch_size: int = 32  # sequences (traces) per optimiser step over all ranks; whole questions (toy: 64)
-    micro_batch: int = 1  # rows per forward/backward in the training pass: sequences (batch layout) or
-    # questions (concat layout) (toy: 32 sequences, or 8 questions)
+    batch_size: int = 32  # sequences (traces) per step over all ranks; whole questions (toy: 64)
+    micro_batch: int = 1  # rows per forward/backward in the training pass: sequences (batch
+    # layout) or questions (concat layout) (toy: 32 sequences, or 8 questions)
     match_batch: int = 8  # sequences per no-grad forward in the matching pass (toy: 256)
-    max_len: int = 32768  # tokens of a row: prompt + tag + trace (batch), prompt + every tag + trace
-    # (concat); traces are cut to fit (toy: 256)
+    max_len: int = 32768  # tokens of a row: prompt + tag + trace (batch), prompt + every tag +
+    # trace (concat); traces are cut to fit (toy: 256)
     seed: int = 0  # data order, random matchings and new embedding rows all derive from it
     save_every: int = 50  # a resumable checkpoint every this many steps (0: only at the end)
     keep_checkpoints: int = 2  # complete checkpoints kept, the newest (0: all)
@@ -72,24 +73,26 @@ class Config:
     skip_nonfinite: bool = False  # skip a batch whose loss is not finite instead of stopping
     toy_questions: int = 2000  # number of training questions of the toy task
     trust_remote_code: bool = False  # let transformers run code shipped with the model
-    report_to: str = ""  # tensorboard: also log every metric to <out_dir>/tensorboard (needs tensorboard)
-    plan: str = ""  # GPUSxGiB, e.g. 8x80: print the memory plan of these flags from config.json alone,
-    # exit 0 if it fits, 3 if not
+    report_to: str = ""  # tensorboard: also log the metrics to <out_dir>/tensorboard (needs it)
+    plan: str = ""  # GPUSxGiB, e.g. 8x80: print the memory plan of these flags from config.json
+    # alone, exit 0 if it fits, 3 if not
 
 
-RULES = {"num_forks": "[1, 1024]",  # each forking token is a vocabulary entry and N forwards per trace and step
+RULES = {"num_forks": "[1, 1024]",  # a tag is a vocabulary entry and N forwards per trace and step
          "match_tokens": ">= 1", "max_len": ">= 2", "matching": ("hungarian", "random", "sft"),
-         "layout": ("batch", "concat"), "fork_style": data.FORK_STYLES, "epochs": ">= 1", "batch_size": ">= 1",
-         "micro_batch": ">= 1", "match_batch": ">= 1", "toy_questions": ">= 1", "lr": "> 0", "grad_clip": "> 0",
-         "warmup": "[0, 1)", "weight_decay": ">= 0", "max_steps": ">= 0", "save_every": ">= 0",
+         "layout": ("batch", "concat"), "fork_style": data.FORK_STYLES, "epochs": ">= 1",
+         "batch_size": ">= 1", "micro_batch": ">= 1", "match_batch": ">= 1",
+         "toy_questions": ">= 1", "lr": "> 0", "grad_clip": "> 0", "warmup": "[0, 1)",
+         "weight_decay": ">= 0", "max_steps": ">= 0", "save_every": ">= 0",
          "keep_checkpoints": ">= 0"}
-RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir", "keep_checkpoints", "plan", "report_to"}
+RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir", "keep_checkpoints", "plan",
+               "report_to"}  # flags a resumed run may change
 
 
 def parse_config(argv=None):
     parser, given = parse_flags(Config, __doc__, argv)
-    toy_defaults = toy.train_defaults(given.get("layout")) if given.get("model", Config.model) == "toy" else {}
-    cfg = Config(**{**toy_defaults, **given})
+    toy_run = given.get("model", Config.model) == "toy"
+    cfg = Config(**{**(toy.train_defaults(given.get("layout")) if toy_run else {}), **given})
     check(parser, cfg, RULES, [memory.plan_problem(cfg.plan), runs.check_reporter(cfg.report_to)])
     return cfg
 
@@ -97,7 +100,7 @@ def parse_config(argv=None):
 # ----------------------------------------------------------------------------- the schedule
 
 def lr_at(step, total, peak, warmup):
-    """Linear warm-up over the first `warmup` fraction of the steps, then cosine to 0 (Appendix A.3.2)."""
+    """Linear warm-up over the first `warmup` fraction of the steps, then cosine to 0 (A.3.2)."""
     warm = max(1, round(warmup * total))
     if step < warm:
         return peak * (step + 1) / warm
@@ -124,31 +127,34 @@ def epoch_batches(sizes, batch_size, seed, epoch):
 def schedule(sizes, batch_size, seed, epochs):
     """[(epoch, question indices)] of every optimiser step of the run: a pure function of the data
     and the seed, so that a resumed run takes the same steps as an uninterrupted one."""
-    return [(e, batch) for e in range(epochs) for batch in epoch_batches(sizes, batch_size, seed, e)]
+    return [(e, batch) for e in range(epochs)
+            for batch in epoch_batches(sizes, batch_size, seed, e)]
 
 
 # ----------------------------------------------------------------------------- one step
 
 def match_pass(model, encoded, batch, fork_ids, cfg, pad_id, step, rank, world, device):
-    """Eq. 3-4 for the step's questions `batch` (indices into `encoded`): each rank matches its share,
-    balanced by the tokens of its matching forwards, every rank running the same number of forwards,
-    then every rank gathers every question's match.Matching. Returns ({question: Matching},
-    [questions whose costs are not finite: diverged weights])."""
-    loads = [sum(len(encoded[q]["prompt_ids"]) + 1 + min(cfg.match_tokens, len(t)) for t in encoded[q]["trace_ids"])
-             for q in batch]
+    """Eq. 3-4 for the step's questions `batch` (indices into `encoded`): each rank matches its
+    share, balanced by the tokens of its matching forwards, every rank running the same number of
+    forwards; then every rank gathers every question's match.Matching. Returns ({question:
+    Matching}, [questions whose costs are not finite: diverged weights])."""
+    loads = [sum(len(encoded[q]["prompt_ids"]) + 1 + min(cfg.match_tokens, len(t))
+                 for t in encoded[q]["trace_ids"]) for q in batch]
     mine = [batch[i] for i in balance(loads, world)[rank]]
-    forwards = None if cfg.matching == "sft" else all_max(match.num_cost_batches(
-        [encoded[q] for q in mine], cfg.num_forks, cfg.match_batch, cfg.layout), device)
+    questions = [encoded[q] for q in mine]
+    forwards = None if cfg.matching == "sft" else all_max(
+        match.num_cost_batches(questions, cfg.num_forks, cfg.match_batch, cfg.layout), device)
     rngs = [np.random.default_rng([cfg.seed, step, q]) for q in mine]  # the random matchings
     try:
-        matched, bad = match.match_questions(model, [encoded[q] for q in mine], fork_ids, cfg.matching,
-                                             cfg.match_tokens, cfg.match_batch, pad_id, device, rngs, forwards,
-                                             cfg.layout), []
+        matched = match.match_questions(model, questions, fork_ids, cfg.matching, cfg.match_tokens,
+                                        cfg.match_batch, pad_id, device, rngs, forwards, cfg.layout)
+        bad = []
     except match.NonFiniteCost as e:  # every rank learns of it through the gather
         matched, bad = [None] * len(mine), [mine[k] for k in e.questions]
     gathered = [None] * world
     dist.all_gather_object(gathered, (dict(zip(mine, matched)), bad))
-    return {q: m for part, _ in gathered for q, m in part.items()}, sorted(q for _, bad in gathered for q in bad)
+    return ({q: m for part, _ in gathered for q, m in part.items()},
+            sorted(q for _, bad in gathered for q in bad))
 
 
 def training_rows(questions, matched, fork_ids, layout):
@@ -158,15 +164,16 @@ def training_rows(questions, matched, fork_ids, layout):
     if layout == "batch":
         return [data.make_sequence(q["prompt_ids"], fork_ids[f], q["trace_ids"][j])
                 for q, m in zip(questions, matched) for f, j in zip(m.forks, m.traces)]
-    return [concat.make_branches(q["prompt_ids"], [(fork_ids[f], q["trace_ids"][j]) for f, j in zip(m.forks, m.traces)])
+    return [concat.make_branches(q["prompt_ids"], [(fork_ids[f], q["trace_ids"][j])
+                                                   for f, j in zip(m.forks, m.traces)])
             for q, m in zip(questions, matched)]
 
 
 def training_pass(model, rows, micro_batch, layout, pad_id, device):
     """Eq. 5 over this rank's rows (training_rows), cut into micro-batches, the same number on every
     rank (PAD-filled). Gradients accumulate; the loss is the sum of token NLLs divided by the number
-    of trace tokens over all ranks (not a mean of per-rank means). Returns (loss, global trace tokens,
-    global input tokens, padding fraction: the share of the computed positions that are padding)."""
+    of trace tokens over all ranks (not a mean of per-rank means). Returns (loss, global trace
+    tokens, global input tokens, padding fraction: the share of computed positions that are PAD)."""
     world = dist.get_world_size()
     n_batches = all_max(num_micro_batches(len(rows), micro_batch), device)
     batches, _ = micro_batches(rows, micro_batch, n_batches, pad_item(pad_id, layout))
@@ -198,26 +205,28 @@ def load_tokenizer(cfg):
     if cfg.model == "toy":
         tokenizer = toy.make_tokenizer()
     else:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model,
+                                                  trust_remote_code=cfg.trust_remote_code)
     num_trained = len(tokenizer)
     return tokenizer, data.fork_ids(tokenizer, cfg.num_forks, cfg.fork_style), num_trained
 
 
 def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
-    """(SequenceNLL-wrapped FSDP2 model, hf_config) of --model, its new forking-token rows initialised
-    (special style; text tags are ordinary tokens, already trained)."""
+    """(SequenceNLL-wrapped FSDP2 model, hf_config) of --model, its new forking-token rows
+    initialised (special style; text tags are ordinary tokens, already trained)."""
     def init_fork_rows(full):
         if cfg.fork_style == "special":
             data.init_fork_rows(full, [ids[0] for ids in fork_ids], num_trained, cfg.seed)
     source = (lambda: toy.make_model(tokenizer)) if cfg.model == "toy" else cfg.model
-    return fsdp.load_model(source, rank, device, match.SequenceNLL, cfg.layout, cfg.seed, cfg.activation_checkpointing,
-                           cfg.cpu_offload, cfg.trust_remote_code, edit=init_fork_rows)
+    return fsdp.load_model(source, rank, device, match.SequenceNLL, cfg.layout, cfg.seed,
+                           cfg.activation_checkpointing, cfg.cpu_offload, cfg.trust_remote_code,
+                           edit=init_fork_rows)
 
 
 def prepare(cfg):
     """Every check that needs no model, on every rank alike: the data, the tokenizer, --out_dir and
-    what it holds. Bad input stops here with one message, before a model loads or a file is written.
-    Returns (questions, encoded questions, tokenizer, fork ids, number of trained vocabulary rows)."""
+    what it holds. Bad input stops here with one message, before a model loads or a file is
+    written. Returns (questions, encoded questions, tokenizer, fork ids, trained vocabulary)."""
     if cfg.cpu_offload and not torch.cuda.is_available():
         raise DataError("--cpu_offload offloads from GPU memory and needs CUDA devices")
     questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" else \
@@ -226,19 +235,20 @@ def prepare(cfg):
     try:
         tokenizer, fork_ids, num_trained = load_tokenizer(cfg)
     except (OSError, ValueError) as e:
-        raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+        raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({e})") from None
     tag_len = max(map(len, fork_ids))
-    encoded = [data.encode_question(tokenizer, q, cfg.max_len, tag_len, cfg.layout) for q in questions]
+    encoded = [data.encode_question(tokenizer, q, cfg.max_len, tag_len, cfg.layout)
+               for q in questions]
     return questions, encoded, tokenizer, fork_ids, num_trained
 
 
 def memory_plan(cfg, gpus, traces=4):
     """memory.train_plan of this run's flags on `gpus` GPUs from --model's config.json alone (fused
     AdamW: train.py's optimiser on CUDA). traces: M, the most traces of a question."""
-    shape = memory.read_shape(toy.make_model(toy.make_tokenizer()).config.to_dict() if cfg.model == "toy"
-                              else cfg.model)
-    return memory.train_plan(shape, gpus, cfg.layout, cfg.max_len, cfg.micro_batch, cfg.match_batch, cfg.match_tokens,
-                             cfg.num_forks, traces, cfg.activation_checkpointing, cfg.cpu_offload, fused_adamw=True)
+    config = cfg.model if cfg.model != "toy" else toy.make_model(toy.make_tokenizer()).config.to_dict()
+    return memory.train_plan(memory.read_shape(config), gpus, cfg.layout, cfg.max_len, cfg.micro_batch,
+                             cfg.match_batch, cfg.match_tokens, cfg.num_forks, traces,
+                             cfg.activation_checkpointing, cfg.cpu_offload, fused_adamw=True)
 
 
 def main(cfg):
@@ -260,50 +270,46 @@ def main(cfg):
 
 def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world, device):
     """Algorithm 1 from the model's loading to final/, on every rank."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     plan = schedule([len(q["traces"]) for q in questions], cfg.batch_size, cfg.seed, cfg.epochs)
     last_step = min(len(plan), cfg.max_steps) if cfg.max_steps else len(plan)
     matching_path = os.path.join(cfg.out_dir, "matching.json")
-    if runs.is_complete(cfg.out_dir, last_step):
-        if rank == 0:  # nothing to train; a matching.json that no longer reads is rebuilt, exactly
-            try:
-                read_json(matching_path)
-            except DataError:
-                write_json(matching_path, read_json(os.path.join(fsdp.checkpoints(cfg.out_dir)[-1][1],
-                                                                 "trainer_state.json"))["matching"])
-        print0(f"{cfg.out_dir}: complete at step {fsdp.checkpoints(cfg.out_dir)[-1][0]}; final/ holds its model")
-        return
+    if runs.is_complete(cfg.out_dir, last_step, rank, rebuild={"matching.json": "matching"}):
+        return  # nothing to train; a matching.json that no longer reads was rebuilt, exactly
     if device.type == "cuda":  # refuse before loading 65 GB what cannot fit the GPUs we are on
-        memory.refuse_unless_fits(memory_plan(cfg, world, max(len(q["traces"]) for q in questions)), world, device)
+        traces = max(len(q["traces"]) for q in questions)
+        memory.refuse_unless_fits(memory_plan(cfg, world, traces), world, device)
         if cfg.layout == "concat":
             concat.allow_recompiles(cfg.max_len)
     model, hf_config = load_model(cfg, tokenizer, fork_ids, num_trained, rank, device)
-    # fused AdamW on CUDA: the foreach path allocates a temporary the size of the sharded state at step()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
-                                  fused=True if device.type == "cuda" else None)
+    # fused AdamW on CUDA: the foreach path allocates a temporary the size of the sharded state
+    fused = True if device.type == "cuda" else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay, fused=fused)
     fork_names = data.fork_tokens(cfg.num_forks)
     try:
         start, stats = fsdp.resume(model, optimizer, cfg.out_dir, rank, device,
-                                   lambda state: matchstats.MatchingStats.from_json(state["matching"]))
+                                   lambda state: MatchingStats.from_json(state["matching"]))
     except DataError as e:
         sys.exit(f"error: {e}")
-    stats = stats or matchstats.MatchingStats(cfg.matching, fork_names, cfg.fork_style)
+    stats = stats or MatchingStats(cfg.matching, fork_names, cfg.fork_style)
     log = runs.Log(cfg.out_dir, cfg, start, rank, cfg.report_to)
     if rank == 0:
         write_json(matching_path, stats.to_json())  # rebuilt from the checkpoint's statistics
     print0(json.dumps(dataclasses.asdict(cfg)))
     per_epoch = sorted({sum(e == epoch for e, _ in plan) for epoch in range(cfg.epochs)})
     per_epoch = f"{per_epoch[0]}" + (f" to {per_epoch[-1]}" if len(per_epoch) > 1 else "")
+    first, last = (data.fork_tag(name, cfg.fork_style) for name in (fork_names[0], fork_names[-1]))
     print0(f"{len(questions)} questions, {sum(len(q['traces']) for q in questions)} traces "
-           f"({sum(e['truncated'] for e in encoded)} truncated to --max_len {cfg.max_len}), {world} rank(s) on "
-           f"{device.type}, steps {start}..{last_step} of {len(plan)} ({per_epoch} per epoch of <= {cfg.batch_size} "
-           f"sequences), forking tags "
-           f"{data.fork_tag(fork_names[0], cfg.fork_style)!r}..{data.fork_tag(fork_names[-1], cfg.fork_style)!r} "
-           f"= ids {fork_ids[0]}..{fork_ids[-1]}, {cfg.layout} layout, {fsdp.attention_backend(cfg.layout, device)}")
+           f"({sum(e['truncated'] for e in encoded)} truncated to --max_len {cfg.max_len}), "
+           f"{world} rank(s) on {device.type}, steps {start}..{last_step} of {len(plan)} "
+           f"({per_epoch} per epoch of <= {cfg.batch_size} sequences), forking tags "
+           f"{first!r}..{last!r} = ids {fork_ids[0]}..{fork_ids[-1]}, {cfg.layout} layout, "
+           f"{fsdp.attention_backend(cfg.layout, device)} attention")
 
     def checkpoint(step):  # resumable: the model, AdamW and the matching statistics
-        return fsdp.save_checkpoint(model, optimizer, step, {"matching": stats.to_json()}, cfg.out_dir, rank,
-                                    keep=cfg.keep_checkpoints)
+        return fsdp.save_checkpoint(model, optimizer, step, {"matching": stats.to_json()},
+                                    cfg.out_dir, rank, keep=cfg.keep_checkpoints)
 
     skipped = 0
     for step in range(start, last_step):
@@ -314,17 +320,20 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
             group["lr"] = lr
 
         # Eq. 3-4: the matching pass (no grad); then every rank holds every question's matching
-        matched, nonfinite = match_pass(model, encoded, batch, fork_ids, cfg, pad_id, step, rank, world, device)
+        matched, nonfinite = match_pass(model, encoded, batch, fork_ids, cfg, pad_id, step, rank,
+                                        world, device)
 
-        # Eq. 5: the training pass over the matched pairs, the step's rows shared over the ranks by tokens
+        # Eq. 5: the training pass over the matched pairs, the rows shared over the ranks by tokens
         loss = grad_norm = pad = float("nan")
         tokens = 0
         if not nonfinite:
-            rows = training_rows([encoded[q] for q in batch], [matched[q] for q in batch], fork_ids, cfg.layout)
+            rows = training_rows([encoded[q] for q in batch], [matched[q] for q in batch], fork_ids,
+                                 cfg.layout)
             rows = [rows[i] for i in balance([len(r[0]) for r in rows], world)[rank]]
-            loss, _, tokens, pad = training_pass(model, rows, cfg.micro_batch, cfg.layout, pad_id, device)
+            loss, _, tokens, pad = training_pass(model, rows, cfg.micro_batch, cfg.layout, pad_id,
+                                                 device)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            grad_norm = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
         if nonfinite or not (math.isfinite(loss) and math.isfinite(grad_norm)):
             what = f"non-finite matching costs for questions {nonfinite}" if nonfinite else \
                 f"non-finite loss {loss} / grad norm {grad_norm} on questions {batch}"
@@ -345,25 +354,27 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
         stats.end_step(epoch)
         gaps = [m.gap for m in matched.values() if m is not None and m.gap is not None]
         record = {"step": step, "epoch": epoch, "questions": len(batch),
-                  "sequences": sum(len(m.forks) for m in matched.values() if m is not None), "loss": loss, "lr": lr,
-                  "grad_norm": grad_norm, "gap": float(np.mean(gaps)) if gaps else None,
-                  "tokens_per_s": tokens / (time.time() - t0), "pad_fraction": pad, "skipped": skipped,
+                  "sequences": sum(len(m.forks) for m in matched.values() if m is not None),
+                  "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "gap": float(np.mean(gaps)) if gaps else None, "pad_fraction": pad,
+                  "skipped": skipped, "tokens_per_s": tokens / (time.time() - t0),
                   "time_s": time.time() - t0}
         log.write(record)
         if rank == 0:
             write_json(matching_path, stats.to_json())
         print0(f"step {step + 1:5d}/{last_step} | loss {loss:.4f} | lr {lr:.2e} | gap "
                f"{record['gap'] if record['gap'] is not None else float('nan'):.4f} | "
-               f"{record['tokens_per_s']:6.0f} tok/s | pad {pad:.2f} | {log.time_left(step, last_step)} left")
+               f"{record['tokens_per_s']:6.0f} tok/s | pad {pad:.2f} | "
+               f"{log.time_left(step, last_step)} left")
         runs.stop_or_save(step, last_step, cfg.save_every, checkpoint, device)
 
     checkpoint(last_step)
     fsdp.save_final(model, tokenizer, hf_config, os.path.join(cfg.out_dir, "final"), rank,
                     {"fork_style": cfg.fork_style, "num_forks": cfg.num_forks})
     log.close()
-    print0(f"done: {last_step} steps, {skipped} skipped. Outputs in {cfg.out_dir}/: metrics.jsonl (one line per "
-           f"step), matching.json (configuration counts per epoch), checkpoints/, final/ (Hugging Face model + "
-           f"tokenizer with {fork_names[0]}..{fork_names[-1]})")
+    print0(f"done: {last_step} steps, {skipped} skipped. Outputs in {cfg.out_dir}/: metrics.jsonl "
+           f"(one line per step), matching.json (configuration counts per epoch), checkpoints/, "
+           f"final/ (Hugging Face model + tokenizer with {fork_names[0]}..{fork_names[-1]})")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ import sys
 import time
 
 from plumbing import fsdp
-from plumbing.files import DataError, append_jsonl, changed_settings, read_jsonl, writable_dir, write_json, write_jsonl
+from plumbing.files import (DataError, append_jsonl, changed_settings, read_json, read_jsonl, writable_dir,
+                            write_json, write_jsonl)
 from plumbing.ranks import STOP, all_max, print0
 
 REPORTERS = ("", "tensorboard")  # --report_to: metrics.jsonl always, TensorBoard too when asked
@@ -36,10 +37,20 @@ def check_out_dir(out_dir, cfg, resume_free, max_steps=0):
     writable_dir(out_dir)
 
 
-def is_complete(out_dir, last_step):
-    """Whether `out_dir` already holds a checkpoint at `last_step` (or later) and its final/ model."""
+def is_complete(out_dir, last_step, rank=0, rebuild=None):
+    """Whether `out_dir` already holds a checkpoint at `last_step` (or later) and its final/ model; if so
+    it says so, and rank 0 rebuilds each file of `rebuild` ({file name: key of the checkpoint's
+    trainer_state.json}) that no longer reads as JSON, exactly as it was saved."""
     done = fsdp.checkpoints(out_dir)
-    return bool(done) and done[-1][0] >= last_step and os.path.isdir(os.path.join(out_dir, "final"))
+    if not (done and done[-1][0] >= last_step and os.path.isdir(os.path.join(out_dir, "final"))):
+        return False
+    for name, key in (rebuild or {}).items() if rank == 0 else ():
+        try:
+            read_json(os.path.join(out_dir, name))
+        except DataError:
+            write_json(os.path.join(out_dir, name), read_json(os.path.join(done[-1][1], "trainer_state.json"))[key])
+    print0(f"{out_dir}: complete at step {done[-1][0]}; final/ holds its model")
+    return True
 
 
 def check_reporter(report_to):

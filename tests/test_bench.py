@@ -63,7 +63,6 @@ def test_the_bench_step_computes_train_py_s_gradients_with_its_defaults(tiny, wo
     train.py's default learning rate, AdamW settings and clipping."""
     import copy
     import numpy as np
-    import data
     import match
     import train
     tok, lm, fork_ids = tiny

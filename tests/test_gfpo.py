@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 import data
 import gfpo
-import infer
 import match
 import policy
 import toy

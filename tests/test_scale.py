@@ -21,7 +21,7 @@ import infer
 import match
 import toy
 import train
-from plumbing import batching, concat, fsdp, memory, ranks
+from plumbing import batching, concat, fsdp, memory
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 QWEN_32B = dict(hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
