@@ -1,5 +1,5 @@
 """Fixtures shared by the test files: a world of one process, tiny models with forking tokens, and the
-real Qwen2.5 vocabulary (`qwen`), built offline by tools/qwen_tokenizer.py."""
+real Qwen2.5 vocabulary (`qwen`), built offline by tools/qwen_vocab.py."""
 import hashlib
 import json
 import os
@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import data
 import toy
-from qwen_tokenizer import QWEN25_ADDED, QWEN25_TEMPLATE, qwen_tokenizer
+from qwen_vocab import QWEN25_ADDED, QWEN25_TEMPLATE, qwen_tokenizer
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))  # the repository root

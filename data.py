@@ -20,9 +20,9 @@ For a Qwen2.5 tokenizer and the special style that is exactly
 tag's tokens are prompt. The files a question comes from (JSONL or Parquet; canonical, s1K-1.1 and
 sampled layouts) and the pool-to-mixed recipe are read by plumbing/datafiles.py.
 
-    python data.py --data ../shared/data/math_cot_100x8.jsonl --model toy  # check a file, print statistics
+    python data.py --data ../shared/data/math_cot_100x8.jsonl --model toy  # a file's statistics
     python data.py mix --pool gpt_oss.jsonl s1k.parquet claude.jsonl --traces 4 --per_source 2 \\
-        --correct_only --seed 0 --out s1k_4mixed.jsonl                     # s1k-4mixed-reasoning (A.3.1)
+        --correct_only --seed 0 --out s1k_4mixed.jsonl                     # s1k-4mixed (A.3.1)
 """
 import torch
 
@@ -40,7 +40,8 @@ def fork_tokens(num_forks):
 
 
 def fork_tag(name, style):
-    """The text of forking token `name` ("<think3>") in a style: "<think3>" or "<|im_start|><think3>\\n"."""
+    """The text of forking token `name` ("<think3>") in a style: "<think3>" or
+    "<|im_start|><think3>\\n"."""
     return TEXT_TAG.format(name) if style == "text" else name
 
 
@@ -65,15 +66,18 @@ def fork_ids(tokenizer, num_forks, style="special"):
         raise DataError(f"--fork_style must be one of {', '.join(FORK_STYLES)} (got {style!r})")
     start = tokenizer.encode("<|im_start|>", add_special_tokens=False)
     if len(start) != 1 or start[0] == tokenizer.unk_token_id:
-        raise DataError("--fork_style text needs a ChatML tokenizer, in which <|im_start|> is one token (Qwen2.5)")
-    return [tokenizer.encode(fork_tag(name, "text"), add_special_tokens=False) for name in fork_tokens(num_forks)]
+        raise DataError("--fork_style text needs a ChatML tokenizer, in which <|im_start|> is one "
+                        "token (Qwen2.5)")
+    return [tokenizer.encode(fork_tag(name, "text"), add_special_tokens=False)
+            for name in fork_tokens(num_forks)]
 
 
 def add_fork_tokens(tokenizer, num_forks):
     """Registers <think1>..<thinkN> as special tokens (never split, kept by save_pretrained).
     Returns their ids. A string that is already in the vocabulary keeps its id."""
     names = fork_tokens(num_forks)
-    tokenizer.add_special_tokens({"additional_special_tokens": names}, replace_extra_special_tokens=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": names},
+                                 replace_extra_special_tokens=False)
     ids = tokenizer.convert_tokens_to_ids(names)
     for name, i in zip(names, ids):
         assert tokenizer.encode(name, add_special_tokens=False) == [i], f"{name} is not one token"
@@ -124,7 +128,8 @@ def encode_prompt(tokenizer, prompt):
         return tokenizer.encode(text, add_special_tokens=False)
     head, tail = pieces
     return (tokenizer.encode(head, add_special_tokens=False)
-            + tokenizer.encode(text[len(head):len(text) - len(tail)], add_special_tokens=False, split_special_tokens=True)
+            + tokenizer.encode(text[len(head):len(text) - len(tail)], add_special_tokens=False,
+                               split_special_tokens=True)
             + tokenizer.encode(tail, add_special_tokens=False))
 
 
@@ -143,20 +148,23 @@ def encode_question(tokenizer, q, max_len, tag_len=1, layout="batch"):
     max_len tokens, for tags of up to `tag_len` tokens; under the concat layout so that the whole
     row, prompt + M x (tag + trace), fits max_len (concat_room: the room is shared out evenly).
     """
-    prompt_ids = encode_prompt(tokenizer, q["prompt"])
+    prompt_ids, where = encode_prompt(tokenizer, q["prompt"]), q.get("where", "a question")
     room = max_len - len(prompt_ids) - tag_len
     if room < 1:
-        raise DataError(f"{q.get('where', 'a question')}: a prompt of {len(prompt_ids)} tokens leaves no room "
-                        f"for a trace under --max_len {max_len}: {q['prompt'][:60]!r}")
+        raise DataError(f"{where}: a prompt of {len(prompt_ids)} tokens leaves no room for a trace "
+                        f"under --max_len {max_len}: {q['prompt'][:60]!r}")
     trace_ids, truncated = [], 0
     for t in q["traces"]:  # a literal "<think1>" or "<|im_end|>" inside a trace stays plain text
-        ids = tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True) + [tokenizer.eos_token_id]
+        ids = tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True)
+        ids.append(tokenizer.eos_token_id)
         trace_ids.append(ids)
     rooms = [room] * len(trace_ids) if layout == "batch" else \
-        concat.concat_room([len(t) for t in trace_ids], max_len - len(prompt_ids) - tag_len * len(trace_ids))
+        concat.concat_room([len(t) for t in trace_ids],
+                           max_len - len(prompt_ids) - tag_len * len(trace_ids))
     if min(rooms, default=1) < 1:
-        raise DataError(f"{q.get('where', 'a question')}: a prompt of {len(prompt_ids)} tokens leaves no room for "
-                        f"{len(trace_ids)} traces in one --layout concat row of --max_len {max_len}: {q['prompt'][:60]!r}")
+        raise DataError(f"{where}: a prompt of {len(prompt_ids)} tokens leaves no room for "
+                        f"{len(trace_ids)} traces in one --layout concat row of --max_len "
+                        f"{max_len}: {q['prompt'][:60]!r}")
     truncated = sum(len(ids) > r for ids, r in zip(trace_ids, rooms))
     return {"prompt_ids": prompt_ids, "trace_ids": [ids[:r] for ids, r in zip(trace_ids, rooms)],
             "truncated": truncated}
@@ -173,7 +181,8 @@ def make_sequence(prompt_ids, tag_ids, trace_ids, max_trace_tokens=None):
 
 def main(argv):
     """python data.py --data FILE [--model M]: the file's questions, traces per source and, with a
-    tokenizer, token lengths; python data.py mix ...: the pool-to-mixed recipe (datafiles.mix_main)."""
+    tokenizer, token lengths; python data.py mix ...: the pool-to-mixed recipe
+    (datafiles.mix_main)."""
     if argv[:1] == ["mix"]:
         return datafiles.mix_main(argv[1:])
     parser, given = parse_flags(datafiles.CheckConfig, __doc__, argv)
@@ -189,7 +198,7 @@ def main(argv):
         try:
             tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         except (OSError, ValueError) as e:
-            raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+            raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({e})") from None
     questions = datafiles.load_questions(cfg.data)
     prompts = [prompt_text(tokenizer, q["prompt"]) for q in questions] if tokenizer else None
     print(f"{cfg.data}: " + "\n".join(datafiles.summary(questions, tokenizer, prompts)))

@@ -49,7 +49,8 @@ class SequenceNLL(nn.Module):
 
     def forward(self, input_ids, labels, attention_mask=None, position_ids=None, groups=None):
         """input_ids, labels: [B, L] -> (nll_sum [B] fp32, num_tokens [B]). With groups [B, L] (ids
-        0..G-1 per token, e.g. the branches of the concat layout), sums per row and group: [B, G]."""
+        0..G-1 per token, e.g. the branches of the concat layout), sums per row and group: [B,
+        G]."""
         hidden = self.lm.model(input_ids=input_ids, attention_mask=attention_mask,
                                position_ids=position_ids).last_hidden_state  # [B, L, H]
         targets = labels[:, 1:]
@@ -65,11 +66,12 @@ class SequenceNLL(nn.Module):
         if groups is not None:  # the sums of each (row, group): index row * G + group
             size = int(groups.max()) + 1
             index = rows * size + groups[:, 1:][rows, cols]
-            nll = torch.zeros(len(input_ids) * size, device=hidden.device).index_add(0, index, token_nll)
-            return nll.view(-1, size), torch.bincount(index, minlength=len(input_ids) * size).view(-1, size)
+            cells = len(input_ids) * size
+            nll = torch.zeros(cells, device=hidden.device).index_add(0, index, token_nll)
+            return nll.view(-1, size), torch.bincount(index, minlength=cells).view(-1, size)
         nll_sum = torch.zeros(len(input_ids), device=hidden.device).index_add(0, rows, token_nll)
         if len(y) == 0:  # an all-PAD micro-batch: still give every parameter a (zero) gradient, so
-            nll_sum = nll_sum + 0.0 * (hidden.sum() + weight.sum())  # every rank reduces the same ones
+            nll_sum = nll_sum + 0.0 * (hidden.sum() + weight.sum())  # every rank reduces the same
         return nll_sum, torch.bincount(rows, minlength=len(input_ids))
 
 
@@ -104,10 +106,12 @@ def sequence_costs(nll_model, sequences, batch_size, pad_id, device, num_batches
     return torch.empty_like(costs).index_copy_(0, torch.tensor(order, dtype=torch.long), costs)
 
 
-def cost_matrix(nll_model, prompt_ids, fork_ids, trace_ids, match_tokens, batch_size, pad_id, device="cpu"):
+def cost_matrix(nll_model, prompt_ids, fork_ids, trace_ids, match_tokens, batch_size, pad_id,
+                device="cpu"):
     """C: [num_forks, num_traces], Eq. 4 for one question (no grad, model in eval mode)."""
     seqs = cost_sequences(prompt_ids, fork_ids, trace_ids, match_tokens)
-    return sequence_costs(nll_model, seqs, batch_size, pad_id, device).view(len(fork_ids), len(trace_ids))
+    costs = sequence_costs(nll_model, seqs, batch_size, pad_id, device)
+    return costs.view(len(fork_ids), len(trace_ids))
 
 
 def num_cost_batches(questions, num_forks, batch_size, layout="batch"):
@@ -172,21 +176,24 @@ class Matching:
 @torch.no_grad()
 def match_questions(nll_model, questions, fork_ids, mode, match_tokens, batch_size, pad_id, device,
                     rngs, num_batches=None, layout="batch"):
-    """Eq. 3-4 for a batch of encoded questions ([{"prompt_ids", "trace_ids"}]): every question's
-    N x M cost sequences in one queue of no-grad forwards of `batch_size` sequences, then one
-    assignment per question. rngs[k] draws question k's random matching. num_batches: the number
-    of forwards to run (>= what is needed; every rank must run the same number under FSDP), PAD
-    batches filling the rest. layout "concat" computes each prompt once (concat.branch_costs). Returns one
+    """Eq. 3-4 for a batch of encoded questions ([{"prompt_ids", "trace_ids"}]): every question's N
+    x M cost sequences in one queue of no-grad forwards of `batch_size` sequences, then one
+    assignment per question. rngs[k] draws question k's random matching. num_batches: the number of
+    forwards to run (>= what is needed; every rank must run the same number under FSDP), PAD batches
+    filling the rest. layout "concat" computes each prompt once (concat.branch_costs). Returns one
     Matching per question, in order; raises NonFiniteCost (after all the forwards) if a cost is NaN
     or inf."""
     costs = None
     if mode != "sft" and layout == "concat":
-        costs = concat.branch_costs(nll_model, questions, fork_ids, match_tokens, batch_size, pad_id, device, num_batches)
+        costs = concat.branch_costs(nll_model, questions, fork_ids, match_tokens, batch_size,
+                                    pad_id, device, num_batches)
     elif mode != "sft":  # the SFT baseline needs no cost matrix
-        seqs = [s for q in questions for s in cost_sequences(q["prompt_ids"], fork_ids, q["trace_ids"], match_tokens)]
+        seqs = [s for q in questions
+                for s in cost_sequences(q["prompt_ids"], fork_ids, q["trace_ids"], match_tokens)]
         costs = sequence_costs(nll_model, seqs, batch_size, pad_id, device, num_batches)
     n, sizes = len(fork_ids), [len(q["trace_ids"]) for q in questions]
-    cost_matrices = list(costs.split([n * m for m in sizes])) if costs is not None else [None] * len(questions)
+    cost_matrices = [None] * len(questions) if costs is None else \
+        list(costs.split([n * m for m in sizes]))
     bad = [k for k, c in enumerate(cost_matrices) if c is not None and not torch.isfinite(c).all()]
     if bad:  # diverged weights: stop here, not inside linear_sum_assignment
         raise NonFiniteCost(bad)
@@ -195,8 +202,9 @@ def match_questions(nll_model, questions, fork_ids, mode, match_tokens, batch_si
         cost = cost.view(n, m).numpy() if cost is not None else None
         forks, traces = assign(mode, cost, n, m, rng)
         optimal = hungarian(cost) if mode == "random" else (forks, traces)
-        matched.append(Matching([int(f) for f in forks], [int(j) for j in traces], [int(f) for f in optimal[0]],
-                                [int(j) for j in optimal[1]], matching_gap(cost, *optimal) if cost is not None else None))
+        gap = matching_gap(cost, *optimal) if cost is not None else None
+        matched.append(Matching([int(f) for f in forks], [int(j) for j in traces],
+                                [int(f) for f in optimal[0]], [int(j) for j in optimal[1]], gap))
     return matched
 
 

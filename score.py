@@ -1,11 +1,11 @@
 """The paper's metrics: Pass@1, Cons@k, Pass@k and Pass@1 of Native Cons@N (Section 2.3, Table 1).
 
-Each response is graded by plumbing/grader.py (its answer, and whether it equals the gold). The metrics
-are computed per problem and averaged over problems (Table 1, Figures 4 and 5):
+Each response is graded by plumbing/grader.py (its answer, and whether it equals the gold). The
+metrics are computed per problem and averaged over problems (Table 1, Figures 4 and 5):
     pass@1         mean correctness of the n responses ("average of 32 generations")
     cons@k         majority vote of k responses taken in turn over the forking tokens (one of each
                    token, then a second of each, ...), for k = 2, 4, 8, ... and n
-    pass@k         Chen et al. (2021)'s unbiased 1 - C(n-c, k) / C(n, k), for every k <= n (Figure 4)
+    pass@k         Chen et al. (2021)'s unbiased 1 - C(n-c, k) / C(n, k), every k <= n (Figure 4)
     native_cons@N  sets of N responses, one per forking token, majority-voted and averaged over the
                    sets ("Pass@1 of Native Cons@6"; the paper's 11 sets of N = 6 take --samples 66)
     per_fork       accuracy and mean response length of each forking token (Figure 5)
@@ -19,8 +19,8 @@ of its responses each token gives, so that no metric changes when the responses 
 k = n the two are one vote). Rows files (infer.py's, sampled, models' solutions) are read by
 plumbing/evalfiles.py; scoring always re-grades from the text (docs/grading.md).
 
-    python score.py eval/ssft/aime24.all.jsonl --set_size 6   # table; eval/ssft/aime24.all.metrics.json
-    python score.py ../shared/data/math_cot_100x8.jsonl --set_size 8   # eval/math_cot_100x8.metrics.json
+    python score.py eval/ssft/aime24.all.jsonl --set_size 6   # eval/ssft/aime24.all.metrics.json
+    python score.py ../shared/data/math_cot_100x8.jsonl --set_size 8   # -> eval/math_cot_100x8...
 """
 import itertools
 import math
@@ -48,12 +48,12 @@ def pass_at_k(n, c, k):
 
 
 def vote_groups(completions):
-    """The responses that vote, grouped: answers found equal by `same_answer` (in either order of the
-    responses) are one group, and so are chains of them. [[completion, ...], ...], largest first,
-    then by their smallest answer: a function of the set of responses, not of their order."""
+    """The responses that vote, grouped: answers found equal by `same_answer` (in either order of
+    the responses) are one group, and so are chains of them. [[completion, ...], ...], largest
+    first, then by their smallest answer: a function of the set of responses, not of their order."""
     answers = sorted({c["pred"] for c in completions if c["pred"]})
     group_of = {}
-    for i, a in enumerate(answers):  # connected components, each answer joining all earlier it equals
+    for i, a in enumerate(answers):  # connected components: each joins the earlier ones it equals
         linked = {group_of[b] for b in answers[:i] if same_answer(a, b)}
         target = min(linked, default=a)
         for b, g in group_of.items():
@@ -69,7 +69,8 @@ def vote_groups(completions):
 
 def majority_vote(completions):
     """The vote of `completions` ([{"pred", "correct"}]), in [0, 1]: the largest group's share of
-    correct responses, averaged over the largest groups when they tie; 0.0 when none has an answer."""
+    correct responses, averaged over the largest groups when they tie; 0.0 when none has an
+    answer."""
     groups = vote_groups(completions)
     top = [g for g in groups if len(g) == len(groups[0])] if groups else []
     return sum(sum(bool(c["correct"]) for c in g) / len(g) for g in top) / len(top) if top else 0.0
@@ -78,14 +79,15 @@ def majority_vote(completions):
 def forks_in_tag_order(forks):
     """The distinct forking tokens of `forks` in tag order: <think2> before <think10>, whatever the
     order in which responses came."""
-    return sorted(set(forks), key=lambda f: (int(re.search(r"\d+", f).group()) if f and re.search(r"\d+", f)
-                                             else -1, f or ""))
+    def number(f):
+        return int(re.search(r"\d+", f).group()) if f and re.search(r"\d+", f) else -1
+    return sorted(set(forks), key=lambda f: (number(f), f or ""))
 
 
 def in_turn(completions):
     """The responses one forking token at a time, in tag order: the first of each token, then the
-    second of each, ... Cycle order stays as it is and block order is interleaved, so that cons@k votes
-    over the same mix of tokens whatever the order (the authors' maj_sot@k)."""
+    second of each, ... Cycle order stays as it is and block order is interleaved, so that cons@k
+    votes over the same mix of tokens whatever the order (the authors' maj_sot@k)."""
     forks = forks_in_tag_order(c["fork"] for c in completions)
     if len(forks) < 2:
         return completions
@@ -94,46 +96,49 @@ def in_turn(completions):
 
 
 def cons_at_k_first(completions, k):
-    """The paper's Cons@k of one problem, in [0, 1]: the majority vote of the first k responses taken
-    in turn over the forking tokens (in_turn)."""
+    """The paper's Cons@k of one problem, in [0, 1]: the majority vote of the first k responses
+    taken in turn over the forking tokens (in_turn)."""
     return majority_vote(in_turn(completions)[:k])
 
 
-CONS_EXACT = 5000  # cons@k averages every subset the tokens can give when there are at most this many
+CONS_EXACT = 5000  # cons@k averages every subset the tokens can give when there are at most this
 CONS_DRAWS = 1000  # else this many random draws (standard error <= 0.016 per problem)
 
 
 def cons_at_k(completions, k, draws=CONS_DRAWS):
     """Cons@k of one problem, in [0, 1], the default: cons_at_k_first in expectation over WHICH of
-    its responses each token gives (each token gives as many as it has among the first k of in_turn),
-    computed in one vectorised pass over the problem's vote_groups. A function of the set of
-    responses, not of their order (the first k would change with a shuffle):
-    the mean over every subset the tokens can give when there are at most CONS_EXACT (k = n: the one
-    subset of all responses), else over `draws` uniform draws without replacement from a fixed-seed
-    generator over the responses sorted by content. completions: [{"pred", "correct", "fork"}];
-    raises ValueError unless 1 <= k <= n."""
+    its responses each token gives (each token gives as many as it has among the first k of
+    in_turn), computed in one vectorised pass over the problem's vote_groups. A function of the set
+    of responses, not of their order (the first k would change with a shuffle): the mean over every
+    subset the tokens can give when there are at most CONS_EXACT (k = n: the one subset of all
+    responses), else over `draws` uniform draws without replacement from a fixed-seed generator over
+    the responses sorted by content. completions: [{"pred", "correct", "fork"}]; raises ValueError
+    unless 1 <= k <= n."""
     if not 1 <= k <= len(completions):
         raise ValueError(f"cons@{k} needs 1 <= k <= {len(completions)} responses")
     label = {id(c): g for g, members in enumerate(vote_groups(completions)) for c in members}
     forks = forks_in_tag_order(c["fork"] for c in completions)
     give = Counter(c["fork"] for c in in_turn(completions)[:k])
-    by_fork = {f: sorted((c for c in completions if c["fork"] == f), key=lambda c: (c["pred"] or "", bool(c["correct"])))
-               for f in forks}  # equal keys are interchangeable: same group, same grade
+    # each token's responses by content: equal keys are interchangeable (same group, same grade)
+    by_fork = {f: sorted((c for c in completions if c["fork"] == f),
+                         key=lambda c: (c["pred"] or "", bool(c["correct"]))) for f in forks}
     subsets = [math.comb(len(by_fork[f]), give[f]) for f in forks]
     exact = math.prod(subsets) <= CONS_EXACT
     draws = math.prod(subsets) if exact else draws
     rng = np.random.default_rng(0)
-    votes = np.zeros((draws, max(label.values(), default=0) + 1))  # [draws, groups]: responses drawn
+    votes = np.zeros((draws, max(label.values(), default=0) + 1))  # [draws, groups]: responses
     right = np.zeros_like(votes)  # [draws, groups]: of them graded correct
-    for position, f in enumerate(forks):  # in tag order, so that nothing depends on the responses' order
+    for position, f in enumerate(forks):  # in tag order: nothing depends on the responses' order
         mine = by_fork[f]
-        if exact:  # draw d takes the subsets numbered by unravelling d over the tokens' subset counts
+        if exact:  # draw d takes the subsets numbered by unravelling d over the subset counts
             choices = np.array(list(itertools.combinations(range(len(mine)), give[f])), dtype=int)
-            choices = choices.reshape(subsets[position], give[f])  # [subsets of this token, responses it gives]
+            # [subsets of this token, responses it gives]
+            choices = choices.reshape(subsets[position], give[f])
             picks = choices[np.unravel_index(np.arange(draws), subsets)[position]]
         else:
             picks = rng.random((draws, len(mine))).argsort(axis=1)[:, :give[f]]
-        groups = np.array([label.get(id(c), -1) for c in mine], dtype=int)[picks]  # -1: no answer, never votes
+        # -1: no answer, never votes
+        groups = np.array([label.get(id(c), -1) for c in mine], dtype=int)[picks]
         correct = np.array([bool(c["correct"]) for c in mine], dtype=float)[picks]
         rows = np.broadcast_to(np.arange(draws)[:, None], picks.shape)
         voting = groups >= 0
@@ -141,7 +146,8 @@ def cons_at_k(completions, k, draws=CONS_DRAWS):
         np.add.at(right, (rows[voting], groups[voting]), correct[voting])
     top = votes.max(axis=1, keepdims=True)
     tied = (votes == top) & (top > 0)  # the largest groups; none when no response has an answer
-    worth = np.where(tied, right / np.maximum(votes, 1), 0).sum(axis=1) / np.maximum(tied.sum(axis=1), 1)
+    worth = np.where(tied, right / np.maximum(votes, 1), 0).sum(axis=1)
+    worth = worth / np.maximum(tied.sum(axis=1), 1)
     return float(worth.mean())
 
 
@@ -154,10 +160,10 @@ def fair_split_counts(total, parts):
 
 
 def native_sets(completions, set_size, tag_order=None):
-    """Native Cons@N sets, each using every forking token once. With >= 2 forking tokens, set j = the
-    j-th response of each token, whatever the row order (for block order: the authors' {j + kS}).
-    Without forks, tag_order "block" splits the n responses into `set_size` token blocks as the
-    authors do and set j takes the j-th of each block; else consecutive blocks of `set_size`."""
+    """Native Cons@N sets, each using every forking token once. With >= 2 forking tokens, set j =
+    the j-th response of each token, whatever the row order (for block order: the authors' {j +
+    kS}). Without forks, tag_order "block" splits the n responses into `set_size` token blocks as
+    the authors do and set j takes the j-th of each block; else consecutive blocks of `set_size`."""
     forks = forks_in_tag_order(c["fork"] for c in completions if c["fork"])
     if len(forks) >= 2:
         return [list(s) for s in zip(*[[c for c in completions if c["fork"] == f] for f in forks])]
@@ -165,18 +171,21 @@ def native_sets(completions, set_size, tag_order=None):
         counts = fair_split_counts(len(completions), set_size)
         starts = [sum(counts[:k]) for k in range(set_size)]
         return [[completions[start + j] for start in starts] for j in range(min(counts))]
-    return [completions[i:i + set_size] for i in range(0, len(completions) - set_size + 1, set_size)]
+    return [completions[i:i + set_size]
+            for i in range(0, len(completions) - set_size + 1, set_size)]
 
 
 
 def problem_metrics(completions, set_size, tag_order=None, ks=None, native=True, cons="expected"):
     """{metric: value} of one problem's responses; values in [0, 1]. cons@k for k in `ks` (default
-    2, 4, 8, ... and n; cons_at_k, or cons_at_k_first with cons "first"), pass@k for every k in 2..n, native_cons@N over native_sets unless
-    `native` is false (responses whose tags the model chose: infer.py --fork auto)."""
+    2, 4, 8, ... and n; cons_at_k, or cons_at_k_first with cons "first"), pass@k for every k in
+    2..n, native_cons@N over native_sets unless `native` is false (responses whose tags the model
+    chose: infer.py --fork auto)."""
     n, c = len(completions), sum(bool(x["correct"]) for x in completions)
     m = {"pass@1": c / n}
     for k in sorted(ks or {2 ** i for i in range(1, n.bit_length())} | {n}):
-        m[f"cons@{k}"] = cons_at_k(completions, k) if cons == "expected" else cons_at_k_first(completions, k)
+        vote = cons_at_k if cons == "expected" else cons_at_k_first
+        m[f"cons@{k}"] = vote(completions, k)
     m.update({f"pass@{k}": pass_at_k(n, c, k) for k in range(2, n + 1)})
     sets = native_sets(completions, set_size, tag_order) if native else []
     if sets:
@@ -189,14 +198,15 @@ def aggregate(rows, set_size, cons="expected"):
     with the most responses; each is averaged over the problems that have it (counts[metric]), and
     problems with fewer responses are named in a warning on stderr."""
     # a row with fork_policy: the model chose its tags, so no native sets
-    per_problem = [problem_metrics(r["completions"], set_size, r.get("tag_order"), native="fork_policy" not in r,
-                                   cons=cons) for r in rows]
+    per_problem = [problem_metrics(r["completions"], set_size, r.get("tag_order"),
+                                   native="fork_policy" not in r, cons=cons) for r in rows]
     sizes = [len(r["completions"]) for r in rows]
     short = [str(r.get("id", i)) for i, (r, n) in enumerate(zip(rows, sizes)) if n < max(sizes)]
     if short:
-        print(f"warning: {len(short)} of {len(rows)} problems have fewer than {max(sizes)} responses "
-              f"({', '.join(short[:10])}{', ...' if len(short) > 10 else ''}); each metric is averaged over "
-              "the problems that have enough responses (see counts)", file=sys.stderr)
+        print(f"warning: {len(short)} of {len(rows)} problems have fewer than {max(sizes)} "
+              f"responses ({', '.join(short[:10])}{', ...' if len(short) > 10 else ''}); each "
+              "metric is averaged over the problems that have enough responses (see counts)",
+              file=sys.stderr)
     out, counts = {}, {}
     for k in per_problem[sizes.index(max(sizes))]:
         values = [m[k] for m in per_problem if k in m]
@@ -208,9 +218,10 @@ def aggregate(rows, set_size, cons="expected"):
     out["per_fork"] = {}
     for fork in [f or "none" for f in forks_in_tag_order(c["fork"] for c in responses)]:
         mine = [c for c in responses if (c["fork"] or "none") == fork]
-        out["per_fork"][fork] = {"responses": len(mine), "accuracy": sum(c["correct"] for c in mine) / len(mine),
-                                 f"mean_{unit}": sum(c["tokens"] if unit == "tokens" else len(c["text"])
-                                                     for c in mine) / len(mine)}
+        lengths = [c["tokens"] if unit == "tokens" else len(c["text"]) for c in mine]
+        out["per_fork"][fork] = {"responses": len(mine),
+                                 "accuracy": sum(c["correct"] for c in mine) / len(mine),
+                                 f"mean_{unit}": sum(lengths) / len(mine)}
     return out
 
 
@@ -232,10 +243,11 @@ def score_rows(rows, path, set_size, out="", cons="expected"):
 @dataclass
 class Config:
     rows: str = ""  # the JSONL to score: infer.py's rows, or a labelled file of another layout
-    set_size: int = 6  # native_cons set size when responses use fewer than 2 forking tokens (paper: 6)
-    cons: str = "expected"  # expected: Cons@k in expectation over the responses each token gives (the
-    # order of the responses does not matter); first: the paper's vote of the first k responses
-    out: str = ""  # the metrics JSON ('' = ROWS.metrics.json beside infer.py's rows, eval/NAME.metrics.json else)
+    set_size: int = 6  # native_cons set size when responses use < 2 forking tokens (paper: 6)
+    cons: str = "expected"  # expected: Cons@k in expectation over the responses each token gives
+    # (the responses' order does not matter); first: the paper's vote of the first k responses
+    out: str = ""  # the metrics JSON ('' = ROWS.metrics.json beside infer.py's rows, else
+    # eval/NAME.metrics.json)
 
 
 def parse_config(argv=None):
@@ -249,7 +261,9 @@ def parse_config(argv=None):
 def main(cfg):
     rows = evalfiles.read_rows(cfg.rows)
     beside = cfg.rows.removesuffix(".jsonl") + ".metrics.json"
-    out = cfg.out or (beside if all("layout" not in r for r in rows) else os.path.join("eval", os.path.basename(beside)))
+    if not cfg.out and any("layout" in r for r in rows):  # a labelled data file: under eval/
+        beside = os.path.join("eval", os.path.basename(beside))
+    out = cfg.out or beside
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     return score_rows(rows, cfg.rows, cfg.set_size, out, cfg.cons)
 

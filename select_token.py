@@ -20,8 +20,8 @@ counts), writes <out_dir>/select_token.json, and draws learned_matchings.png (th
 tokens left, traces or sources right, edge width = weight) and matching_dynamics.png (Figures 7 and
 10: configuration counts per epoch, gap and loss per step). Epochs are counted from 1.
 
-    python select_token.py --out_dir out/ssft                # then: python infer.py --fork "<think3>" ...
-    python select_token.py --out_dir out/ssft --min_share 0  # every configuration optimal in the last epoch
+    python select_token.py --out_dir out/ssft                # then: infer.py --fork "<think3>" ...
+    python select_token.py --out_dir out/ssft --min_share 0  # every configuration of the last epoch
 """
 import json
 import os
@@ -37,8 +37,8 @@ from plumbing.flags import parse_flags
 @dataclass
 class Config:
     out_dir: str = "out/ssft"  # the training run's directory, holding matching.json
-    min_share: float = 0.01  # keep configurations optimal for >= this fraction of the epoch's matchings
-    epoch: int = 0  # which epoch is "late in training", counted from 1 as printed and drawn (0: the last)
+    min_share: float = 0.01  # keep configurations optimal in >= this share of the epoch's questions
+    epoch: int = 0  # which epoch is "late in training", counted from 1 as printed (0: the last)
     png: str = ""  # the graph's path ('' = <out_dir>/learned_matchings.png)
 
 
@@ -69,7 +69,8 @@ def load_log(path, epoch):
         raise SystemExit(f"error: {path}: not a matching log (expected fork_tokens and epochs of "
                          "configurations [{edges: [[fork, key], ...], count}] with 0 <= fork < N)")
     if not 0 <= epoch <= len(epochs) or not epochs:
-        raise SystemExit(f"error: --epoch {epoch}: {path} has epochs 1..{len(epochs)} (0: the last)")
+        raise SystemExit(f"error: --epoch {epoch}: {path} has epochs 1..{len(epochs)} "
+                         "(0: the last)")
     return log, epochs[epoch - 1]
 
 
@@ -91,7 +92,8 @@ def learned_configurations(configurations, min_share):
 
 def learned_edges(configurations):
     """Union of the configurations' edges: Counter {(fork, key): summed count of the configurations
-    holding the edge}. Keys are source names (str) or trace indices (int), as train.py logged them."""
+    holding the edge}. Keys are source names (str) or trace indices (int), as train.py logged
+    them."""
     edges = Counter()
     for c in configurations:
         for fork, key in c["edges"]:
@@ -100,9 +102,9 @@ def learned_edges(configurations):
 
 
 def choose_token(edges, num_forks):
-    """Eq. 6 with Appendix A.2.1's tie-break. Returns (chosen fork index, per-fork rows
-    [{"fork", "distinct", "weighted"}]): distinct = number of distinct keys the fork is matched to,
-    weighted = its weighted degree. Order: most distinct, then largest weighted, then lowest index."""
+    """Eq. 6 with Appendix A.2.1's tie-break. Returns (chosen fork index, per-fork rows [{"fork",
+    "distinct", "weighted"}]): distinct = number of distinct keys the fork is matched to, weighted =
+    its weighted degree. Order: most distinct, then largest weighted, then lowest index."""
     rows = [{"fork": f, "distinct": sum(1 for g, _ in edges if g == f),
              "weighted": sum(w for (g, _), w in edges.items() if g == f)} for f in range(num_forks)]
     best = max(rows, key=lambda r: (r["distinct"], r["weighted"], -r["fork"]))
@@ -110,21 +112,20 @@ def choose_token(edges, num_forks):
 
 
 def top_edge(edges, fork):
-    """(the key `fork` is matched to most, that edge's count) of an edge Counter; a tie goes to the
-    first key in sort_keys order, (None, 0) for a fork with no edge."""
+    """(the key `fork` is matched to most, that edge's count, every key tied with it) of an edge
+    Counter; the first of tied keys in sort_keys order leads; (None, 0, []) for a fork with no
+    edge."""
     mine = {k: w for (f, k), w in edges.items() if f == fork}
     if not mine:
-        return None, 0
+        return None, 0, []
     top = max(sort_keys(mine), key=lambda k: mine[k])  # max keeps the first of equal counts
-    return top, mine[top]
+    return top, mine[top], [k for k in sort_keys(mine) if mine[k] == mine[top]]
 
 
 def sort_keys(keys):
     return sorted(set(keys), key=lambda k: (isinstance(k, str), k))  # trace indices, then sources
 
 
-# One colour per meaning in every figure of the project; toy_compare.py's variants and styles take
-# other colours (a test keeps the tables apart). Epochs are shaded in order with viridis.
 def main(cfg):
     path = os.path.join(cfg.out_dir, "matching.json")
     log, record = load_log(path, cfg.epoch)
@@ -133,29 +134,38 @@ def main(cfg):
     chosen, rows, edges, kept = select(configs, len(tokens), cfg.min_share)
     total = sum(c["count"] for c in configs)  # one optimal matching per question of the epoch
     every = learned_edges(configs)  # the shares count every matching of the epoch, kept or not
-    print(f"{path}: epoch {epoch} of {len(log['epochs'])}: {len(kept)} of {len(configs)} configurations still "
-          f"accumulate mass (>= {cfg.min_share:g} of the epoch's {total} matchings), covering "
+    print(f"{path}: epoch {epoch} of {len(log['epochs'])}: {len(kept)} of {len(configs)} "
+          f"configurations still accumulate mass (>= {cfg.min_share:g} of the epoch's {total} "
+          f"matchings), covering "
           f"{sum(c['count'] for c in kept)} of them")
     named = "source" if any(isinstance(k, str) for _, k in every) else "trace"
-    print(f"{'token':>10} {named + 's':>7} {'weighted':>8}  {'top ' + named + ': count, share':<26}  "
+    top_column = f"top {named}: count, share"
+    print(f"{'token':>10} {named + 's':>7} {'weighted':>8}  {top_column:<26}  "
           f"learned edges ({named}: count)")
     for r in rows:
         mine = {k: w for (f, k), w in edges.items() if f == r["fork"]}
-        r["top"], r["top_count"] = top_edge(every, r["fork"])
+        r["top"], r["top_count"], r["tied"] = top_edge(every, r["fork"])
         r["share"] = r["top_count"] / max(total, 1)  # of the epoch's questions
         listed = ", ".join(f"{k}: {mine[k]}" for k in sort_keys(mine))
         mark = "*" if r["fork"] == chosen else " "
-        share = f"{r['top']}: {r['top_count']}, {100 * r['share']:.1f}%"
-        print(f"{mark}{tokens[r['fork']]:>9} {r['distinct']:>7} {r['weighted']:>8}  {share:<26}  {listed}")
-    print(f"columns: {named}s = distinct {named}s of the token's learned edges (Eq. 6: most wins, * = chosen); "
-          f"weighted = their summed counts (the tie-break); top {named} = the one it was matched to most, in how "
-          f"many of the epoch's {total} questions (every configuration, kept or not) and what share of them")
+        tie = len(r["tied"]) > 1
+        top = f"{len(r['tied'])}-way tie ({', '.join(map(str, r['tied']))})" if tie else r["top"]
+        share = f"{top}: {r['top_count']}{' each' if tie else ''}, {100 * r['share']:.1f}%"
+        name = tokens[r["fork"]]
+        print(f"{mark}{name:>9} {r['distinct']:>7} {r['weighted']:>8}  {share:<26}  {listed}")
+    print(f"columns: {named}s = distinct {named}s of the token's learned edges (Eq. 6: most "
+          f"wins, * = chosen); weighted = their summed counts (the tie-break); top {named} = the "
+          f"one it was matched to most, in how many of the epoch's {total} questions (every "
+          f"configuration, kept or not) and what share of them; an N-way tie lists every {named} "
+          f"matched that often (an SFT run: all of them, to its one token)")
     if named == "trace":
-        print("the data has no `sources`: traces are named by their position 0..M-1 in the question, so a style "
-              "here is a position (give each trace a source to see teachers or styles)")
+        print("the data has no `sources`: traces are named by their position 0..M-1 in the "
+              "question, so a style here is a position (give every trace a source to see teachers "
+              "or styles)")
     style = log.get("fork_style", "special")  # as trained; final/ssft.json tells infer.py the same
-    print(f"Pass@1 token (Eq. 6): {tokens[chosen]} (tag {data.fork_tag(tokens[chosen], style)!r}); then:\n"
-          f"    python infer.py --model {os.path.join(cfg.out_dir, 'final')} --fork \"{tokens[chosen]}\" ...")
+    final = os.path.join(cfg.out_dir, "final")
+    print(f"Pass@1 token (Eq. 6): {tokens[chosen]} (tag {data.fork_tag(tokens[chosen], style)!r}); "
+          f"then:\n    python infer.py --model {final} --fork \"{tokens[chosen]}\" ...")
     result = {"token": tokens[chosen], "fork": chosen, "epoch": epoch, "min_share": cfg.min_share,
               "forks": [{**r, "token": tokens[r["fork"]]} for r in rows],
               "edges": [[f, k, w] for (f, k), w in sorted(edges.items(), key=str)]}
@@ -163,7 +173,8 @@ def main(cfg):
     png = cfg.png or os.path.join(cfg.out_dir, "learned_matchings.png")
     figures.draw(edges, tokens, chosen, png, sort_keys(k for _, k in edges))
     metrics = os.path.join(cfg.out_dir, "metrics.jsonl")
-    steps = [r for _, r in read_jsonl(metrics, drop_truncated_tail=True)] if os.path.exists(metrics) else []
+    steps = [r for _, r in read_jsonl(metrics, drop_truncated_tail=True)] \
+        if os.path.exists(metrics) else []
     figures.draw_dynamics(log["epochs"], steps, os.path.join(cfg.out_dir, "matching_dynamics.png"))
     print(f"wrote {png} and {os.path.join(cfg.out_dir, 'matching_dynamics.png')}")
     return result

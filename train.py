@@ -78,7 +78,8 @@ class Config:
     # alone, exit 0 if it fits, 3 if not
 
 
-RULES = {"num_forks": "[1, 1024]",  # a tag is a vocabulary entry and N forwards per trace and step
+MAX_FORKS = 1024  # bound on --num_forks: each is a vocabulary entry and N forwards per trace and step
+RULES = {"num_forks": f"[1, {MAX_FORKS}]",
          "match_tokens": ">= 1", "max_len": ">= 2", "matching": ("hungarian", "random", "sft"),
          "layout": ("batch", "concat"), "fork_style": data.FORK_STYLES, "epochs": ">= 1",
          "batch_size": ">= 1", "micro_batch": ">= 1", "match_batch": ">= 1",

@@ -111,5 +111,8 @@ def allowed(value, rule):
 
 
 def describe(rule):
-    return "one of " + ", ".join(map(str, rule)) if isinstance(rule, tuple) else \
-        rule if rule[0] in "<>" else f"in {rule}"
+    """A rule in words: "hungarian, random or sft", "from 1 to 1024", "> 0", "in [0, 1)"."""
+    if isinstance(rule, tuple):
+        return ", ".join(map(str, rule[:-1])) + f" or {rule[-1]}" if len(rule) > 1 else str(rule[0])
+    closed = re.fullmatch(r"\[(\d+), *(\d+)\]", rule)
+    return f"from {closed.group(1)} to {closed.group(2)}" if closed else rule if rule[0] in "<>" else f"in {rule}"

@@ -9,9 +9,8 @@ import pytest
 import torch
 
 import data
-import score
 import toy
-from plumbing import datafiles, files
+from plumbing import datafiles, files, grader
 
 from conftest import SHARED
 
@@ -188,7 +187,7 @@ def test_mix_pools_sources_keeps_correct_traces_and_is_a_function_of_the_seed(tm
     assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()  # same seed, same file
     for q in datafiles.load_questions(str(tmp_path / "a.jsonl")):
         assert len(q["traces"]) == 2 and sorted(q["sources"]) == ["alpha", "gamma"]  # one per source at most
-        assert all(score.grade(t, q["answer"])[1] for t in q["traces"])
+        assert all(grader.grade(t, q["answer"])[1] for t in q["traces"])
     other = data.main([*flags[:-1], "4", "--out", str(tmp_path / "c.jsonl")])
     assert [r["traces"] for r in other] != [r["traces"] for r in first]  # another seed, another sample
 

@@ -58,9 +58,9 @@ def test_last_boxed_takes_the_last_balanced_answer():
     assert grader.last_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
     assert grader.last_boxed(r"\boxed{3} and \boxed{4") == "3"  # unclosed last one: the one before
     assert grader.last_boxed("no answer") is None
-    assert score.gold_answer("She pays 3 * 6 = 18.\n#### 1,018") == "1018"
-    assert score.gold_answer(r"so it is $\boxed{\pi}$") == r"\pi"
-    assert score.gold_answer(204) == "204"
+    assert grader.gold_answer("She pays 3 * 6 = 18.\n#### 1,018") == "1018"
+    assert grader.gold_answer(r"so it is $\boxed{\pi}$") == r"\pi"
+    assert grader.gold_answer(204) == "204"
 
 
 def test_builtin_equivalence_normalises_numbers_and_latex():

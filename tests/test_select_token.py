@@ -77,3 +77,16 @@ def test_select_token_rejects_a_malformed_log(tmp_path):
                                             '[{"edges": [[3, "a"]], "count": 1}]}]}')
     with pytest.raises(SystemExit, match="matching.json: not a matching log"):
         select_token.main(select_token.parse_config(["--out_dir", str(tmp_path)]))
+
+
+def test_a_tie_for_the_top_source_is_shown_as_a_tie(tmp_path, capsys):
+    """An SFT run matches every trace to its one token: each of the four sources is its top source in
+    every question. The table names the four-way tie instead of one source at 100%."""
+    sources = ["left", "right", "place", "direct"]
+    (tmp_path / "matching.json").write_text(json.dumps({
+        "matching": "sft", "num_forks": 1, "fork_tokens": ["<think1>"], "epochs": [
+            {"epoch": 0, "configurations": [{"edges": [[0, s] for s in sources], "count": 50}]}]}))
+    result = select_token.main(select_token.parse_config(["--out_dir", str(tmp_path)]))
+    out = capsys.readouterr().out
+    assert result["forks"][0]["tied"] == sorted(sources) and result["forks"][0]["share"] == 1.0
+    assert "4-way tie (direct, left, place, right): 50 each, 100.0%" in out, out

@@ -2,7 +2,7 @@
 needs `tiktoken`; both in requirements-test.txt): no weights, no network. The tests use it (conftest's
 `qwen` fixture); saved to a folder, it lets `data.py --model DIR` count real token lengths.
 
-    python tools/qwen_tokenizer.py DIR    # saves the Qwen2.5 tokenizer there (12 s)
+    python tools/qwen_vocab.py DIR    # saves the Qwen2.5 tokenizer there (12 s)
 """
 import os
 import sys
@@ -48,6 +48,6 @@ def qwen_tokenizer():
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python tools/qwen_tokenizer.py DIR   (saves the Qwen2.5 tokenizer there)")
+        raise SystemExit("usage: python tools/qwen_vocab.py DIR   (saves the Qwen2.5 tokenizer there)")
     qwen_tokenizer().save_pretrained(sys.argv[1])
     print(f"saved the Qwen2.5 tokenizer (151,665 tokens, chat template) to {sys.argv[1]}")
