@@ -16,28 +16,31 @@ Multiple-choice responses read a letter A-D (`read_letter`). grader.py compares 
 
     python -m pytest -q tests/test_answers.py
 """
+import bisect
 import re
 
 from plumbing.values import MINUS, WRAPPED, builtin_equal, exact_values, normalise, split_unit, strip_math
 
 NUMBER = re.compile(r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 DELIMITERS = r"\$\$|\$|\\\(|\\\)|\\\[|\\\]"
-ANSWER_IS = re.compile(r"(?i)(?:final answer|the answer)[\s*]*(?:is|:)[\s*:}]*|\banswer[\s*]*:[\s*}]*"  # } of \text{Answer:}
+ANSWER_IS = re.compile(r"(?i)(?:final answer|the answer)[\s*]*(?:is|:)[\s*:}]*"
+                       r"|\banswer[\s*]*:[\s*}]*"  # the } of \text{Answer:}
                        r"|(?m:^[#> \t*]*final answer[ \t*:]*$)")  # a heading, the value on the next line
-ANSWER_LINE = re.compile(r"(?im)^[#> \t*]*(?:final\s+)?answer[ \t*]*:[ \t*]*")
-LETTER = r"[\s*:$(]*(?:\\(?:text|textbf|mathrm|mathbf)\{\s*)?\(?([A-D])\)?\}?(?![A-Za-z0-9])"
+ANSWER_LINE = re.compile(r"(?im)^[#> \t*]*(?:final\s+)?answer[ \t*]*:[ \t*]*")  # "Answer: X" opening a line
+LETTER = r"[\s*:$(]*(?:\\(?:text|textbf|mathrm|mathbf)\{\s*)?\(?([A-D])\)?\}?(?![A-Za-z0-9])"  # C, (C), \textbf{C}
 CHOICE_IS = re.compile(r"(?i:\b(?:answer|choice|option)\b)(?:[\s*]*(?i:is|:|must be|should be))" + LETTER +
                        r"|(?i:\b(?:option|choice))\s+\(?([A-D])\)?\s+(?i:is (?:the )?(?:correct|right|answer))")
-CONDITIONAL = re.compile(r"(?i)[\s)*.,]*(?:only if|if\b|unless|provided|assuming|when\b|or\b|would)")
-TEMPLATE = re.compile(r"(?i)['\"`“‘]\s*\**\s*$|\b(?:format|e\.g\.|example|such as|template|end with)\b[^\n]{0,30}$"
-                      r"|\b(?:format|example|template|like this)\b[^\n]*:\s*\n\s*$")  # 'Answer: A', or after "format:"
+CONDITIONAL = re.compile(r"(?i)[ \t)*,]*(?:only if|if\b|unless|provided|assuming|when\b|or\b|would)")  # same clause
+TEMPLATE = re.compile(r"(?i)['\"`“‘]\s*\**\s*$"  # in quotes: 'Answer: A'
+                      r"|\b(?:format|e\.g\.|example|such as|template|end with)\b[^\n]{0,30}$"
+                      r"|\b(?:format|example|template|like this)\b[^\n]*:\s*\n\s*$")  # the line after "format:"
+PLACEHOLDER = re.compile(r"\s*(?:\\phantom\{[^{}]*\}|\\[hv]space\{[^{}]*\}|\\q?quad|_+|\?)?\s*")  # a blank box
 
 
 def template(part, start):
     """Whether the answer statement at `start` is a template the response repeats, not its answer: in
     quotes ("I must end with 'Answer: A'") or after "format", "example" on its line or the line before."""
     return TEMPLATE.search(part[max(0, start - 300):start]) is not None
-PLACEHOLDER = re.compile(r"\s*(?:\\phantom\{[^{}]*\}|\\[hv]space\{[^{}]*\}|\\q?quad|_+|\?)?\s*")
 
 
 def answer_part(text, finished=True):
@@ -120,7 +123,8 @@ def answer_phrase(text, start):
     if not re.sub(rf"\s|\*|{DELIMITERS}", "", line) and "\n" in rest:
         line = next((l for l in rest.split("\n")[1:] if re.sub(rf"\s|\*|{DELIMITERS}", "", l)), "")
     m = re.match(r"\s*(?:\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\])", line)
-    phrase = next(filter(None, m.groups())) if m else re.split(r"\.(?:\s|$)|,\s+(?=[a-z]{2})|\bI hope\b", line, maxsplit=1)[0]
+    clause = re.split(r"\.(?:\s|$)|,\s+(?=[a-z]{2})|\bI hope\b", line, maxsplit=1)[0]  # "7, which ..." -> "7"
+    phrase = next(filter(None, m.groups())) if m else clause
     phrase = re.sub(rf"^(?:\s|{DELIMITERS})+|(?:\s|{DELIMITERS})+$", "", phrase.strip(" *.")).strip(" *.")
     said = re.fullmatch(r".*[A-Za-z].*\s(?:is|are|equals)\s+(.+)", phrase)
     phrase = strip_math(said.group(1)) if said else phrase  # "The largest $n$ is 34" -> "34"
@@ -130,10 +134,11 @@ def answer_phrase(text, start):
 def dangling(part):
     """Whether the answer part ends in an answer marker with nothing after it ("so the answer is"): a
     response cut off while it gave its answer, which has none."""
+    tail = part[-300:]  # a marker with nothing after it stands at the end
     last = None
-    for last in ANSWER_IS.finditer(part):
+    for last in ANSWER_IS.finditer(tail):
         pass
-    return last is not None and not re.sub(rf"\s|\*|:|{DELIMITERS}", "", part[last.end():])
+    return last is not None and not re.sub(rf"\s|\*|:|{DELIMITERS}", "", tail[last.end():])
 
 
 def several(answer):
@@ -187,7 +192,8 @@ def copied(answer, text, question):
     tokens = lambda s: re.findall(r"[A-Za-z]+|\d+(?:\.\d+)?|[=+\-*/<>:]", s)[-2:]
     restated = [tokens(question[max(0, start - 40):start]) for start in given]
     for start, v in numbers_in(text):
-        before = re.sub(r"\\(?:boxed|text|textbf|mathrm)\{|\\\(|\\\[|\$|\*|\{", " ", text[max(0, start - 60):start])
+        before = text[max(0, start - 60):start]
+        before = re.sub(r"\\(?:boxed|text|textbf|mathrm)\{|\\\(|\\\[|\$|\*|\{", " ", before)  # wrappers
         if v == value and STATED.search(before.rstrip()) and tokens(before) not in restated:
             return False
     return True
@@ -195,20 +201,25 @@ def copied(answer, text, question):
 
 def last_number(text):
     """The last number that stands alone: not inside a word ("H2O"), next to a letter, ^, _ or \\, nor
-    inside a pair of braces (the 2 of "\\frac{1+\\sqrt{5}}{2}"), with its minus sign; None without one."""
-    inside, stack = [0] * (len(text) + 1), []
+    inside a pair of braces (the 2 of "\\frac{1+\\sqrt{5}}{2}"), with its minus sign; None without one,
+    and None when it is an alternative ("3 or 5"). Linear time: the brace pairs, merged, are bisected."""
+    pairs, stack = [], []
     for m in re.finditer(r"[{}]", text):
         if m.group() == "{":
             stack.append(m.start())
         elif stack:
-            start = stack.pop()
-            inside[start] += 1
-            inside[m.start() + 1] -= 1
-    depth, outside = 0, []
-    for ch, step in zip(text, inside):  # the text with everything inside closed braces blanked out
-        depth += step
-        outside.append(" " if depth else ch)
-    for m in reversed(list(NUMBER.finditer("".join(outside)))):
+            pairs.append((stack.pop(), m.start()))
+    covered = []  # disjoint [start, end] spans inside closed braces, in order
+    for start, end in sorted(pairs):
+        if covered and start <= covered[-1][1]:
+            covered[-1][1] = max(covered[-1][1], end)
+        else:
+            covered.append([start, end])
+    starts = [start for start, _ in covered]
+    for m in reversed(list(NUMBER.finditer(text))):
+        i = bisect.bisect_right(starts, m.start()) - 1
+        if i >= 0 and m.start() < covered[i][1]:
+            continue
         before, after = text[max(0, m.start() - 2):m.start()], text[m.end():m.end() + 2]
         if not re.search(r"[\w\\^_.,]$", before) and not re.match(r"[A-Za-z\d^_]|[.,]\d", after):
             if re.search(r"(?<![A-Za-z])(?:or|either)\s*\$?-?$", text[max(0, m.start() - 12):m.start()]):
@@ -242,7 +253,8 @@ def extract_answer(text, gold=None, kind="math", finished=True, question=None, s
     spans = [s for s in spans if s[2] and not copied(s[2], text, question)]  # an empty box in passing: read on
     if spans:
         if multi:
-            return ", ".join(box_group(part, spans)) if len(box_group(part, spans)) > 1 else strip_math(spans[-1][2])
+            group = box_group(part, spans)
+            return ", ".join(group) if len(group) > 1 else strip_math(spans[-1][2])
         answer = agreed([strip_math(c) for _, _, c in spans], same)
         return answer if answer and not several(answer) else None
     lines = [answer_phrase(part, m.end()) for m in ANSWER_LINE.finditer(part) if not template(part, m.start())]

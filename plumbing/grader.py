@@ -30,9 +30,10 @@ import threading
 if __package__ in (None, ""):  # the worker runs this file as a script: make `plumbing` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from plumbing import answers
-from plumbing.answers import boxed_spans, gold_answer, last_boxed, letter_of, read_gold  # noqa: F401 (callers' names)
-from plumbing.values import (MINUS, WRAPPED, builtin_equal, exact_values, normalise, prefixes_clash,  # noqa: F401
-                             split_base, strip_math)
+# callers' names, kept here: grader.gold_answer, grader.letter_of, grader.builtin_equal, ...
+from plumbing.answers import boxed_spans, gold_answer, last_boxed, letter_of, read_gold  # noqa: F401
+from plumbing.values import (MINUS, WRAPPED, builtin_equal, exact_values, normalise,  # noqa: F401
+                             prefixes_clash, split_base, strip_math)
 
 MV_TIMEOUT = 5  # seconds math-verify may spend on one parse or comparison (its own timeout, in the worker)
 WORKER_LIMIT = 15  # seconds before the worker is killed and the comparison counts as math-verify "not equal"

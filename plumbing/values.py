@@ -45,7 +45,8 @@ def repeating_value(m):
     """The exact value of a repeating decimal matched by REPEATING: 0.1\\overline{6} = 1/6."""
     sign, whole, fixed, *cycle = m.groups()
     cycle = next(filter(None, cycle))
-    value = int(whole or 0) + Fraction(int(fixed + cycle) - int(fixed or 0), (10 ** len(cycle) - 1) * 10 ** len(fixed))
+    tail = Fraction(int(fixed + cycle) - int(fixed or 0), (10 ** len(cycle) - 1) * 10 ** len(fixed))  # 0.1(6) -> 15/90
+    value = int(whole or 0) + tail
     return -value if sign == "-" else value
 
 
@@ -90,9 +91,15 @@ def canonical_unit(unit):
         if unit.endswith(word):
             unit, power = unit[:-len(word)], p
     unit, _, given = unit.partition("^")
-    words = [UNIT_NAMES.get(w, w[:-2] if re.search(r"(?:ch|sh|x|ss)es$", w) else w[:-1] if re.search(r"[^s]s$", w)
-                            and len(w) > 3 else w) for w in unit.split()]
+    words = [UNIT_NAMES.get(w, singular(w)) for w in unit.split()]
     return " ".join(words) + (power or ("^" + given if given else ""))
+
+
+def singular(word):
+    """inches -> inch, days -> day; "cm", "gas" and "mass" stay."""
+    if re.search(r"(?:ch|sh|x|ss)es$", word):
+        return word[:-2]
+    return word[:-1] if re.search(r"[^s]s$", word) and len(word) > 3 else word
 
 
 def split_unit(s):
@@ -101,8 +108,8 @@ def split_unit(s):
     `canonical_unit` spelling; a unit is letters and spaces only (so "p.m." is not one), and a plain one
     is at least two letters after a space (so "4a" is no unit)."""
     s = s.strip().replace(MINUS, "-")
-    m = re.fullmatch(r"(.*\d)\s*\\(?:text|mbox|mathrm)\{\s*([A-Za-z][A-Za-z ]*?)\s*\}(\^\{?\d\}?)?\s*\.?", s) or \
-        re.fullmatch(r"(.*\d)\s+([A-Za-z]{2,}(?: [A-Za-z]+){0,2})(\^\{?\d\}?)?\s*\.?", s)
+    wrapped = r"(.*\d)\s*\\(?:text|mbox|mathrm)\{\s*([A-Za-z][A-Za-z ]*?)\s*\}(\^\{?\d\}?)?\s*\.?"
+    m = re.fullmatch(wrapped, s) or re.fullmatch(r"(.*\d)\s+([A-Za-z]{2,}(?: [A-Za-z]+){0,2})(\^\{?\d\}?)?\s*\.?", s)
     return (m.group(1), canonical_unit(m.group(2) + (m.group(3) or ""))) if m else (s, "")
 
 

@@ -49,11 +49,13 @@ FLATTERING = {
     "exact numbers inside containers": [
         ("\\boxed{(0.333333, 0.5]}", "(\\frac{1}{3}, \\frac{1}{2}]"),
         ("\\boxed{(0.3333333, 2)}", "(\\frac{1}{3}, 2)"),
-        ("\\boxed{\\begin{pmatrix} 0.333333 \\\\ 0.5 \\end{pmatrix}}", "\\begin{pmatrix} \\frac13 \\\\ \\frac12 \\end{pmatrix}"),
+        ("\\boxed{\\begin{pmatrix} 0.333333 \\\\ 0.5 \\end{pmatrix}}",
+         "\\begin{pmatrix} \\frac13 \\\\ \\frac12 \\end{pmatrix}"),
         ("\\boxed{\\{0.142857, 2\\}}", "\\{\\frac{1}{7}, 2\\}"),
         ("\\boxed{[0.666667, \\infty)}", "[\\frac{2}{3}, \\infty)"),
     ],
-    "base-n subscripts": [("\\boxed{52_9}", "52_8"), ("\\boxed{1011_{2}}", "1011_3"), ("The answer is $52_{9}$.", "52_8")],
+    "base-n subscripts": [("\\boxed{52_9}", "52_8"), ("\\boxed{1011_{2}}", "1011_3"),
+                          ("The answer is $52_{9}$.", "52_8")],
     "unicode minus": [("so x = \u22127", "7"), ("\\boxed{\u22125}", "5"), ("The answer is \u22123/4.", "\\frac34")],
     "the committed letter": [
         ("The answer is A only if the reaction is exothermic. It is not, so the correct choice is C.", "A", "choice"),
@@ -81,11 +83,13 @@ RIGHT = {  # (response, gold, kind, finished, question) by family: responses a c
         ("Tom still has 5 apples.\nA: 5", "5", "math", True, Q),
     ],
     "repeating decimals": [("\\boxed{0.\\overline{3}}", "\\frac{1}{3}"), ("\\boxed{0.1\\overline{6}}", "\\frac16"),
-                           ("The answer is 0.(36).", "\\frac{4}{11}"), ("\\boxed{-1.\\overline{142857}}", "-\\frac{8}{7}")],
+                           ("The answer is 0.(36).", "\\frac{4}{11}"),
+                           ("\\boxed{-1.\\overline{142857}}", "-\\frac{8}{7}")],
     "units spelled out": [("The area is 864 square inches.", "864 \\mbox{ inches}^2"),
                           ("\\boxed{864 \\text{ square inches}}", "864 \\mbox{ inches}^2"),
                           ("The answer is 12 feet.", "12\\text{ ft}")],
-    "exact entries": [("\\boxed{(0.5, 2)}", "(\\frac{1}{2}, 2)"), ("\\boxed{\\{0.25, 2\\}}", "\\{\\frac{1}{4}, 2\\}")],
+    "exact entries": [("\\boxed{(0.5, 2)}", "(\\frac{1}{2}, 2)"),
+                      ("\\boxed{\\{0.25, 2\\}}", "\\{\\frac{1}{4}, 2\\}")],
     "base-n": [("\\boxed{52_{9}}", "52_9"), ("\\boxed{52_9}", "52")],
     "unicode minus": [("so x = \u22127", "-7"), ("\\boxed{\u22123/4}", "-\\frac34")],
     "letters": [
@@ -93,8 +97,10 @@ RIGHT = {  # (response, gold, kind, finished, question) by family: responses a c
         ("Comparing the energies.\nB) 4.2 eV", "B", "choice"), ("Reasoning.\n\n**Answer: B**", "B", "choice"),
         ("The answer is A only if the reaction is exothermic. It is not, so the correct choice is C.", "C", "choice"),
         ("<think>\nAnswer: A? no.\n</think>\n\nAnswer: D", "D", "choice"),
+        ("</think>\n\nThe correct answer is **C**.\n\nWhen we compare the energies, C wins.", "C", "choice"),
     ],
-    "an empty box in passing": [("I will put the final answer in \\boxed{}.\nSo 3 + 7 = 10. The answer is 10.", "10")],
+    "an empty box in passing": [("I will put the final answer in \\boxed{}.\nSo 3 + 7 = 10. The answer is 10.",
+                                 "10")],
 }
 
 
