@@ -23,7 +23,7 @@ from plumbing.values import MINUS, WRAPPED, builtin_equal, exact_values, normali
 
 NUMBER = re.compile(r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?")
 DELIMITERS = r"\$\$|\$|\\\(|\\\)|\\\[|\\\]"
-ANSWER_IS = re.compile(r"(?i)(?:final answer|the answer)[\s*]*(?:is|:)[\s*:}]*"
+ANSWER_IS = re.compile(r"(?i)(?:final answer|the answer)[\s*]*(?:is|:)[\s*:}]*|the answers are[\s*:]*"
                        r"|\banswer[\s*]*:[\s*}]*"  # the } of \text{Answer:}
                        r"|(?m:^[#> \t*]*final answer[ \t*:]*$)")  # a heading, the value on the next line
 ANSWER_LINE = re.compile(r"(?im)^[#> \t*]*(?:final\s+)?answer[ \t*]*:[ \t*]*")  # "Answer: X" opening a line
@@ -138,6 +138,8 @@ def dangling(part):
     last = None
     for last in ANSWER_IS.finditer(tail):
         pass
+    if re.search(r"(?:^|\n)[ \t*]*(?:####|A:)[\s*]*$", tail):  # GSM8K's answer line, cut after its mark
+        return True
     return last is not None and not re.sub(rf"\s|\*|:|{DELIMITERS}", "", tail[last.end():])
 
 
@@ -148,6 +150,16 @@ def several(answer):
     if re.search(r"[<>]|\\(?:le|ge|leq|geq|lt|gt|neq|ne)(?![a-z])", answer):
         return False
     return bool(re.search(r"(?<![A-Za-z\\])(?:or|either)(?![A-Za-z])|\\lor|\\vee", answer))
+
+
+def one_answer(answer, gold, multi):
+    """`answer`, or None when it names several: alternatives ("3 or 5") unless the gold has several parts
+    (`multi`), or a list of numbers ("3 and 5", "3, 5") for a gold that is one number."""
+    if answer is None or multi:
+        return answer
+    listed = value_of(gold) is not None and len(numbers_in(re.sub(r"\\frac\{[^{}]*\}\{[^{}]*\}", "1", answer))) > 1 \
+        and re.search(r"\d\s*(?:,\s|and\b|\\text\{\s*and\s*\})\s*-?\d", answer)
+    return None if several(answer) or listed else answer
 
 
 def parts(s):
@@ -216,14 +228,17 @@ def last_number(text):
         else:
             covered.append([start, end])
     starts = [start for start, _ in covered]
-    for m in reversed(list(NUMBER.finditer(text))):
+    numbers = list(NUMBER.finditer(text))
+    for k in reversed(range(len(numbers))):
+        m = numbers[k]
         i = bisect.bisect_right(starts, m.start()) - 1
         if i >= 0 and m.start() < covered[i][1]:
             continue
         before, after = text[max(0, m.start() - 2):m.start()], text[m.end():m.end() + 2]
         if not re.search(r"[\w\\^_.,]$", before) and not re.match(r"[A-Za-z\d^_]|[.,]\d", after):
-            if re.search(r"(?<![A-Za-z])(?:or|either)\s*\$?-?$", text[max(0, m.start() - 12):m.start()]):
-                return None  # "3 or 5": alternatives, not one answer
+            between = text[numbers[k - 1].end():m.start()][-40:] if k else ""
+            if re.search(r"(?<![A-Za-z])(?:or|either)(?![A-Za-z])", between):
+                return None  # "3 or 5", "x = 3 or x = 5": alternatives, not one answer
             return ("-" if re.fullmatch(r"(?:^|.?[\s(=$])-", before) else "") + m.group()
     return None
 
@@ -255,16 +270,14 @@ def extract_answer(text, gold=None, kind="math", finished=True, question=None, s
         if multi:
             group = box_group(part, spans)
             return ", ".join(group) if len(group) > 1 else strip_math(spans[-1][2])
-        answer = agreed([strip_math(c) for _, _, c in spans], same)
-        return answer if answer and not several(answer) else None
+        return one_answer(agreed([strip_math(c) for _, _, c in spans], same), gold, multi)
     lines = [answer_phrase(part, m.end()) for m in ANSWER_LINE.finditer(part) if not template(part, m.start())]
     if len([a for a in lines if a]) > 1:
-        answer = agreed([a for a in lines if a], same)
-        return answer if answer and (multi or not several(answer)) else None
+        return one_answer(agreed([a for a in lines if a], same), gold, multi)
     for m in reversed(list(ANSWER_IS.finditer(part))):
         phrase = answer_phrase(part, m.end())
         if phrase:
-            return phrase if multi or not several(phrase) else None
+            return one_answer(phrase, gold, multi)
     m = re.fullmatch(r"\s*(?:####|A:)\s*(.+?)\s*", part.rstrip().rsplit("\n", 1)[-1])
     if m:
         return m.group(1).rstrip(".")

@@ -26,6 +26,8 @@ FLATTERING = {
         ("The number of real roots could be 0, 1, 2, 3, 4 or 5.", "5"),
         ("Thus the answer is 3 or 5.", "5"),
         ("So x is 3 or 5.", "5"),
+        ("So x = 3 or x = 5", "5"),
+        ("The answers are 3 and 5.", "5"),
         ("$\\boxed{3 \\text{ or } 5}$", "5"),
         ("Answer: 12\nAnswer: 14", "14"),
         ("Answer: A\nAnswer: B\nAnswer: C", "C", "choice"),
@@ -38,6 +40,7 @@ FLATTERING = {
         ("I must end with 'Answer: A'. Let us check option A first: it says", "A", "choice"),
         ("The last line should have the format:\nAnswer: A\nNow the options. Option A is", "A", "choice"),
         ("Options B and C fail.\nAnswer:", "A", "choice"),
+        ("She pays 3 + 4 = 7 dollars.\n#### ", "7"),
         ("</think>\n\nThe total is 1250, so the answer is 12", "12", "math", False),  # its last line may be cut
         ("</think>\n\nThe count is 14 and then", "14", "math", False),  # no last-number stage
     ],
