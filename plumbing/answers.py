@@ -135,11 +135,11 @@ def dangling(part):
     """Whether the answer part ends in an answer marker with nothing after it ("so the answer is"): a
     response cut off while it gave its answer, which has none."""
     tail = part[-300:]  # a marker with nothing after it stands at the end
+    if re.search(r"(?:^|\n)[ \t*]*(?:####|A:)[\s*]*$", tail):  # GSM8K's answer line, cut after its mark
+        return True
     last = None
     for last in ANSWER_IS.finditer(tail):
         pass
-    if re.search(r"(?:^|\n)[ \t*]*(?:####|A:)[\s*]*$", tail):  # GSM8K's answer line, cut after its mark
-        return True
     return last is not None and not re.sub(rf"\s|\*|:|{DELIMITERS}", "", tail[last.end():])
 
 
@@ -157,9 +157,9 @@ def one_answer(answer, gold, multi):
     (`multi`), or a list of numbers ("3 and 5", "3, 5") for a gold that is one number."""
     if answer is None or multi:
         return answer
-    listed = value_of(gold) is not None and len(numbers_in(re.sub(r"\\frac\{[^{}]*\}\{[^{}]*\}", "1", answer))) > 1 \
-        and re.search(r"\d\s*(?:,\s|and\b|\\text\{\s*and\s*\})\s*-?\d", answer)
-    return None if several(answer) or listed else answer
+    numbers = numbers_in(re.sub(r"\\frac\{[^{}]*\}\{[^{}]*\}", "1", answer))  # a fraction is one number
+    listed = len(numbers) > 1 and re.search(r"\d\s*(?:,\s|and\b|\\text\{\s*and\s*\})\s*-?\d", answer)
+    return None if several(answer) or listed and value_of(gold) is not None else answer
 
 
 def parts(s):

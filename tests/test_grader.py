@@ -23,6 +23,12 @@ WRONG = {  # (pred, gold) pairs a careful grader rejects, by family
     "words and units": [("4:30 a.m.", "4:30 p.m."), (r"4:30\text{ a.m.}", r"4:30\text{ p.m.}"), ("2:15", "4:30"),
                         ("3 days", "3 hours"), (r"3\text{ days}", r"3\text{ hours}"), (r"5\text{ cm}", r"5\text{ m}")],
     "other": [("4a", "4"), ("0.3", r"\frac13"), ("(3, 4)", "(4, 3)"), (r"\pi", "3.14159"), ("", "3"), (None, "3")],
+    "decimals inside containers": [("(0.333333, 0.5]", r"(\frac{1}{3}, \frac{1}{2}]"), ("(0.3333333, 2)", r"(\frac13, 2)"),
+                                   (r"\begin{pmatrix} 0.333333 \\ 2 \end{pmatrix}", r"\begin{pmatrix} \frac13 \\ 2 \end{pmatrix}"),
+                                   (r"\{0.142857, 2\}", r"\{\frac{1}{7}, 2\}")],
+    "base-n subscripts": [("52_9", "52_8"), ("52_{9}", "52_{8}"), ("1011_2", "11")],
+    "units spelled out": [("864 square inches", "864 square feet"), ("864 square inches", r"864\text{ inches}^3")],
+    "unicode minus": [("\u22125", "5"), ("\u2212\\frac{3}{4}", r"\frac34")],
 }
 RIGHT = {  # (pred, gold) pairs every careful grader accepts, by family
     "exact numbers": [("009", "9"), ("0.50", "0.5"), ("27.0", "27"), ("1,000,000", "1000000"), ("1000000", "1,000,000"),
@@ -34,6 +40,11 @@ RIGHT = {  # (pred, gold) pairs every careful grader accepts, by family
                             ("y=2x+3", "y = 2x + 3")],
     "units and degrees": [(r"5\text{ cm}", "5"), ("5", r"5\text{ cm}"), (r"12\text{ cm}^2", "12"), ("90^\\circ", "90"),
                           (r"5\mbox{ inches}", "5")],
+    "repeating decimals": [(r"0.\overline{3}", r"\frac13"), ("0.(3)", r"\frac{1}{3}"), (r"0.1\overline{6}", r"\frac16"),
+                           (r"1.\overline{142857}", r"\frac{8}{7}")],
+    "units spelled out": [("864 square inches", r"864 \mbox{ inches}^2"), ("12 feet", r"12\text{ ft}"), ("3 days", "3")],
+    "base-n subscripts": [("52_{9}", "52_9"), ("52", "52_9"), ("A3_{16}", "A3_16")],
+    "unicode minus": [("\u22125", "-5"), ("\u2212\\frac{3}{4}", "-0.75")],
     "format": [(r"\sqrt2", r"\sqrt{2}"), (r"\text{Evelyn}", "Evelyn"), (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
                ("(1, 2)", "(1,2)"), ("$7$", "7"), (r"4:30\text{ p.m.}", "4:30 p.m."), (r"\text{4:30 p.m.}", "4:30 p.m.")],
 }
