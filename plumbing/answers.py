@@ -1,18 +1,8 @@
-"""Reading the answer out of a response: its answer part, then boxes, answer phrases, answer lines,
-letters and the last number, each rule in docs/grading.md with where it differs from LightEval.
-
-The answer part is the text after the last `</think>`; a response that opened a thinking section and
-never closed it has none, and so has an unfinished one (cut at --max_new_tokens) that never wrote a
-`</think>`. In the answer part, the first stage that finds an answer wins:
-    1. the boxes (\\boxed{...}, \\fbox{...}, "\\boxed 5"), all of them agreeing, none copied from the question
-    2. the answer lines ("Answer: X" at the start of a line), all of them agreeing
-    3. the last answer phrase ("the final answer is X", "the answer is X", "Answer: X", a heading
-       "**Final Answer**" and the value on the next line)
-    4. a last line "#### X" (GSM8K) or "A: X" (its model solutions)
-    5. for a numeric gold only, the last number standing alone, unless copied from the question
-A response that commits to several answers (boxes or answer lines that differ, "3 or 5") has none,
-unless the gold has several parts; one that ends in an answer phrase with nothing after it has none.
-Multiple-choice responses read a letter A-D (`read_letter`). grader.py compares what is read here.
+"""Reading the answer out of a response (`extract_answer`): its answer part (after the last `</think>`),
+then its boxes, answer lines, last answer phrase, a last `####`/`A:` line, and for a numeric gold the
+last number standing alone; a response that commits to several answers, is cut off mid-answer or only
+copies a number from the question has none. Multiple-choice responses read a letter (`read_letter`).
+Every rule, and where it differs from LightEval's reading: docs/grading.md. grader.py compares.
 
     python -m pytest -q tests/test_answers.py
 """
