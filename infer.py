@@ -179,7 +179,8 @@ def solve(model, tokenizer, problem, forks, tag_ids, stop_ids, cfg, seed):
     completions = []
     for fork, (ids, finished) in zip(forks, responses):
         text = tokenizer.decode(ids)
-        pred, correct = grader.grade(text, problem["gold"], problem["kind"])
+        pred, correct = grader.grade(text, problem["gold"], problem["kind"], finished=finished,
+                                     question=problem["prompt"])
         completions.append({"fork": fork, "text": text, "pred": pred, "correct": correct,
                             "tokens": len(ids), "finished": finished})
     return {**{k: problem[k] for k in ("id", "prompt", "gold", "kind", "template")},

@@ -151,11 +151,14 @@ def row_layout(row, where):
 
 def read_rows(path):
     """Rows of a file in any layout, each completion graded afresh from its text and the row's gold (any
-    stored pred and correct are rewritten), so a file scored twice gives one answer. DataError naming
-    the line for a malformed row, an empty gold, a duplicate id or an unknown kind."""
+    stored pred and correct are rewritten), so a file scored twice gives one answer: as finished unless
+    it says "finished": false (infer.py's mark of a response cut at --max_new_tokens), and against the
+    row's question (its prompt, question or problem) for the copied-number rule (docs/grading.md).
+    DataError naming the line for a malformed row, an empty gold, a duplicate id or an unknown kind."""
     rows, seen = [], {}
     for n, row in read_jsonl(path, drop_truncated_tail=True):
         gold, completions = row_layout(row, f"{path}:{n}")
+        question = next((row[k] for k in ("prompt", "question", "problem") if isinstance(row.get(k), str)), None)
         if "completions" not in row:
             row = {"id": row.get("id", row.get("idx", n)), "gold": gold, "completions": completions,
                    "layout": "sampled" if "response" in row else "models"}
@@ -173,7 +176,9 @@ def read_rows(path):
             raise DataError(f"{path}:{n}: a choice row needs a gold letter A-D, got {row['gold']!r}")
         for c in completions:
             c.setdefault("fork", None)
-            c["pred"], c["correct"] = grader.grade(c["text"], gold, kind)
+            if not isinstance(c.get("finished", True), bool):
+                raise DataError(f"{path}:{n}: 'finished' must be true or false, got {c['finished']!r}")
+            c["pred"], c["correct"] = grader.grade(c["text"], gold, kind, c.get("finished", True), question)
         rows.append(row)
     return rows
 

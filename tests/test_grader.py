@@ -23,6 +23,12 @@ WRONG = {  # (pred, gold) pairs a careful grader rejects, by family
     "words and units": [("4:30 a.m.", "4:30 p.m."), (r"4:30\text{ a.m.}", r"4:30\text{ p.m.}"), ("2:15", "4:30"),
                         ("3 days", "3 hours"), (r"3\text{ days}", r"3\text{ hours}"), (r"5\text{ cm}", r"5\text{ m}")],
     "other": [("4a", "4"), ("0.3", r"\frac13"), ("(3, 4)", "(4, 3)"), (r"\pi", "3.14159"), ("", "3"), (None, "3")],
+    "decimals inside containers": [("(0.333333, 0.5]", r"(\frac{1}{3}, \frac{1}{2}]"), ("(0.3333333, 2)", r"(\frac13, 2)"),
+                                   (r"\begin{pmatrix} 0.333333 \\ 2 \end{pmatrix}", r"\begin{pmatrix} \frac13 \\ 2 \end{pmatrix}"),
+                                   (r"\{0.142857, 2\}", r"\{\frac{1}{7}, 2\}")],
+    "base-n subscripts": [("52_9", "52_8"), ("52_{9}", "52_{8}"), ("1011_2", "11")],
+    "units spelled out": [("864 square inches", "864 square feet"), ("864 square inches", r"864\text{ inches}^3")],
+    "unicode minus": [("\u22125", "5"), ("\u2212\\frac{3}{4}", r"\frac34")],
 }
 RIGHT = {  # (pred, gold) pairs every careful grader accepts, by family
     "exact numbers": [("009", "9"), ("0.50", "0.5"), ("27.0", "27"), ("1,000,000", "1000000"), ("1000000", "1,000,000"),
@@ -34,6 +40,11 @@ RIGHT = {  # (pred, gold) pairs every careful grader accepts, by family
                             ("y=2x+3", "y = 2x + 3")],
     "units and degrees": [(r"5\text{ cm}", "5"), ("5", r"5\text{ cm}"), (r"12\text{ cm}^2", "12"), ("90^\\circ", "90"),
                           (r"5\mbox{ inches}", "5")],
+    "repeating decimals": [(r"0.\overline{3}", r"\frac13"), ("0.(3)", r"\frac{1}{3}"), (r"0.1\overline{6}", r"\frac16"),
+                           (r"1.\overline{142857}", r"\frac{8}{7}")],
+    "units spelled out": [("864 square inches", r"864 \mbox{ inches}^2"), ("12 feet", r"12\text{ ft}"), ("3 days", "3")],
+    "base-n subscripts": [("52_{9}", "52_9"), ("52", "52_9"), ("A3_{16}", "A3_16")],
+    "unicode minus": [("\u22125", "-5"), ("\u2212\\frac{3}{4}", "-0.75")],
     "format": [(r"\sqrt2", r"\sqrt{2}"), (r"\text{Evelyn}", "Evelyn"), (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"),
                ("(1, 2)", "(1,2)"), ("$7$", "7"), (r"4:30\text{ p.m.}", "4:30 p.m."), (r"\text{4:30 p.m.}", "4:30 p.m.")],
 }
@@ -91,88 +102,6 @@ def test_thousands_separators_only_in_proper_groups_of_three():
     assert read(r"6\,290\,000") == {6290000} and read("58,500") == {58500}
     for bad in ("1,00,000", "1,2", "12,34", "1 000", "32, 349", r"1\,2", "1,0000"):
         assert read(bad) is None, bad
-
-
-# ----------------------------------------------------------------------------- extraction
-
-def test_extraction_reads_every_documented_form_in_order():
-    x = grader.extract_answer
-    assert x(r"so $\boxed 5$.") == "5" and x(r"\fbox{7}") == "7" and x(r"\boxed{\frac{1}{2}}") == r"\frac{1}{2}"
-    assert x("Thus the answer is 7.") == "7" and x("So the answer is 7, which is odd.") == "7"
-    assert x(r"Therefore, the final answer is: $\frac{1}{2}$. I hope it is correct") == r"\frac{1}{2}"
-    assert x("**Final Answer:** 12.5.") == "12.5"
-    assert x("She pays 3 * 6 = 18.\n#### 1,018") == "1,018" and x("2 + 5 = <<2+5=7>>7\nA: 7") == "7"
-    assert x(r"The answer is 3. Check: \boxed{4}") == "4"  # a box comes first
-    assert x("The answer is 3.\nA: 4") == "3"  # then "the answer is", then a last line
-    assert x("The answer is 7. Then 8 more", gold="7") == "7"  # the last number only when nothing else
-    assert grader.grade("so 1018 in all\nA: 1,018", "She pays 3 * 6 = 18.\n#### 1,018") == ("1,018", True)
-
-
-def test_an_answer_phrase_loses_the_math_delimiters_around_it():
-    assert grader.grade(r"\[Answer: 009\]", "9") == ("009", True)
-    assert grader.grade(r"\(Answer: 42\)", "42") == ("42", True)
-    assert grader.grade(r"$$Answer: \frac{1}{2}$$", "0.5") == (r"\frac{1}{2}", True)
-    assert grader.grade(r"\[ \text{Answer: } 12 \]", "12") == ("12", True)
-
-
-def test_the_last_number_stands_alone():
-    x = grader.extract_answer
-    assert x("The gas is H2O and then we", gold="2") is None
-    assert x(r"$x = \frac{1+\sqrt{5}}{2}$", gold="2") is None and x("so $x^2$ grows", gold="2") is None
-    assert x("5 apples, then 6 more", gold="6") == "6" and x("so x = -7.", gold="-7") == "-7"
-    assert x("in all 1,000,000 grains", gold="1000000") == "1,000,000" and x("5 cm and 6cm", gold="5") == "5"
-    assert x("5 apples, then 6 more", gold="x + 1") is None and x("no numbers here", gold="6") is None
-
-
-def test_per_part_boxes_are_read_together_when_the_gold_has_parts():
-    assert grader.grade(r"x = \boxed{3} and x = \boxed{5}", "3, 5") == ("3, 5", True)
-    assert grader.grade(r"x = \boxed{5} or x = \boxed{3}", r"\{3, 5\}")[1]
-    assert grader.grade(r"x = \boxed{3} and x = \boxed{5}", "5") == ("5", True)  # one part: the last box
-    assert grader.grade("First \\boxed{1}.\n\nSo the roots are \\boxed{3}, \\boxed{5}", "3, 5") == ("3, 5", True)
-    assert not grader.grade(r"x = \boxed{3} and x = \boxed{4}", "3, 5")[1]
-    assert grader.gold_answer(r"\boxed{1} papers and \boxed{2} bins") == "1, 2"
-
-
-def test_a_worked_solution_gives_its_final_answer_as_the_gold():
-    assert grader.read_gold("Since $x^2 = 49$ and $x>0$, $x = 7$.") == "7"
-    assert grader.read_gold(r"Adding them, the sum is $\boxed{12}$ in all.") == "12"
-    assert grader.read_gold("We count the cases. The answer is 42.") == "42"
-    assert grader.read_gold("Each side is $x$, so the area is $x^2$.") is None  # no number stands alone
-    assert grader.read_gold("x^5 - x^4 + 1") == "x^5 - x^4 + 1" and grader.read_gold(r"\text{Evelyn}") == r"\text{Evelyn}"
-
-
-def test_an_empty_box_is_no_answer():
-    assert grader.extract_answer(r"\boxed{}", gold="3") is None
-    assert grader.extract_answer(r"\boxed{3}, then \boxed{ }", gold="3") is None  # the last box decides
-    assert grader.grade(r"\boxed{}", "3") == (None, False)
-
-
-def test_last_boxed_is_linear_in_unclosed_boxes():
-    start = time.perf_counter()
-    assert grader.last_boxed(r"\boxed{" * 2000 + "x") is None  # the first scorer took 3.8 s
-    text = r"\boxed{ loop 1, " * 20000
-    text += "y" * (250_000 - len(text)) + r" \boxed{7} \boxed{"
-    assert grader.grade(text, "7") == ("7", True)
-    assert grader.grade(text[:-20], "7")[0] == "1"  # no closed box: the last number
-    assert time.perf_counter() - start < 1.0
-
-
-def test_last_boxed_pairs_braces_and_ignores_escaped_ones():
-    assert grader.last_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
-    assert grader.last_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
-    assert grader.last_boxed(r"\boxed{3} and \boxed{4") == "3"
-    assert grader.last_boxed(r"} \boxed{\left\{ x \right.}") == r"\left\{ x \right."
-
-
-def test_grade_compares_choice_letters_exactly():
-    g = grader.grade
-    assert g("... so **Answer: C**", "C", "choice") == ("C", True)
-    assert g("The answer is (b) hmm. No: the answer is (B).", "B", "choice") == ("B", True)
-    assert g(r"$\boxed{\text{D}}$", "D", "choice") == ("D", True) and g(r"\boxed{d}", "D", "choice") == ("D", True)
-    assert g("reasoning\n(C)", "C", "choice") == ("C", True) and g("reasoning\n**A**", "A", "choice") == ("A", True)
-    assert g("Answer: A", "C", "choice") == ("A", False)
-    assert g("the answer is a prime", "A", "choice") == (None, False)  # prose, not a letter
-    assert g(r"\boxed{3.5 eV}" + "\nAnswer: B", "B", "choice") == ("B", True)  # a box without a letter
 
 
 # ----------------------------------------------------------------------------- the worker

@@ -154,6 +154,28 @@ def test_duplicate_ids_and_empty_golds_name_the_line(tmp_path):
         evalfiles.read_rows(write_rows(tmp_path / "kind.jsonl", [{**one, "kind": "choice", "gold": "42"}]))
 
 
+def test_unfinished_responses_are_graded_by_their_rule_and_finished_must_be_a_bool(tmp_path):
+    """infer.py marks a response cut at --max_new_tokens "finished": false: it is read only after a
+    </think> and without its last line (docs/grading.md); a file without the mark is read as finished."""
+    cut = "So 3 + 4 = 7 and the answer is \\boxed{7}.\nLet me double-check"
+    rows = [{"id": 0, "gold": "7", "completions": [{"text": cut, "finished": False}, {"text": cut, "finished": True},
+                                                   {"text": cut}, {"text": "</think>\n\n" + cut, "finished": False}]}]
+    graded_rows = evalfiles.read_rows(write_rows(tmp_path / "cut.jsonl", rows))
+    assert [c["pred"] for c in graded_rows[0]["completions"]] == [None, "7", "7", "7"]
+    rows[0]["completions"][0]["finished"] = "no"
+    with pytest.raises(score.DataError, match=r"cut.jsonl:1: 'finished' must be true or false"):
+        evalfiles.read_rows(write_rows(tmp_path / "cut.jsonl", rows))
+
+
+def test_a_number_copied_from_the_rows_question_is_no_answer(tmp_path):
+    question = "Tom has 5 apples. He gives 2 away and gets 2 back. How many apples does he have?"
+    texts_ = texts("Tom starts with \\boxed{5} apples.", "He has 5 - 2 + 2 = 5 apples: \\boxed{5}.")
+    rows = [{"id": 0, "gold": "5", "prompt": question, "completions": texts_},
+            {"idx": 1, "gt": "5", "question": question, "response": [c["text"] for c in texts_]}]
+    graded_rows = evalfiles.read_rows(write_rows(tmp_path / "copied.jsonl", rows))
+    assert [[c["correct"] for c in r["completions"]] for r in graded_rows] == [[False, True], [False, True]]
+
+
 def test_the_metrics_file_names_the_grader(tmp_path, monkeypatch):
     path = write_rows(tmp_path / "r.jsonl", [{"gold": "1", "completions": texts(r"\boxed{1}")}])
     assert "math-verify" in score.main(score.parse_config([path]))["grader"]

@@ -4,10 +4,10 @@ tests of huggingface/Math-Verify (tests/*.py) and huggingface/lighteval
 no code of theirs runs. English rows only, and only the default comparison (no strict=False,
 allow_set_relation_comp or letter-choice rows). Each distinct (gold, prediction) pair is graded once
 by grader.grade: a prediction with a box or with prose (a word of 3+ letters outside math) is the
-response as written, any other is boxed ("The final answer is $\\boxed{...}$."). Results:
-docs/reproducing.md.
+response as written, any other is boxed ("The final answer is $\\boxed{...}$."), with no question and
+as a finished response. Results: docs/grading.md.
 
-    python docs/peer_check.py PATH/TO/Math-Verify PATH/TO/lighteval   # checkouts, or folders of their test files
+    python tools/peer_check.py PATH/TO/Math-Verify PATH/TO/lighteval   # checkouts, or folders of their test files
 """
 import ast
 import glob
