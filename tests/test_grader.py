@@ -122,3 +122,21 @@ def test_a_worker_past_its_limit_is_killed_and_replaced(monkeypatch):
     assert grader.ask_worker("2003", "2003^{2002^{2001}}") is False and time.perf_counter() - start < 5
     monkeypatch.setattr(grader, "WORKER_LIMIT", 15)
     assert grader.ask_worker(r"\sqrt{18}", r"3\sqrt{2}") is True  # a fresh worker
+
+
+def test_last_boxed_takes_the_last_balanced_answer():
+    assert grader.last_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert grader.last_boxed(r"\boxed{\{1, 2\}}") == r"\{1, 2\}"
+    assert grader.last_boxed(r"\boxed{3} and \boxed{4") == "3"  # unclosed last one: the one before
+    assert grader.last_boxed("no answer") is None
+    assert grader.gold_answer("She pays 3 * 6 = 18.\n#### 1,018") == "1018"
+    assert grader.gold_answer(r"so it is $\boxed{\pi}$") == r"\pi"
+    assert grader.gold_answer(204) == "204"
+
+
+def test_builtin_equivalence_normalises_numbers_and_latex():
+    assert grader.is_equiv("27", "27.0")
+    assert grader.is_equiv(r"\dfrac{1}{2}", "0.5")
+    assert grader.is_equiv(r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})")
+    assert grader.is_equiv(r"10\%", "10") and grader.is_equiv("1,000", "1000")
+    assert not grader.is_equiv("3", "4") and not grader.is_equiv(None, "4")

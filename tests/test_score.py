@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+import data
 import score
 from plumbing import evalfiles, grader
 
@@ -100,11 +101,33 @@ def test_cons_at_k_is_the_expected_vote_over_which_responses_each_token_gives():
     assert score.cons_at_k(many, 12) == pytest.approx(score.cons_at_k(many, 12, draws=4000), abs=0.05)
 
 
+def test_the_expected_cons_at_k_is_the_paper_s_vote_averaged_over_the_responses_each_token_gives():
+    """cons_at_k_first is the paper's Cons@k: the majority vote of the first k responses in turn over the
+    tokens. Reordering each token's responses changes which k come first; cons_at_k is the mean of
+    cons_at_k_first over every such reordering (here enumerated: every permutation within each token),
+    and --cons first scores with the plain vote."""
+    forks = ["<think1>", "<think2>", "<think3>"] * 3
+    responses = graded(["7", "5", "5", "7", "8", None, "5", "7", "7"], "7", forks)
+    by_fork = [[c for c in responses if c["fork"] == f] for f in ("<think1>", "<think2>", "<think3>")]
+    for k in (2, 3, 4, 5, 7, 9):
+        firsts = [score.cons_at_k_first([c for turn in zip(*orders) for c in turn], k)
+                  for orders in itertools.product(*(itertools.permutations(mine) for mine in by_fork))]
+        assert score.cons_at_k(responses, k) == pytest.approx(sum(firsts) / len(firsts)), k
+        assert len(set(firsts)) > 1 or k == 9  # the plain vote depends on the order, the expected one does not
+    assert score.cons_at_k_first(responses, 9) == score.majority_vote(responses)
+    ks = [2, 3, 4, 5]
+    first, expected = (score.problem_metrics(responses, 3, ks=ks, cons=c) for c in ("first", "expected"))
+    assert all(first[f"cons@{k}"] == score.cons_at_k_first(responses, k) for k in ks)
+    assert all(expected[f"cons@{k}"] == score.cons_at_k(responses, k) for k in ks)
+    assert any(first[f"cons@{k}"] != expected[f"cons@{k}"] for k in ks)
+
+
 def test_cons_at_k_takes_the_tokens_in_tag_order():
     forks = ["<think10>", "<think2>", "<think1>", "<think10>", "<think2>", "<think1>"]
     responses = graded(["1", "2", "3", "1", "2", "3"], "3", forks)
     assert [c["fork"] for c in score.in_turn(responses)][:3] == ["<think1>", "<think2>", "<think10>"]
     assert score.problem_metrics(responses, 3)["cons@2"] == 0.5  # <think1>'s 3 and <think2>'s 2 tie
+
 
 def test_choice_rows_vote_over_letters(tmp_path):
     rows = [{"id": "q", "kind": "choice", "gold": "B",
@@ -238,3 +261,80 @@ def test_responses_whose_tags_the_model_chose_have_no_native_sets():
     forced = {"id": 1, "completions": graded(["7"] * 6, "7", forks)}
     assert not [k for k in score.aggregate([chosen], set_size=6) if k.startswith("native_cons@")]
     assert [k for k in score.aggregate([forced], set_size=6) if k.startswith("native_cons@")]
+
+
+# ----------------------------------------------------------------------------- votes and metrics on hand-built responses
+
+def responses(preds, gold="7", forks=None):
+    return [{"pred": p, "correct": grader.is_equiv(p, gold), "fork": f, "text": f"\\boxed{{{p}}}" if p else "?"}
+            for p, f in zip(preds, forks or [None] * len(preds))]
+
+
+def test_majority_vote_tie_is_worth_the_mean_of_the_tied_answers():
+    assert score.majority_vote(responses(["5", "7", "7", "5"])) == 0.5  # 2-2 tie, whatever came first
+    assert score.majority_vote(responses(["7", "5", "5", "7"])) == 0.5
+    assert score.majority_vote(responses(["7.0", "5", "7", "5", "5"])) == 0.0  # 7.0 and 7 are one answer: 2-3
+    assert score.majority_vote(responses(["7.0", "5", "7"])) == 1.0
+
+
+def test_unparseable_answers_never_vote_and_alone_are_wrong():
+    assert score.majority_vote(responses([None, None, "7"]))
+    assert not score.majority_vote(responses([None, None, None]))
+    m = score.problem_metrics(responses([None, None, "7"]), set_size=3)
+    assert m["pass@1"] == pytest.approx(1 / 3) and m["cons@3"] == 1.0
+
+
+def test_all_wrong_scores_zero_and_k_equal_n():
+    m = score.problem_metrics(responses(["1", "2", "3", "4"]), set_size=2)
+    assert all(v == 0 for v in m.values())
+    m = score.problem_metrics(responses(["1", "2", "7", "4"]), set_size=2)
+    assert m["pass@4"] == 1.0 and m["pass@1"] == 0.25 and m["cons@4"] == 0.25  # 4-way tie, one right
+    assert set(m) == {"pass@1", "pass@2", "pass@3", "pass@4", "cons@2", "cons@4", "native_cons@2"}
+
+
+def test_unbiased_pass_at_k_equals_bruteforce_over_k_subsets():
+    for n in range(1, 9):
+        for c in range(n + 1):
+            outcomes = [1] * c + [0] * (n - c)
+            for k in range(1, n + 1):
+                subsets = list(itertools.combinations(outcomes, k))
+                brute = sum(any(s) for s in subsets) / len(subsets)
+                assert score.pass_at_k(n, c, k) == pytest.approx(brute, abs=1e-12), (n, c, k)
+
+
+def test_native_sets_use_every_forking_token_once_whatever_the_row_order():
+    forks = [f for _ in range(3) for f in data.fork_tokens(4)][:10]  # 3, 3, 2, 2 per token
+    rows = responses([str(i) for i in range(10)], forks=forks)
+    random.Random(0).shuffle(rows)
+    sets = score.native_sets(rows, set_size=6)
+    assert len(sets) == 2 and all(sorted(c["fork"] for c in s) == data.fork_tokens(4) for s in sets)
+    assert [len(s) for s in score.native_sets(responses(["1"] * 13), set_size=6)] == [6, 6]  # baseline
+
+
+def test_aggregate_on_hand_built_problems():
+    forks = data.fork_tokens(2) * 2  # <think1>, <think2>, <think1>, <think2>
+    rows = [{"completions": responses(["7", "7", "3", None], forks=forks)},  # sets (7, 7) and (3, None)
+            {"completions": responses(["1", "7", "2", "2"], forks=forks)}]   # sets (1, 7): a tie; (2, 2)
+    m = score.aggregate(rows, set_size=6)
+    assert m["pass@1"] == pytest.approx((2 / 4 + 1 / 4) / 2)
+    # cons@2: one response of each token, every pair equally likely: (7,7) 1, (7,-) 1, (3,7) 0.5, (3,-) 0 -> 0.625;
+    # (1,7) 0.5, (1,2) 0, (2,7) 0.5, (2,2) 0 -> 0.25. cons@4, all four: [7,3,7,-] -> 7, [1,7,2,2] -> 2
+    assert m["cons@2"] == pytest.approx((0.625 + 0.25) / 2) and m["cons@4"] == 0.5
+    assert m["native_cons@2"] == pytest.approx((1 / 2 + 0.5 / 2) / 2)
+    assert m["pass@4"] == 1.0 and m["unparseable"] == 1 / 8
+    assert m["per_fork"]["<think1>"]["accuracy"] == 1 / 4 and m["per_fork"]["<think2>"]["accuracy"] == 2 / 4
+
+
+def test_score_reextracts_answers_from_text_and_gold(tmp_path):
+    forks = data.fork_tokens(2) * 2
+    texts = [r"\boxed{13}", r"\boxed{12}", "none", r"\boxed{12.0}"]
+    rows = [{"id": 0, "gold": "#### 12", "completions": [{"fork": f, "text": t} for f, t in zip(forks, texts)]},
+            {"id": 1, "gold": r"\frac{1}{2}", "completions": [{"fork": f, "text": r"so \boxed{0.5}."} for f in forks]}]
+    path = tmp_path / "vllm.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    metrics = score.main(score.parse_config([str(path)]))
+    assert metrics["pass@1"] == pytest.approx((2 / 4 + 1) / 2) and metrics["cons@4"] == 1.0
+    # cons@2, one response of each token: (13, 12) and (13, 12.0) ties worth 0.5, (none, 12) and (none, 12.0) right
+    assert metrics["cons@2"] == pytest.approx((0.75 + 1) / 2)
+    assert metrics["native_cons@2"] == pytest.approx(((0.5 + 1) / 2 + 1) / 2)  # sets (13, 12) and (none, 12.0)
+    assert json.load(open(tmp_path / "vllm.metrics.json")) == metrics
