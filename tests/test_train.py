@@ -4,6 +4,7 @@ matchings, bad input refused before anything loads, and two processes equal to o
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -250,3 +251,24 @@ def test_the_two_process_teardown_never_aborts_under_load(tmp_path):
             assert output.count("clean") == 2, output[-3000:]
     finally:
         burner.kill()
+
+
+def test_report_to_tensorboard_logs_the_metrics_of_metrics_jsonl_and_the_log_line_gives_the_time_left(tmp_path, run):
+    """--report_to tensorboard writes every number of each metrics.jsonl line as a scalar of that step;
+    each step's line ends with the time the remaining steps will take at the run's pace."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    done = run([sys.executable, "train.py", "--out_dir", str(out), "--toy_questions", "32", "--max_steps", "3",
+                "--report_to", "tensorboard"])
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("step ")]
+    assert len(lines) == 3 and all(re.search(r"\| \d+m\d\ds left$", line) for line in lines), lines
+    assert lines[-1].endswith("| 0m00s left")
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for name in ("loss", "lr", "grad_norm", "gap", "tokens_per_s", "pad_fraction"):
+        logged = [(e.step, e.value) for e in events.Scalars(name)]
+        assert logged == [(r["step"], pytest.approx(r[name], rel=1e-6)) for r in records], name
+    refused = run([sys.executable, "train.py", "--out_dir", str(tmp_path / "other"), "--report_to", "wandb"])
+    assert refused.returncode == 2 and "--report_to must be" in refused.stderr
