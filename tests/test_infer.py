@@ -288,7 +288,17 @@ def test_baseline_samples_from_the_plain_prompt_and_votes_in_blocks(model_dir, t
     assert metrics["per_fork"]["none"]["responses"] == 12
 
 
-# ----------------------------------------------------------------------------- select_token.py
+def test_a_model_without_forking_tokens_is_pointed_to_the_baseline(tmp_path):
+    """A plain model (no <thinkK> tokens, no ssft.json) under the default --fork all: the one error names
+    --fork none, the way to sample it as a baseline, before any weights load."""
+    tok = toy.make_tokenizer()
+    tok.save_pretrained(tmp_path / "plain")
+    for fork in ("all", "<think1>", "auto"):
+        cfg = infer.parse_config(["--model", str(tmp_path / "plain"), "--data", "toy", "--fork", fork, "--limit", "1"])
+        with pytest.raises(SystemExit, match="holds no forking tokens: --fork none samples it from the plain prompt"):
+            infer.main(cfg)
+    assert not os.path.exists(os.path.join("eval", "plain"))  # nothing written
+
 
 def test_each_model_writes_its_own_rows_file_by_default():
     """Two models scored on one data file never share (or refuse to resume) a rows file."""
