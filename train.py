@@ -36,7 +36,7 @@ import toy
 from plumbing.ranks import STOP, all_max, all_sum, close_distributed, init_distributed, print0, stage_run
 from plumbing.files import DataError, append_jsonl, changed_settings, read_json, read_jsonl, writable_dir, write_json, write_jsonl
 from plumbing.flags import parse_flags
-from plumbing import batching, concat, datafiles, fsdp, memory
+from plumbing import batching, concat, datafiles, fsdp, memory, simulate
 
 
 @dataclass
@@ -68,9 +68,10 @@ class Config:
     toy_questions: int = 2000  # number of training questions of the toy task
     trust_remote_code: bool = False  # let transformers run code shipped with the model
     plan: str = ""  # GPUSxGiB, e.g. 8x80: print the memory plan of these flags from config.json alone, exit 0 if it fits, 3 if not
+    simulate: bool = False  # with --plan: also run this step on fake tensors on the CPU and print its peaks beside the plan's (plumbing/simulate.py)
 
 
-RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir", "keep_checkpoints", "plan"}  # may change on resume
+RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir", "keep_checkpoints", "plan", "simulate"}  # may change on resume
 MAX_FORKS = 1024  # bound on --num_forks: each is a vocabulary entry and N forwards per trace and step
 
 
@@ -100,6 +101,8 @@ def parse_config(argv=None):
             memory.parse_gpus(cfg.plan)
         except ValueError as e:
             problems.append(str(e))
+    elif cfg.simulate:
+        problems.append("--simulate needs --plan GPUSxGiB")
     problems = [p for p in problems if p]
     if problems:
         parser.error("; ".join(problems))
@@ -213,6 +216,47 @@ def training_pass(model, rows, micro_batch, layout, pad_id, device):
     return loss, global_tokens, global_input, 1 - global_input / global_computed
 
 
+# ----------------------------------------------------------------------------- --plan --simulate
+
+def simulated_step(cfg, world, traces=4):
+    """(build, step) for plumbing/simulate.py. build(layers): the FSDP2 model of --model's config.json
+    cut to `layers` decoder layers, and its fused AdamW. step: this file's optimiser step on rank 0 of
+    `world`, on synthetic questions at the plan's worst case: M = `traces` traces per question, every
+    training row --max_len tokens after a prompt of memory.PROMPT_TOKENS, two micro-batches (from the
+    second on, the sharded gradients are alive through the backward; more add nothing to the peak)."""
+    device = torch.device("cpu")  # fake CPU tensors under the CUDA precision policy stand for the GPU's
+    config = toy.make_model(toy.make_tokenizer()).config.to_dict() if cfg.model == "toy" else \
+        memory.read_config(cfg.model)[0]
+
+    def build(layers):
+        model = fsdp.shard(simulate.meta_model(config, layers), device, match.SequenceNLL,
+                           cfg.activation_checkpointing, cfg.cpu_offload, cuda_policy=True)
+        model.to_empty(device=device)
+        return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
+                                        weight_decay=cfg.weight_decay, fused=True)
+    prompt = [1] * memory.PROMPT_TOKENS
+    room = cfg.max_len - len(prompt) - 1  # batch: each row is prompt + tag + trace
+    trace = [2] * (room if cfg.layout == "batch" else (cfg.max_len - len(prompt) - traces) // traces)
+    per_question = traces if cfg.matching == "sft" else min(cfg.num_forks, traces)  # rows a question trains
+    questions = math.ceil(2 * cfg.micro_batch / (per_question if cfg.layout == "batch" else 1))
+    encoded = [{"prompt_ids": prompt, "trace_ids": [trace] * traces}] * questions
+    fork_ids = [[3 + i] for i in range(cfg.num_forks)]
+
+    def step(model, optimizer, phase):
+        phase("matching pass")
+        matched = match.match_questions(model, encoded, fork_ids, cfg.matching, cfg.match_tokens, cfg.match_batch,
+                                        0, device, [np.random.default_rng([cfg.seed, q]) for q in range(questions)],
+                                        None, cfg.layout)
+        phase("training pass")
+        training_pass(model, training_rows(encoded, matched, fork_ids, cfg.layout), cfg.micro_batch, cfg.layout, 0,
+                      device)
+        phase("optimizer step")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return build, step
+
+
 # ----------------------------------------------------------------------------- main
 
 def prepare(cfg):
@@ -265,11 +309,19 @@ def print_plan(cfg):
     except ValueError as e:
         sys.exit(f"error: {e}")
     lines, fits = memory.format_plan(plan, gpus, gib)
-    print("\n".join(lines + ([] if fits else [f"  {PLAN_HINT}"])))
+    print("\n".join(lines + ([] if fits else [f"  {PLAN_HINT}"])), flush=True)
+    simulated = {}
+    if cfg.simulate and simulate.missing():
+        print(f"--simulate: skipped, {simulate.missing()}")
+    elif cfg.simulate:  # --plan --simulate: the same phases measured on this file's step (plumbing/simulate.py)
+        sim = simulate.simulate(*simulated_step(cfg, gpus), plan["layers"], gpus, cfg.cpu_offload)
+        print("\n".join(simulate.format_comparison(plan, sim, gpus)))
+        simulated = {"simulated_peak_gib": round(max(sim["phases"].values()), 1),
+                     "simulated_s": round(sim["seconds"]), "simulated_host_gib": round(sim["host_gib"], 2)}
     print(json.dumps({"peak_gib_per_gpu": round(plan["peak_gib_per_gpu"], 1),
                       "host_gib_per_rank": round(plan["host_gib_per_rank"], 1), "fits": fits, "gpus": gpus,
                       "gib_per_gpu": gib, "layout": cfg.layout, "max_len": cfg.max_len,
-                      "micro_batch": cfg.micro_batch, "cpu_offload": cfg.cpu_offload}))
+                      "micro_batch": cfg.micro_batch, "cpu_offload": cfg.cpu_offload, **simulated}))
     sys.exit(0 if fits else 3)
 
 

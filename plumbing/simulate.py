@@ -1,0 +1,290 @@
+"""The memory of a training step measured without a GPU: `train.py --plan GPUSxGiB --simulate`.
+
+The stage's own step (train.py: matching pass, training pass, clipping, fused AdamW) runs as rank 0
+of G ranks on fake tensors. FakeTensorMode gives every tensor its shape, dtype and storage but no
+data; the fake process group (backend "fake") answers every collective without a peer; so a 32B
+model costs neither memory nor arithmetic. FSDPMemTracker (torch.distributed._tools) counts the
+bytes of the tensors alive after each operation, which is what CUDA's caching allocator reports as
+active memory (PyTorch's own tests hold the tracker to within 10% of it on GPUs). This is the recipe
+of torchtitan's memory estimation, applied to this project's step:
+
+  - CPU tensors under the CUDA policy (bf16 compute, fp32 gradient reduction): backward on fake CUDA
+    tensors aborts on a CPU-only torch. Sizes are not rounded to the allocator's 512-byte blocks.
+  - Token ids, labels, positions and what is computed from them alone keep their values (small real
+    tensors), so data-dependent shapes (the labelled positions) are exact. Numbers computed from the
+    weights have none: a cost or a loss the stage reads is zero, and the matching is Hungarian's on
+    a zero cost matrix.
+  - Attention runs as causal SDPA (the CPU's flash kernel) without a mask or position ids: the O(L)
+    memory of flash-attn (batch layout) and FlexAttention (concat) on CUDA, not the dense L x L mask
+    the CPU's concat path builds. An all-ones mask would anyway have to be passed as None.
+  - DTensor's shape propagation runs ops on global shapes under the same fake mode: not counted.
+  - With --cpu_offload the sharded weights, gradients and AdamW states live in host memory: not counted.
+  - Two optimiser steps; the second is measured, AdamW's state alive from its start.
+  - The peak of each phase grows linearly with the layers (sharded state, layer checkpoints): the
+    step runs at two layer counts and a straight line gives the model's layers.
+
+What it cannot see: the CUDA context and NCCL's buffers (together about 1-2 GiB), the allocator's
+fragmentation and block rounding, kernels' workspaces (cuBLAS, flash-attn), and the memory of the
+real attention kernels where it differs from the CPU's.
+"""
+import contextlib
+import re
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from plumbing import concat
+
+try:  # private modules: a torch without them skips the simulation, with the reason (missing())
+    import torch.testing._internal.distributed.fake_pg as fake_pg  # registers the "fake" backend
+    from torch._subclasses.fake_tensor import (DataDependentOutputException, DynamicOutputShapeException,
+                                               FakeTensor, FakeTensorMode, unset_fake_temporarily)
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+    ShardingPropagator._propagate_tensor_meta_non_cached  # noqa: B018  (the hook point of _uncounted)
+    MISSING = None
+except (ImportError, AttributeError) as e:
+    FSDPMemTracker, MISSING = object, f"torch {torch.__version__} lacks {e}"
+
+GIB = 2 ** 30
+SMALL = 1 << 16  # elements: a result up to this size computed from real tensors alone is computed for real
+HOST = ("Sharded Param", "Sharded Grad", "OptState")  # what --cpu_offload keeps in host memory
+LAYER = re.compile(r"\.layers\.\d+$")  # a decoder layer's name (Hugging Face: model.layers.N)
+_PROPAGATING = [False]  # True while DTensor computes an output's global shape
+
+
+def missing():
+    """None when this torch has the private modules the simulation needs, else a sentence saying which not."""
+    return MISSING
+
+
+
+def meta_model(config, layers):
+    """The causal LM of `config` (a config.json as a dict, memory.read_config) cut to `layers` decoder
+    layers, on the meta device: fp32 weights, SDPA attention, no KV cache. Transformers' own
+    architectures only (no remote code)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = {k: v for k, v in config.items() if k not in ("layer_types", "architectures")}
+    config = AutoConfig.for_model(**{**config, "num_hidden_layers": layers, "use_cache": False})
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
+class _KeepData(TorchDispatchMode):
+    """Under FakeTensorMode: an op whose tensors are all real and whose result is small (or has a
+    data-dependent shape: nonzero, bincount) runs for real, so that token ids, labels and the indices
+    of the labelled tokens keep their values. A small result computed without gradients from fake
+    tensors (a cost) becomes real zeros, and reading a fake number (.item()) gives zero, so that the
+    stage's code that reads numbers (a matching, a logged loss) runs on."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(issubclass(t, DTensor) for t in types):
+            return NotImplemented  # DTensor first unwraps into ops on its local tensors
+        tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        fake = any(isinstance(t, FakeTensor) or t.is_meta for t in tensors)
+        if func is torch.ops.aten._local_scalar_dense.default and fake:
+            return False if args[0].dtype == torch.bool else 0.0 if args[0].is_floating_point() else 0
+        if func.namespace in ("c10d", "_c10d_functional"):
+            return func(*args, **kwargs)
+        if not fake:
+            try:
+                out = func(*args, **kwargs)  # under the fake mode: the shapes only
+            except (DynamicOutputShapeException, DataDependentOutputException):
+                out = None
+            if out is not None and not _small(out):
+                return out
+            with unset_fake_temporarily():
+                return func(*args, **kwargs)
+        if func is torch.ops.aten.add.Tensor and _sums_gradients(args, kwargs):
+            return torch.ops.aten.add_.Tensor(*args)  # as autograd sums two gradients of a tensor on CUDA
+        out = func(*args, **kwargs)
+        if (not torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1 and not _PROPAGATING[0]
+                and func.namespace == "aten" and not func._schema.is_mutable
+                and all(r.alias_info is None for r in func._schema.returns) and _small(out)):
+            with unset_fake_temporarily():
+                return pytree.tree_map_only(torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype), out)
+        return out
+
+
+def _sums_gradients(args, kwargs):
+    """Whether an add in backward is autograd summing the gradients of a tensor used twice (lm_head over
+    the cross-entropy chunks, the residual stream). On CUDA it sums in place when it holds the only
+    reference; on a tensor subclass (fake tensors) never, which would count one more gradient."""
+    return (torch._C._current_graph_task_id() != -1 and not torch.is_grad_enabled() and not kwargs
+            and len(args) == 2 and all(isinstance(a, FakeTensor) for a in args)
+            and args[0].shape == args[1].shape and args[0].dtype == args[1].dtype and args[0].is_contiguous()
+            and args[0].storage_offset() == 0
+            and args[0].untyped_storage().nbytes() == args[0].numel() * args[0].element_size())
+
+
+def _small(out):
+    return all(t.numel() <= SMALL for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
+
+class _PhaseTracker(FSDPMemTracker):
+    """FSDPMemTracker that also keeps the peak of each phase: `phase` as the stage marks it, split by
+    where the op runs (inside a decoder layer or outside: embeddings, final norm, loss) and by the
+    direction (forward, backward). peaks[(phase, where)] = (bytes on the GPU, {category: bytes})."""
+
+    def __init__(self, model, optimizer, offload):
+        super().__init__(model, optimizer)
+        self.phase, self.peaks, self.offload = None, {}, offload
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if _PROPAGATING[0]:  # global shapes of DTensor's shape propagation: no memory of the step
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def _update_peak_stats(self, peak_state):
+        super()._update_peak_stats(peak_state)
+        if self.phase is None:
+            return
+        snap = {getattr(k, "value", k): v for k, v in self._curr_mem_snap.get(torch.device("cpu"), {}).items()}
+        gpu = snap.get("Total", 0) - (sum(snap.get(c, 0) for c in HOST) if self.offload else 0)
+        tracker = self._mod_tracker
+        where = ("layers" if any(LAYER.search(p) for p in tracker.parents) else "outside the layers") + \
+            (", backward" if tracker.is_bw else ", forward")
+        key = (self.phase, where)
+        if gpu > self.peaks.get(key, (-1,))[0]:
+            self.peaks[key] = (gpu, snap)
+
+
+@contextlib.contextmanager
+def _uncounted_propagation():
+    """DTensor's shape propagation flagged (_PROPAGATING), so that its global-shape tensors are not counted."""
+    original = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def flagged(self, *args, **kwargs):
+        before, _PROPAGATING[0] = _PROPAGATING[0], True
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            _PROPAGATING[0] = before
+    ShardingPropagator._propagate_tensor_meta_non_cached = flagged
+    try:
+        yield
+    finally:
+        ShardingPropagator._propagate_tensor_meta_non_cached = original
+
+
+@contextlib.contextmanager
+def _cuda_attention(model):
+    """Attention as the CUDA run's kernels hold it: no dense concat mask is built (CUDA builds a BlockMask
+    of a few MiB) and the model is called without attention_mask and position_ids (transformers would
+    otherwise build an L x L mask from position ids that restart, as the concat rows' do)."""
+    import inspect
+    names = list(inspect.signature(model.forward).parameters)
+
+    def drop(module, args, kwargs):
+        args = [None if i < len(names) and names[i] in ("attention_mask", "position_ids") else a
+                for i, a in enumerate(args)]
+        return tuple(args), {k: None if k in ("attention_mask", "position_ids") else v for k, v in kwargs.items()}
+    handle = model.register_forward_pre_hook(drop, with_kwargs=True, prepend=True)
+    tree_attention, concat.tree_attention = concat.tree_attention, lambda branch_ids: None
+    try:
+        yield
+    finally:
+        concat.tree_attention = tree_attention
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _fake_world(world):
+    """A fake process group of `world` ranks, this process rank 0. Raises RuntimeError when a process
+    group exists already: the simulation needs a process of its own (tests run it in a subprocess)."""
+    if dist.is_initialized():
+        raise RuntimeError("the memory simulation needs a process without a process group")
+    dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=0, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def measure(build, step, layers, world, offload, steps=2):
+    """{(phase, where): (bytes per GPU, {tracker category: bytes})} of rank 0 of `world` ranks, over the
+    last of `steps` optimiser steps. build(layers) -> (model, optimizer): the stage's FSDP2 model with
+    `layers` decoder layers and its optimiser, called under the fake mode (weights are fake: build on
+    the meta device, shard, to_empty). step(model, optimizer, phase): one optimiser step of the
+    stage; phase(name) marks where each of its phases begins."""
+    if MISSING:
+        raise RuntimeError(MISSING)
+    with _fake_world(world), FakeTensorMode(allow_non_fake_inputs=True), _KeepData(), _uncounted_propagation():
+        model, optimizer = build(layers)
+        tracker = _PhaseTracker(model, optimizer, offload)
+        # transformers makes the embeddings' output require grad when checkpointing (for adapters), also
+        # without grad: the tracker's module hooks would then keep the matching pass's hidden states alive
+        hooks = [m.register_forward_hook(lambda m, args, out: None if torch.is_grad_enabled() else out.detach())
+                 for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        with tracker, _cuda_attention(model):
+            # the tracker's per-module statistics hold one forward of the root: cleared before each
+            hooks.append(model.register_forward_pre_hook(lambda *args: tracker.reset_mod_stats(), prepend=True))
+            for s in range(steps):
+                step(model, optimizer, lambda name: setattr(tracker, "phase", name if s == steps - 1 else None))
+                tracker.phase = None
+            for h in hooks:
+                h.remove()
+        return tracker.peaks
+
+
+def simulate(build, step, layers, world, offload, probes=(3, 4)):
+    """The peak GiB per GPU of each phase at `layers` decoder layers, on a straight line through
+    measure() at the two layer counts of `probes` (or measured directly when layers <= the larger).
+    Returns {"phases": {(phase, where): GiB}, "categories": {(phase, where): {category: GiB}},
+    "probes", "seconds", "host_gib"}: the wall time and this process's peak resident memory."""
+    t0 = time.perf_counter()
+    probes = (layers,) if layers <= max(probes) else probes
+    runs = [measure(build, step, n, world, offload) for n in probes]
+    phases, categories = {}, {}
+    for key in runs[-1]:
+        if len(runs) == 1:
+            at = {c: b / GIB for c, b in runs[0][key][1].items()}
+            phases[key] = runs[0][key][0] / GIB
+        else:
+            (n1, n2), (r1, r2) = probes, runs
+            line = lambda a, b: (a + (b - a) * (layers - n1) / (n2 - n1)) / GIB  # noqa: E731
+            phases[key] = line(r1.get(key, (0, {}))[0], r2[key][0])
+            at = {c: line(r1.get(key, (0, {}))[1].get(c, 0), v) for c, v in r2[key][1].items()}
+        categories[key] = {c: g for c, g in at.items() if c != "Total" and abs(g) >= 0.005}
+    return {"phases": phases, "categories": categories, "probes": list(probes),
+            "seconds": time.perf_counter() - t0,
+            "host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+
+
+def phase_peaks(sim):
+    """{phase: GiB} of a simulate() result, named as memory.train_plan's phases: a phase that ran a
+    backward splits into "layers forward", "loss" (outside the layers: embeddings, final norm, loss,
+    forward and backward) and "layers backward"; any other keeps its name (its largest moment)."""
+    out = {}
+    for (phase, where), gib in sim["phases"].items():
+        if any(p == phase and w.endswith("backward") for p, w in sim["phases"]):
+            phase = "loss" if where.startswith("outside") else f"layers {where.split(', ')[1]}"
+        out[phase] = max(out.get(phase, 0.0), gib)
+    return out
+
+
+def format_comparison(plan, sim, world):
+    """Lines of the table --plan --simulate prints: each phase's peak as planned (its tensors, without
+    the plan's CUDA context) and as simulated, their ratio, and what the simulation left out."""
+    measured = phase_peaks(sim)
+    probes = " and ".join(map(str, sim["probes"]))
+    out = [f"simulated on fake tensors (plumbing/simulate.py), rank 0 of {world}: {probes} layers measured"
+           + ("" if len(sim["probes"]) == 1 else ", a straight line to the model's")
+           + f"; {sim['seconds']:.0f} s, {sim['host_gib']:.1f} GiB of host memory",
+           f"  {'phase':<20s} {'plan (tensors)':>15s} {'simulated':>10s} {'plan/sim':>9s}"]
+    rows = [(name, x - plan["context_gib"], measured.get(name)) for name, x, _ in plan["phases"]]
+    rows.append(("peak", max(r[1] for r in rows), max(measured.values())))
+    for name, planned, simulated in rows:
+        ratio = f"{planned / simulated:9.3f}" if simulated else f"{'-':>9s}"
+        out.append(f"  {name:<20s} {planned:15.1f} {simulated if simulated is not None else float('nan'):10.1f} {ratio}")
+    key = max(sim["phases"], key=sim["phases"].get)
+    out.append(f"  at the simulated peak ({key[0]}, {key[1]}): " + ", ".join(
+        f"{c} {g:.1f}" for c, g in sorted(sim["categories"][key].items(), key=lambda cg: -cg[1])))
+    out.append(f"  not simulated: the plan's {plan['context_gib']:g} GiB of CUDA context, NCCL and slack, the "
+               "allocator's fragmentation, kernels' workspaces")
+    return out
