@@ -218,13 +218,14 @@ def training_pass(model, rows, micro_batch, layout, pad_id, device):
 
 # ----------------------------------------------------------------------------- --plan --simulate
 
-def simulated_step(cfg, world, traces=4):
+def simulated_step(cfg, traces=4, device=torch.device("cpu")):
     """(build, step) for plumbing/simulate.py. build(layers): the FSDP2 model of --model's config.json
-    cut to `layers` decoder layers, and its fused AdamW. step: this file's optimiser step on rank 0 of
-    `world`, on synthetic questions at the plan's worst case: M = `traces` traces per question, every
-    training row --max_len tokens after a prompt of memory.PROMPT_TOKENS, two micro-batches (from the
-    second on, the sharded gradients are alive through the backward; more add nothing to the peak)."""
-    device = torch.device("cpu")  # fake CPU tensors under the CUDA precision policy stand for the GPU's
+    cut to `layers` decoder layers, and its fused AdamW. step: this file's optimiser step of one rank,
+    on synthetic questions at the plan's worst case: M = `traces` traces per question, every
+    training row --max_len tokens after a prompt of memory.prompt_tokens, two micro-batches (from the
+    second on, the sharded gradients are alive through the backward; more add nothing to the peak).
+    device: CPU, whose fake tensors under the CUDA precision policy stand for the GPU's (test_gpu.py
+    runs the same step on CUDA)."""
     config = toy.make_model(toy.make_tokenizer()).config.to_dict() if cfg.model == "toy" else \
         memory.read_config(cfg.model)[0]
 
@@ -234,9 +235,9 @@ def simulated_step(cfg, world, traces=4):
         model.to_empty(device=device)
         return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                         weight_decay=cfg.weight_decay, fused=True)
-    prompt = [1] * memory.PROMPT_TOKENS
+    prompt = [1] * memory.prompt_tokens(cfg.max_len)
     room = cfg.max_len - len(prompt) - 1  # batch: each row is prompt + tag + trace
-    trace = [2] * (room if cfg.layout == "batch" else (cfg.max_len - len(prompt) - traces) // traces)
+    trace = [2] * (room if cfg.layout == "batch" else max(1, (cfg.max_len - len(prompt) - traces) // traces))
     per_question = traces if cfg.matching == "sft" else min(cfg.num_forks, traces)  # rows a question trains
     questions = math.ceil(2 * cfg.micro_batch / (per_question if cfg.layout == "batch" else 1))
     encoded = [{"prompt_ids": prompt, "trace_ids": [trace] * traces}] * questions
@@ -314,7 +315,7 @@ def print_plan(cfg):
     if cfg.simulate and simulate.missing():
         print(f"--simulate: skipped, {simulate.missing()}")
     elif cfg.simulate:  # --plan --simulate: the same phases measured on this file's step (plumbing/simulate.py)
-        sim = simulate.simulate(*simulated_step(cfg, gpus), plan["layers"], gpus, cfg.cpu_offload)
+        sim = simulate.simulate(*simulated_step(cfg), plan["layers"], gpus, cfg.cpu_offload)
         print("\n".join(simulate.format_comparison(plan, sim, gpus)))
         simulated = {"simulated_peak_gib": round(max(sim["phases"].values()), 1),
                      "simulated_s": round(sim["seconds"]), "simulated_host_gib": round(sim["host_gib"], 2)}

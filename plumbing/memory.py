@@ -21,14 +21,17 @@ per matching forward, lp one layer's parameters):
   k         gradients in flight through one layer: T x 2 x 2 (I + H) bytes
   l         lm_head's bf16 gradient, 2VH: summed over the loss chunks and reduced with the root's, after
             every layer's backward, so it is alive through the whole layer backward
-  m         one 1024-token cross-entropy chunk: fp32 logits and their log-softmax, 8 x 1024 V bytes
+  m         one 1024-token cross-entropy chunk in backward: three fp32 [1024, V] tensors (the
+            log-softmax, the loss's gradient and its gradient through the log-softmax): 12 x 1024 V bytes
   n         the final hidden state, its fp32 norm input, the labelled rows and their gradient: 10TH
   o         the final RMSNorm's backward, six fp32 [T, H] tensors: 24TH
   p, q      one layer's forward working set, T (6I + 8H) bytes (p) and Tm (6I + 8H) without grad (q)
+  s         the matching pass's loss chunk (fp32 logits and log-softmax) and hidden rows: 8 x 1024 V + 4TmH
   r         the CUDA context, NCCL buffers, allocator slack: 2 GiB
 Each phase holds some of them; the peak is the largest phase:
-  matching pass       a c e r + max(e, 2g q, g + 10TmH + m): no gradients (zero_grad freed them)
-  layers forward      a b c e 2g i p r: from a step's second micro-batch on the gradients are alive
+  matching pass       a c e r + max(e, 2g q, g s): no gradients (zero_grad freed them)
+  layers forward      a b c e 2g i p r (a b c e 2g j r without checkpointing): from a step's second
+                      micro-batch on, the sharded gradients are alive
   loss                a b c e g i l r + max(n m, n l, o): the loss chunks, then the final norm's backward
   layers backward     a b c e 2g h i j k l r
   optimizer step      a b c d r
@@ -103,22 +106,29 @@ def layer_activation_bytes(s, tokens, act_bytes=2):
     return tokens * (act_bytes * (7 * h + 2 * kv + 4 * i) + 4 * 2 * h)
 
 
+def prompt_tokens(max_len):
+    """The prompt length the plan (and the simulated step) assumes: PROMPT_TOKENS, at most half a row."""
+    return min(PROMPT_TOKENS, max_len // 2)
+
+
 def train_plan(s, gpus, layout="batch", max_len=32768, micro_batch=1, match_batch=8, match_tokens=1000,
                num_forks=6, traces=4, activation_checkpointing=True, cpu_offload=False, fused_adamw=True):
     """{"terms": [(key, what, GiB per GPU)], "phases": [(phase, GiB per GPU, its terms)], "peak_gib_per_gpu",
-    "peak_phase", "host_gib_per_rank", "host_gib_other_ranks", "train_tokens", "match_tokens", "params"} of
-    one train.py rank (the module docstring names the terms). Worst case: every training row is max_len
-    tokens long (concat rows are bounded by max_len as a whole, data.encode_question), prompts are
-    PROMPT_TOKENS long. traces: M, the traces of a question (a concat matching row holds N x M branches)."""
+    "peak_phase", "host_gib_per_rank", "host_gib_other_ranks", "train_tokens", "match_tokens", "params",
+    "layers", "context_gib"} of one train.py rank (the module docstring names the terms). Worst case:
+    every training row is max_len tokens long (concat rows are bounded by max_len as a whole,
+    data.encode_question), prompts are prompt_tokens(max_len) long. traces: M, the traces of a
+    question (a concat matching row holds N x M branches)."""
     P, h, v, n, i = num_params(s), s["hidden"], s["vocab"], s["layers"], s["intermediate"]
     lp = layer_params(s)
     T = micro_batch * max_len  # batch: micro_batch sequences; concat: micro_batch questions, each one row
+    prompt = prompt_tokens(max_len)
     if layout == "batch":
-        match_t = match_batch * (PROMPT_TOKENS + 1 + min(match_tokens, max_len - PROMPT_TOKENS - 1))
+        match_t = match_batch * (prompt + 1 + min(match_tokens, max_len - prompt - 1))
     else:  # one row per question, the prompt once and N x M branches of K tokens (not cut to max_len)
-        room = (max_len - PROMPT_TOKENS - traces) // traces
-        match_t = max(1, match_batch // (num_forks * traces)) * (
-            PROMPT_TOKENS + num_forks * traces * (1 + min(match_tokens, room)))
+        room = max(1, (max_len - prompt - traces) // traces)
+        rows = max(1, match_batch // (num_forks * traces))
+        match_t = rows * (prompt + num_forks * traces * (1 + min(match_tokens, room)))
     state = 0.0 if cpu_offload else 1.0
     ckpt = activation_checkpointing
     g = {"a": ("sharded fp32 weights", state * 4 * P / gpus),
@@ -133,22 +143,24 @@ def train_plan(s, gpus, layout="batch", max_len=32768, micro_batch=1, match_batc
                layer_activation_bytes(s, T) * (1 if ckpt else n)),
          "k": ("backward transients", T * 4 * (i + h)),
          "l": ("lm_head gradient (bf16, until the root's reduce)", 2 * v * h),
-         "m": ("cross-entropy chunk", CE_CHUNK * v * 8),
+         "m": ("cross-entropy chunk (fp32)", CE_CHUNK * v * 12),
          "n": ("final hidden, norm input, labelled rows", 10 * T * h),
          "o": ("final RMSNorm backward (fp32)", 24 * T * h),
          "p": ("one layer's forward working set", T * (6 * i + 8 * h)),
          "q": (f"the same in the matching pass ({match_t} tokens)", match_t * (6 * i + 8 * h)),
+         "s": ("matching pass: loss chunk and final hidden rows", CE_CHUNK * v * 8 + 4 * match_t * h),
          "r": ("CUDA context, NCCL, slack", CONTEXT_GIB * GIB)}
     b = {k: x / GIB for k, (_, x) in g.items()}
-    acts = b["i"] if ckpt else b["j"]  # what the layers' forward left for backward
-    phases = [("matching pass", b["a"] + b["c"] + b["e"] + b["r"] + max(
-                  b["e"], 2 * b["g"] + b["q"], b["g"] + (10 * match_t * h + CE_CHUNK * v * 8) / GIB), "a c e r + max(e, 2g q, g m + 10TmH)"),
-              ("layers forward", b["a"] + b["b"] + b["c"] + b["e"] + 2 * b["g"] + acts + b["p"] + b["r"],
-               "a b c e 2g i p r" if ckpt else "a b c e 2g j p r"),
-              ("loss", b["a"] + b["b"] + b["c"] + b["e"] + b["g"] + acts + b["l"] + b["r"]
-               + max(b["n"] + b["m"], b["n"] + b["l"], b["o"]), f"a b c e g {'i' if ckpt else 'j'} l r + max(n m, n l, o)"),
-              ("layers backward", b["a"] + b["b"] + b["c"] + b["e"] + 2 * b["g"] + b["h"] + b["i"] + b["j"] + b["k"]
-               + b["l"] + b["r"], "a b c e 2g h i j k l r" if ckpt else "a b c e 2g h j k l r"),
+    base = b["a"] + b["b"] + b["c"] + b["e"] + b["r"]  # sharded state, the gathered root, the context
+    saved, key = (b["i"], "i") if ckpt else (b["j"], "j")  # what the layers' forward leaves for backward
+    phases = [("matching pass", base - b["b"] + max(b["e"], 2 * b["g"] + b["q"], b["g"] + b["s"]),
+               "a c e r + max(e, 2g q, g s)"),
+              ("layers forward", base + 2 * b["g"] + saved + (b["p"] if ckpt else 0),
+               f"a b c e r 2g {key}" + (" p" if ckpt else "")),
+              ("loss", base + b["g"] + saved + b["l"] + max(b["n"] + b["m"], b["n"] + b["l"], b["o"]),
+               f"a b c e r g {key} l + max(n m, n l, o)"),
+              ("layers backward", base + 2 * b["g"] + b["h"] + b["i"] + b["j"] + b["k"] + b["l"],
+               f"a b c e r 2g h {'i j' if ckpt else 'j'} k l"),
               ("optimizer step", b["a"] + b["b"] + b["c"] + b["d"] + b["r"], "a b c d r")]
     peak = max(phases, key=lambda ph: ph[1])
     host_state = 16 * P / gpus / GIB + b["d"] * (1 - state) if cpu_offload else 0.0
@@ -161,17 +173,17 @@ def train_plan(s, gpus, layout="batch", max_len=32768, micro_batch=1, match_batc
 
 
 def format_plan(plan, gpus, gib):
-    """The table train.py --plan prints (every term, then every phase with the terms it holds), and its verdict."""
-    out = [f"memory plan per GPU ({gpus} GPUs, {plan['params'] / 1e9:.2f}B parameters, "
-           f"{plan['train_tokens']} tokens per training micro-batch, {plan['match_tokens']} per matching forward):"]
+    """The table train.py --plan prints (each term, then each phase with the terms it holds), its verdict."""
+    out = [f"memory plan per GPU ({gpus} GPUs, {plan['params'] / 1e9:.2f}B parameters, {plan['train_tokens']} "
+           f"tokens per training micro-batch, {plan['match_tokens']} per matching forward):"]
     out += [f"  {k}  {what:<52s} {x:7.2f} GiB" for k, what, x in plan["terms"]]
     out += [f"  {'phase ' + name + ' (' + terms + ')':<55s} {x:7.1f} GiB" for name, x, terms in plan["phases"]]
     fits = plan["peak_gib_per_gpu"] <= gib
     out.append(f"  {'peak (' + plan['peak_phase'] + ')':<55s} {plan['peak_gib_per_gpu']:7.1f} GiB of {gib:g}: "
                f"{'fits' if fits else 'does NOT fit'}")
-    out.append(f"  host memory per rank {plan['host_gib_per_rank']:.1f} GiB (rank 0 while loading; the others "
-               f"{plan['host_gib_other_ranks']:.1f}), {plan['host_gib_per_rank'] + (gpus - 1) * plan['host_gib_other_ranks']:.0f}"
-               f" GiB for {gpus} ranks")
+    host, other = plan["host_gib_per_rank"], plan["host_gib_other_ranks"]
+    out.append(f"  host memory per rank {host:.1f} GiB (rank 0 while loading; the others {other:.1f}), "
+               f"{host + (gpus - 1) * other:.0f} GiB for {gpus} ranks")
     return out, fits
 
 

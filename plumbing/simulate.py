@@ -17,9 +17,12 @@ of torchtitan's memory estimation, applied to this project's step:
   - Attention runs as causal SDPA (the CPU's flash kernel) without a mask or position ids: the O(L)
     memory of flash-attn (batch layout) and FlexAttention (concat) on CUDA, not the dense L x L mask
     the CPU's concat path builds. An all-ones mask would anyway have to be passed as None.
+  - Autograd sums two gradients of one tensor (lm_head's over the loss chunks) in place on CUDA and
+    out of place on a tensor subclass: the simulation sums them in place.
   - DTensor's shape propagation runs ops on global shapes under the same fake mode: not counted.
   - With --cpu_offload the sharded weights, gradients and AdamW states live in host memory: not counted.
-  - Two optimiser steps; the second is measured, AdamW's state alive from its start.
+  - AdamW's state is made by one optimizer.step() on zero gradients, as after any first step; then
+    one step of the stage is measured.
   - The peak of each phase grows linearly with the layers (sharded state, layer checkpoints): the
     step runs at two layer counts and a straight line gives the model's layers.
 
@@ -63,23 +66,24 @@ def missing():
     return MISSING
 
 
-
-def meta_model(config, layers):
+def meta_model(config, layers, device="meta"):
     """The causal LM of `config` (a config.json as a dict, memory.read_config) cut to `layers` decoder
-    layers, on the meta device: fp32 weights, SDPA attention, no KV cache. Transformers' own
-    architectures only (no remote code)."""
+    layers: fp32 weights, SDPA attention, no KV cache; on the meta device (no memory: the simulation),
+    or initialised on another (test_gpu's real step). Transformers' own architectures only."""
     from transformers import AutoConfig, AutoModelForCausalLM
     config = {k: v for k, v in config.items() if k not in ("layer_types", "architectures")}
     config = AutoConfig.for_model(**{**config, "num_hidden_layers": layers, "use_cache": False})
-    with torch.device("meta"):
+    with torch.device(device):
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
+
 
 class _KeepData(TorchDispatchMode):
     """Under FakeTensorMode: an op whose tensors are all real and whose result is small (or has a
-    data-dependent shape: nonzero, bincount) runs for real, so that token ids, labels and the indices
-    of the labelled tokens keep their values. A small result computed without gradients from fake
-    tensors (a cost) becomes real zeros, and reading a fake number (.item()) gives zero, so that the
-    stage's code that reads numbers (a matching, a logged loss) runs on."""
+    data-dependent shape: nonzero, bincount), or that makes a small integer tensor from nothing, runs
+    for real, so that token ids, labels and the indices of the labelled tokens keep their values. A
+    small fp32 vector computed without gradients from fake tensors (per-sequence costs) becomes real
+    zeros, and reading a fake number (.item()) gives zero, so that the stage's code that reads numbers
+    (a matching, a logged loss) runs on."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -96,7 +100,7 @@ class _KeepData(TorchDispatchMode):
                 out = func(*args, **kwargs)  # under the fake mode: the shapes only
             except (DynamicOutputShapeException, DataDependentOutputException):
                 out = None
-            if out is not None and not _small(out):
+            if out is not None and not _small(out, integers=not tensors):  # a factory: token ids, not buffers
                 return out
             with unset_fake_temporarily():
                 return func(*args, **kwargs)
@@ -105,7 +109,7 @@ class _KeepData(TorchDispatchMode):
         out = func(*args, **kwargs)
         if (not torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1 and not _PROPAGATING[0]
                 and func.namespace == "aten" and not func._schema.is_mutable
-                and all(r.alias_info is None for r in func._schema.returns) and _small(out)):
+                and all(r.alias_info is None for r in func._schema.returns) and _small(out, numbers=True)):
             with unset_fake_temporarily():
                 return pytree.tree_map_only(torch.Tensor, lambda t: torch.zeros(t.shape, dtype=t.dtype), out)
         return out
@@ -122,8 +126,12 @@ def _sums_gradients(args, kwargs):
             and args[0].untyped_storage().nbytes() == args[0].numel() * args[0].element_size())
 
 
-def _small(out):
-    return all(t.numel() <= SMALL for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+def _small(out, integers=False, numbers=False):
+    """Whether every tensor of `out` has at most SMALL elements (and, with integers, an integer or bool
+    dtype; with numbers, fp32 and at most one dimension: per-token or per-sequence values, not weights)."""
+    tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+    return all(t.numel() <= SMALL and (not integers or not (t.is_floating_point() or t.is_complex()))
+               and (not numbers or (t.dtype == torch.float32 and t.dim() <= 1)) for t in tensors)
 
 
 class _PhaseTracker(FSDPMemTracker):
@@ -183,7 +191,8 @@ def _cuda_attention(model):
     def drop(module, args, kwargs):
         args = [None if i < len(names) and names[i] in ("attention_mask", "position_ids") else a
                 for i, a in enumerate(args)]
-        return tuple(args), {k: None if k in ("attention_mask", "position_ids") else v for k, v in kwargs.items()}
+        return tuple(args), {k: None if k in ("attention_mask", "position_ids") else v
+                             for k, v in kwargs.items()}
     handle = model.register_forward_pre_hook(drop, with_kwargs=True, prepend=True)
     tree_attention, concat.tree_attention = concat.tree_attention, lambda branch_ids: None
     try:
@@ -206,12 +215,12 @@ def _fake_world(world):
         dist.destroy_process_group()
 
 
-def measure(build, step, layers, world, offload, steps=2):
-    """{(phase, where): (bytes per GPU, {tracker category: bytes})} of rank 0 of `world` ranks, over the
-    last of `steps` optimiser steps. build(layers) -> (model, optimizer): the stage's FSDP2 model with
-    `layers` decoder layers and its optimiser, called under the fake mode (weights are fake: build on
-    the meta device, shard, to_empty). step(model, optimizer, phase): one optimiser step of the
-    stage; phase(name) marks where each of its phases begins."""
+def measure(build, step, layers, world, offload):
+    """{(phase, where): (bytes per GPU, {tracker category: bytes})} of one optimiser step of rank 0 of
+    `world` ranks, AdamW's state alive. build(layers) -> (model, optimizer): the stage's FSDP2 model
+    with `layers` decoder layers and its optimiser, called under the fake mode (build on the meta
+    device, shard, to_empty). step(model, optimizer, phase): one optimiser step of the stage;
+    phase(name) marks where each of its phases begins."""
     if MISSING:
         raise RuntimeError(MISSING)
     with _fake_world(world), FakeTensorMode(allow_non_fake_inputs=True), _KeepData(), _uncounted_propagation():
@@ -224,36 +233,44 @@ def measure(build, step, layers, world, offload, steps=2):
         with tracker, _cuda_attention(model):
             # the tracker's per-module statistics hold one forward of the root: cleared before each
             hooks.append(model.register_forward_pre_hook(lambda *args: tracker.reset_mod_stats(), prepend=True))
-            for s in range(steps):
-                step(model, optimizer, lambda name: setattr(tracker, "phase", name if s == steps - 1 else None))
-                tracker.phase = None
+            for p in model.parameters():  # AdamW's state as after a first step, without running one
+                p.grad = torch.zeros_like(p)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step(model, optimizer, lambda name: setattr(tracker, "phase", name))
+            tracker.phase = None
             for h in hooks:
                 h.remove()
         return tracker.peaks
 
 
 def simulate(build, step, layers, world, offload, probes=(3, 4)):
-    """The peak GiB per GPU of each phase at `layers` decoder layers, on a straight line through
-    measure() at the two layer counts of `probes` (or measured directly when layers <= the larger).
-    Returns {"phases": {(phase, where): GiB}, "categories": {(phase, where): {category: GiB}},
-    "probes", "seconds", "host_gib"}: the wall time and this process's peak resident memory."""
+    """The peak GiB per GPU of each phase at `layers` decoder layers: measure() at the two layer counts of
+    `probes` and a straight line through them (line()), or measured directly when layers <= the larger.
+    From 3 layers on every layer has neighbours to prefetch; 32B's peaks at 3, 4, 5 and 8 layers lie on
+    one line. Returns line()'s {"phases", "categories"} and "probes", "seconds" (wall time) and
+    "host_gib" (this process's peak resident memory)."""
     t0 = time.perf_counter()
     probes = (layers,) if layers <= max(probes) else probes
-    runs = [measure(build, step, n, world, offload) for n in probes]
-    phases, categories = {}, {}
-    for key in runs[-1]:
-        if len(runs) == 1:
-            at = {c: b / GIB for c, b in runs[0][key][1].items()}
-            phases[key] = runs[0][key][0] / GIB
-        else:
-            (n1, n2), (r1, r2) = probes, runs
-            line = lambda a, b: (a + (b - a) * (layers - n1) / (n2 - n1)) / GIB  # noqa: E731
-            phases[key] = line(r1.get(key, (0, {}))[0], r2[key][0])
-            at = {c: line(r1.get(key, (0, {}))[1].get(c, 0), v) for c, v in r2[key][1].items()}
-        categories[key] = {c: g for c, g in at.items() if c != "Total" and abs(g) >= 0.005}
-    return {"phases": phases, "categories": categories, "probes": list(probes),
-            "seconds": time.perf_counter() - t0,
+    result = line({n: measure(build, step, n, world, offload) for n in probes}, layers)
+    return {**result, "probes": list(probes), "seconds": time.perf_counter() - t0,
             "host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB}
+
+
+def line(runs, layers):
+    """{"phases": {(phase, where): GiB}, "categories": {(phase, where): {tracker category: GiB}}} at
+    `layers` on the straight line through two measure() results, runs = {layer count: result} (one
+    result: itself). The peak of each phase grows linearly with the layers: the sharded state and the
+    layer checkpoints do, nothing else depends on them."""
+    (n1, r1), (n2, r2) = (list(runs.items()) * 2)[:2] if len(runs) == 1 else sorted(runs.items())
+    at = (lambda a, b: b / GIB) if n1 == n2 else (lambda a, b: (a + (b - a) * (layers - n1) / (n2 - n1)) / GIB)
+    phases, categories = {}, {}
+    for key, (total, snap) in r2.items():
+        first, first_snap = r1.get(key, (0, {}))
+        phases[key] = at(first, total)
+        categories[key] = {c: g for c, g in ((c, at(first_snap.get(c, 0), x)) for c, x in snap.items())
+                           if c != "Total" and abs(g) >= 0.005}
+    return {"phases": phases, "categories": categories}
 
 
 def phase_peaks(sim):
@@ -280,11 +297,12 @@ def format_comparison(plan, sim, world):
     rows = [(name, x - plan["context_gib"], measured.get(name)) for name, x, _ in plan["phases"]]
     rows.append(("peak", max(r[1] for r in rows), max(measured.values())))
     for name, planned, simulated in rows:
-        ratio = f"{planned / simulated:9.3f}" if simulated else f"{'-':>9s}"
-        out.append(f"  {name:<20s} {planned:15.1f} {simulated if simulated is not None else float('nan'):10.1f} {ratio}")
+        simulated = float("nan") if simulated is None else simulated
+        ratio = f"{planned / simulated:9.3f}" if simulated > 0 else f"{'-':>9s}"
+        out.append(f"  {name:<20s} {planned:15.2f} {simulated:10.2f} {ratio}")
     key = max(sim["phases"], key=sim["phases"].get)
     out.append(f"  at the simulated peak ({key[0]}, {key[1]}): " + ", ".join(
-        f"{c} {g:.1f}" for c, g in sorted(sim["categories"][key].items(), key=lambda cg: -cg[1])))
+        f"{c} {g:.2f}" for c, g in sorted(sim["categories"][key].items(), key=lambda cg: -cg[1])))
     out.append(f"  not simulated: the plan's {plan['context_gib']:g} GiB of CUDA context, NCCL and slack, the "
                "allocator's fragmentation, kernels' workspaces")
     return out
