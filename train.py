@@ -317,7 +317,7 @@ def print_plan(cfg):
     elif cfg.simulate:  # --plan --simulate: the same phases measured on this file's step (plumbing/simulate.py)
         sim = simulate.simulate(*simulated_step(cfg), plan["layers"], gpus, cfg.cpu_offload)
         print("\n".join(simulate.format_comparison(plan, sim, gpus)))
-        simulated = {"simulated_peak_gib": round(max(sim["phases"].values()), 1),
+        simulated = {"simulated_peak_gib": round(max(sim["phases"].values()), 2),
                      "simulated_s": round(sim["seconds"]), "simulated_host_gib": round(sim["host_gib"], 2)}
     print(json.dumps({"peak_gib_per_gpu": round(plan["peak_gib_per_gpu"], 1),
                       "host_gib_per_rank": round(plan["host_gib_per_rank"], 1), "fits": fits, "gpus": gpus,

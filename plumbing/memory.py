@@ -26,15 +26,15 @@ per matching forward, lp one layer's parameters):
   n         the final hidden state, its fp32 norm input, the labelled rows and their gradient: 10TH
   o         the final RMSNorm's backward, six fp32 [T, H] tensors: 24TH
   p, q      one layer's forward working set, T (6I + 8H) bytes (p) and Tm (6I + 8H) without grad (q)
-  s         the matching pass's loss chunk (fp32 logits and log-softmax) and hidden rows: 8 x 1024 V + 4TmH
-  r         the CUDA context, NCCL buffers, allocator slack: 2 GiB
+  r         the matching pass's loss chunk (fp32 logits and log-softmax) and hidden rows: 8 x 1024 V + 4TmH
+  x         the CUDA context, NCCL buffers, allocator slack: 2 GiB
 Each phase holds some of them; the peak is the largest phase:
-  matching pass       a c e r + max(e, 2g q, g s): no gradients (zero_grad freed them)
-  layers forward      a b c e 2g i p r (a b c e 2g j r without checkpointing): from a step's second
+  matching pass       a c e x + max(e, 2g q, g r): no gradients (zero_grad freed them)
+  layers forward      a b c e x 2g i p (a b c e x 2g j without checkpointing): from a step's second
                       micro-batch on, the sharded gradients are alive
-  loss                a b c e g i l r + max(n m, n l, o): the loss chunks, then the final norm's backward
-  layers backward     a b c e 2g h i j k l r
-  optimizer step      a b c d r
+  loss                a b c e x g i l + max(n m, n l, o): the loss chunks, then the final norm's backward
+  layers backward     a b c e x 2g h i j k l
+  optimizer step      a b c d x
 `train.py --plan GPUSxGiB --simulate` measures the same phases on the real step (plumbing/simulate.py);
 tests/test_simulate.py holds these terms to it within 10%. Sources: PyTorch's FSDP2 design (fully_shard,
 MixedPrecisionPolicy, CPUOffloadPolicy), the Qwen2 modelling code of transformers 5.24; test_scale.py
@@ -148,20 +148,20 @@ def train_plan(s, gpus, layout="batch", max_len=32768, micro_batch=1, match_batc
          "o": ("final RMSNorm backward (fp32)", 24 * T * h),
          "p": ("one layer's forward working set", T * (6 * i + 8 * h)),
          "q": (f"the same in the matching pass ({match_t} tokens)", match_t * (6 * i + 8 * h)),
-         "s": ("matching pass: loss chunk and final hidden rows", CE_CHUNK * v * 8 + 4 * match_t * h),
-         "r": ("CUDA context, NCCL, slack", CONTEXT_GIB * GIB)}
+         "r": ("matching pass: loss chunk and final hidden rows", CE_CHUNK * v * 8 + 4 * match_t * h),
+         "x": ("CUDA context, NCCL, slack", CONTEXT_GIB * GIB)}
     b = {k: x / GIB for k, (_, x) in g.items()}
-    base = b["a"] + b["b"] + b["c"] + b["e"] + b["r"]  # sharded state, the gathered root, the context
+    base = b["a"] + b["b"] + b["c"] + b["e"] + b["x"]  # sharded state, the gathered root, the context
     saved, key = (b["i"], "i") if ckpt else (b["j"], "j")  # what the layers' forward leaves for backward
-    phases = [("matching pass", base - b["b"] + max(b["e"], 2 * b["g"] + b["q"], b["g"] + b["s"]),
-               "a c e r + max(e, 2g q, g s)"),
+    phases = [("matching pass", base - b["b"] + max(b["e"], 2 * b["g"] + b["q"], b["g"] + b["r"]),
+               "a c e x + max(e, 2g q, g r)"),
               ("layers forward", base + 2 * b["g"] + saved + (b["p"] if ckpt else 0),
-               f"a b c e r 2g {key}" + (" p" if ckpt else "")),
+               f"a b c e x 2g {key}" + (" p" if ckpt else "")),
               ("loss", base + b["g"] + saved + b["l"] + max(b["n"] + b["m"], b["n"] + b["l"], b["o"]),
-               f"a b c e r g {key} l + max(n m, n l, o)"),
+               f"a b c e x g {key} l + max(n m, n l, o)"),
               ("layers backward", base + 2 * b["g"] + b["h"] + b["i"] + b["j"] + b["k"] + b["l"],
-               f"a b c e r 2g h {'i j' if ckpt else 'j'} k l"),
-              ("optimizer step", b["a"] + b["b"] + b["c"] + b["d"] + b["r"], "a b c d r")]
+               f"a b c e x 2g h {'i j' if ckpt else 'j'} k l"),
+              ("optimizer step", b["a"] + b["b"] + b["c"] + b["d"] + b["x"], "a b c d x")]
     peak = max(phases, key=lambda ph: ph[1])
     host_state = 16 * P / gpus / GIB + b["d"] * (1 - state) if cpu_offload else 0.0
     rank0_load = 2 * P / GIB + 4 * P / gpus / GIB  # the bf16 checkpoint read whole on rank 0, its fp32 shard
@@ -169,7 +169,8 @@ def train_plan(s, gpus, layout="batch", max_len=32768, micro_batch=1, match_batc
             "peak_gib_per_gpu": peak[1], "peak_phase": peak[0],
             "host_gib_per_rank": HOST_BASE_GIB + max(host_state, rank0_load),
             "host_gib_other_ranks": HOST_BASE_GIB + host_state,
-            "train_tokens": T, "match_tokens": match_t, "params": P, "layers": n, "context_gib": CONTEXT_GIB}
+            "train_tokens": T, "match_tokens": match_t, "params": P, "layers": n, "context_gib": CONTEXT_GIB,
+            "offload": cpu_offload}
 
 
 def format_plan(plan, gpus, gib):

@@ -5,8 +5,8 @@ of G ranks on fake tensors. FakeTensorMode gives every tensor its shape, dtype a
 data; the fake process group (backend "fake") answers every collective without a peer; so a 32B
 model costs neither memory nor arithmetic. FSDPMemTracker (torch.distributed._tools) counts the
 bytes of the tensors alive after each operation, which is what CUDA's caching allocator reports as
-active memory (PyTorch's own tests hold the tracker to within 10% of it on GPUs). This is the recipe
-of torchtitan's memory estimation, applied to this project's step:
+active memory (PyTorch's test_fsdp2_mem_tracker.py compares the two on GPUs; tests/test_gpu.py does
+it for this step). This is the recipe of torchtitan's memory estimation, applied to this project's step:
 
   - CPU tensors under the CUDA policy (bf16 compute, fp32 gradient reduction): backward on fake CUDA
     tensors aborts on a CPU-only torch. Sizes are not rounded to the allocator's 512-byte blocks.
@@ -298,11 +298,14 @@ def format_comparison(plan, sim, world):
     rows.append(("peak", max(r[1] for r in rows), max(measured.values())))
     for name, planned, simulated in rows:
         simulated = float("nan") if simulated is None else simulated
-        ratio = f"{planned / simulated:9.3f}" if simulated > 0 else f"{'-':>9s}"
+        ratio = f"{planned / simulated:9.3f}" if simulated >= 0.01 else f"{'-':>9s}"  # not a ratio of ~0s
         out.append(f"  {name:<20s} {planned:15.2f} {simulated:10.2f} {ratio}")
     key = max(sim["phases"], key=sim["phases"].get)
-    out.append(f"  at the simulated peak ({key[0]}, {key[1]}): " + ", ".join(
-        f"{c} {g:.2f}" for c, g in sorted(sim["categories"][key].items(), key=lambda cg: -cg[1])))
+    at = sorted(sim["categories"][key].items(), key=lambda cg: -cg[1])
+    host = [(c, g) for c, g in at if plan["offload"] and c in HOST]
+    out.append(f"  at the simulated peak ({key[0]}, {key[1]}), GiB: " + ", ".join(
+        f"{c} {g:.2f}" for c, g in at if (c, g) not in host) + (", in host memory: " + ", ".join(
+            f"{c} {g:.2f}" for c, g in host) if host else ""))
     out.append(f"  not simulated: the plan's {plan['context_gib']:g} GiB of CUDA context, NCCL and slack, the "
                "allocator's fragmentation, kernels' workspaces")
     return out

@@ -97,7 +97,7 @@ def test_train_py_runs_on_one_gpu_with_nccl(tmp_path, flags):
 # The memory simulation (plumbing/simulate.py) against the allocator: one real step of train.py on this GPU
 GPU_SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False, model_type="qwen2",
-                 max_position_embeddings=16384)
+                 max_position_embeddings=32768)
 REAL_STEP = """
 import json, sys, torch, torch.distributed as dist
 import match, train
@@ -142,7 +142,7 @@ def test_simulated_peak_is_within_10_percent_of_cuda_max_memory_allocated_of_one
     same step on fake tensors. What the simulation leaves out (cuBLAS workspaces, rounding to 512-byte
     blocks) is well under 10% at this shape (a peak of a few GiB); NCCL's buffers are not in the allocator."""
     (tmp_path / "config.json").write_text(json.dumps(GPU_SHAPE))
-    flags = ["--max_len", "8192", *flags]
+    flags = ["--max_len", "16384", *flags]
     real, simulated = (subprocess.run([sys.executable, "-c", script, str(tmp_path), *extra, json.dumps(flags)],
                                       cwd=HERE, capture_output=True, text=True, timeout=600)
                        for script, extra in ((REAL_STEP, ["cuda"]), (SIMULATED_STEP, [])))
