@@ -68,7 +68,7 @@ class Config:
     toy_questions: int = 2000  # number of training questions of the toy task
     trust_remote_code: bool = False  # let transformers run code shipped with the model
     plan: str = ""  # GPUSxGiB, e.g. 8x80: print the memory plan of these flags from config.json alone, exit 0 if it fits, 3 if not
-    simulate: bool = False  # with --plan: also run this step on fake tensors on the CPU and print its peaks beside the plan's (plumbing/simulate.py)
+    simulate: bool = False  # with --plan: also measure this step on fake tensors on the CPU (plumbing/simulate.py)
 
 
 RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir", "keep_checkpoints", "plan", "simulate"}  # may change on resume
@@ -236,8 +236,9 @@ def simulated_step(cfg, traces=4, device=torch.device("cpu")):
         return model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
                                         weight_decay=cfg.weight_decay, fused=True)
     prompt = [1] * memory.prompt_tokens(cfg.max_len)
-    room = cfg.max_len - len(prompt) - 1  # batch: each row is prompt + tag + trace
-    trace = [2] * (room if cfg.layout == "batch" else max(1, (cfg.max_len - len(prompt) - traces) // traces))
+    # rows of --max_len tokens: prompt + tag + trace (batch), prompt + M x (tag + trace) (concat)
+    trace = [2] * (cfg.max_len - len(prompt) - 1 if cfg.layout == "batch"
+                   else max(1, (cfg.max_len - len(prompt) - traces) // traces))
     per_question = traces if cfg.matching == "sft" else min(cfg.num_forks, traces)  # rows a question trains
     questions = math.ceil(2 * cfg.micro_batch / (per_question if cfg.layout == "batch" else 1))
     encoded = [{"prompt_ids": prompt, "trace_ids": [trace] * traces}] * questions
@@ -245,12 +246,12 @@ def simulated_step(cfg, traces=4, device=torch.device("cpu")):
 
     def step(model, optimizer, phase):
         phase("matching pass")
-        matched = match.match_questions(model, encoded, fork_ids, cfg.matching, cfg.match_tokens, cfg.match_batch,
-                                        0, device, [np.random.default_rng([cfg.seed, q]) for q in range(questions)],
-                                        None, cfg.layout)
+        rngs = [np.random.default_rng([cfg.seed, q]) for q in range(questions)]
+        matched = match.match_questions(model, encoded, fork_ids, cfg.matching, cfg.match_tokens,
+                                        cfg.match_batch, 0, device, rngs, None, cfg.layout)
         phase("training pass")
-        training_pass(model, training_rows(encoded, matched, fork_ids, cfg.layout), cfg.micro_batch, cfg.layout, 0,
-                      device)
+        rows = training_rows(encoded, matched, fork_ids, cfg.layout)
+        training_pass(model, rows, cfg.micro_batch, cfg.layout, 0, device)
         phase("optimizer step")
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
@@ -314,7 +315,7 @@ def print_plan(cfg):
     simulated = {}
     if cfg.simulate and simulate.missing():
         print(f"--simulate: skipped, {simulate.missing()}")
-    elif cfg.simulate:  # --plan --simulate: the same phases measured on this file's step (plumbing/simulate.py)
+    elif cfg.simulate:  # the same phases measured on this file's step, on fake tensors
         sim = simulate.simulate(*simulated_step(cfg), plan["layers"], gpus, cfg.cpu_offload)
         print("\n".join(simulate.format_comparison(plan, sim, gpus)))
         simulated = {"simulated_peak_gib": round(max(sim["phases"].values()), 2),

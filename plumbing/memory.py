@@ -178,9 +178,10 @@ def format_plan(plan, gpus, gib):
     out = [f"memory plan per GPU ({gpus} GPUs, {plan['params'] / 1e9:.2f}B parameters, {plan['train_tokens']} "
            f"tokens per training micro-batch, {plan['match_tokens']} per matching forward):"]
     out += [f"  {k}  {what:<52s} {x:7.2f} GiB" for k, what, x in plan["terms"]]
-    out += [f"  {'phase ' + name + ' (' + terms + ')':<55s} {x:7.1f} GiB" for name, x, terms in plan["phases"]]
+    out += [f"  {f'phase {name} ({terms})':<55s} {x:7.1f} GiB" for name, x, terms in plan["phases"]]
     fits = plan["peak_gib_per_gpu"] <= gib
-    out.append(f"  {'peak (' + plan['peak_phase'] + ')':<55s} {plan['peak_gib_per_gpu']:7.1f} GiB of {gib:g}: "
+    peak = f"peak ({plan['peak_phase']})"
+    out.append(f"  {peak:<55s} {plan['peak_gib_per_gpu']:7.1f} GiB of {gib:g}: "
                f"{'fits' if fits else 'does NOT fit'}")
     host, other = plan["host_gib_per_rank"], plan["host_gib_other_ranks"]
     out.append(f"  host memory per rank {host:.1f} GiB (rank 0 while loading; the others {other:.1f}), "

@@ -26,9 +26,8 @@ it for this step). This is the recipe of torchtitan's memory estimation, applied
   - The peak of each phase grows linearly with the layers (sharded state, layer checkpoints): the
     step runs at two layer counts and a straight line gives the model's layers.
 
-What it cannot see: the CUDA context and NCCL's buffers (together about 1-2 GiB), the allocator's
-fragmentation and block rounding, kernels' workspaces (cuBLAS, flash-attn), and the memory of the
-real attention kernels where it differs from the CPU's.
+It cannot see the CUDA context and NCCL's buffers (about 1-2 GiB), the allocator's fragmentation and
+rounding, kernels' workspaces (cuBLAS, flash-attn), nor where CUDA's attention kernels differ from the CPU's.
 """
 import contextlib
 import re
@@ -152,7 +151,8 @@ class _PhaseTracker(FSDPMemTracker):
         super()._update_peak_stats(peak_state)
         if self.phase is None:
             return
-        snap = {getattr(k, "value", k): v for k, v in self._curr_mem_snap.get(torch.device("cpu"), {}).items()}
+        snap = self._curr_mem_snap.get(torch.device("cpu"), {})
+        snap = {getattr(k, "value", k): v for k, v in snap.items()}
         gpu = snap.get("Total", 0) - (sum(snap.get(c, 0) for c in HOST) if self.offload else 0)
         tracker = self._mod_tracker
         where = ("layers" if any(LAYER.search(p) for p in tracker.parents) else "outside the layers") + \
@@ -164,7 +164,7 @@ class _PhaseTracker(FSDPMemTracker):
 
 @contextlib.contextmanager
 def _uncounted_propagation():
-    """DTensor's shape propagation flagged (_PROPAGATING), so that its global-shape tensors are not counted."""
+    """DTensor's shape propagation flagged (_PROPAGATING): its global-shape tensors are not counted."""
     original = ShardingPropagator._propagate_tensor_meta_non_cached
 
     def flagged(self, *args, **kwargs):
@@ -223,16 +223,18 @@ def measure(build, step, layers, world, offload):
     phase(name) marks where each of its phases begins."""
     if MISSING:
         raise RuntimeError(MISSING)
-    with _fake_world(world), FakeTensorMode(allow_non_fake_inputs=True), _KeepData(), _uncounted_propagation():
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    with _fake_world(world), fake, _KeepData(), _uncounted_propagation():
         model, optimizer = build(layers)
         tracker = _PhaseTracker(model, optimizer, offload)
         # transformers makes the embeddings' output require grad when checkpointing (for adapters), also
         # without grad: the tracker's module hooks would then keep the matching pass's hidden states alive
-        hooks = [m.register_forward_hook(lambda m, args, out: None if torch.is_grad_enabled() else out.detach())
-                 for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+        detach = lambda m, args, out: None if torch.is_grad_enabled() else out.detach()  # noqa: E731
+        hooks = [m.register_forward_hook(detach) for m in model.modules()
+                 if isinstance(m, torch.nn.Embedding)]
         with tracker, _cuda_attention(model):
             # the tracker's per-module statistics hold one forward of the root: cleared before each
-            hooks.append(model.register_forward_pre_hook(lambda *args: tracker.reset_mod_stats(), prepend=True))
+            hooks.append(model.register_forward_pre_hook(lambda *a: tracker.reset_mod_stats(), prepend=True))
             for p in model.parameters():  # AdamW's state as after a first step, without running one
                 p.grad = torch.zeros_like(p)
             optimizer.step()
@@ -263,7 +265,8 @@ def line(runs, layers):
     result: itself). The peak of each phase grows linearly with the layers: the sharded state and the
     layer checkpoints do, nothing else depends on them."""
     (n1, r1), (n2, r2) = (list(runs.items()) * 2)[:2] if len(runs) == 1 else sorted(runs.items())
-    at = (lambda a, b: b / GIB) if n1 == n2 else (lambda a, b: (a + (b - a) * (layers - n1) / (n2 - n1)) / GIB)
+    slope = 0 if n1 == n2 else (layers - n1) / (n2 - n1)
+    at = lambda a, b: (b if n1 == n2 else a + (b - a) * slope) / GIB  # noqa: E731
     phases, categories = {}, {}
     for key, (total, snap) in r2.items():
         first, first_snap = r1.get(key, (0, {}))
@@ -306,6 +309,6 @@ def format_comparison(plan, sim, world):
     out.append(f"  at the simulated peak ({key[0]}, {key[1]}), GiB: " + ", ".join(
         f"{c} {g:.2f}" for c, g in at if (c, g) not in host) + (", in host memory: " + ", ".join(
             f"{c} {g:.2f}" for c, g in host) if host else ""))
-    out.append(f"  not simulated: the plan's {plan['context_gib']:g} GiB of CUDA context, NCCL and slack, the "
-               "allocator's fragmentation, kernels' workspaces")
+    out.append(f"  not simulated: the plan's {plan['context_gib']:g} GiB of CUDA context, NCCL and slack, "
+               "the allocator's fragmentation, kernels' workspaces")
     return out

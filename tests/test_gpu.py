@@ -107,7 +107,8 @@ backend = "nccl" if device.type == "cuda" else "gloo"
 dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 cfg = train.parse_config(["--model", model_dir] + flags)
 torch.manual_seed(0)
-lm = simulate.meta_model(memory.read_config(model_dir)[0], memory.read_shape(model_dir)["layers"], device="cpu")
+layers = memory.read_shape(model_dir)["layers"]
+lm = simulate.meta_model(memory.read_config(model_dir)[0], layers, device="cpu")
 model = fsdp.shard(lm, device, match.SequenceNLL, cfg.activation_checkpointing, cfg.cpu_offload)
 optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay,
                               fused=True)
@@ -130,7 +131,8 @@ import train
 from plumbing import memory, simulate
 model_dir, flags = sys.argv[1], json.loads(sys.argv[2])
 cfg = train.parse_config(["--model", model_dir] + flags)
-sim = simulate.simulate(*train.simulated_step(cfg), memory.read_shape(model_dir)["layers"], 1, cfg.cpu_offload)
+layers = memory.read_shape(model_dir)["layers"]
+sim = simulate.simulate(*train.simulated_step(cfg), layers, 1, cfg.cpu_offload)
 print(json.dumps({"peak_gib": max(sim["phases"].values()), "phases": simulate.phase_peaks(sim)}))
 """
 
@@ -145,10 +147,10 @@ def test_simulated_peak_is_within_10_percent_of_cuda_max_memory_allocated_of_one
     flags = ["--max_len", "16384", *flags]
     real, simulated = (subprocess.run([sys.executable, "-c", script, str(tmp_path), *extra, json.dumps(flags)],
                                       cwd=HERE, capture_output=True, text=True, timeout=600)
-                       for script, extra in ((REAL_STEP, ["cuda"]), (SIMULATED_STEP, [])))
+                       for script, extra in ((REAL_STEP, ["cuda"]), (SIMULATED_STEP, [])))  # fresh processes
     assert real.returncode == 0, real.stderr[-3000:]
     assert simulated.returncode == 0, simulated.stderr[-3000:]
     cuda, sim = (json.loads(run.stdout.strip().splitlines()[-1]) for run in (real, simulated))
-    print(f"{flags}: CUDA max_memory_allocated {cuda['peak_gib']:.3f} GiB, simulated {sim['peak_gib']:.3f} GiB "
-          f"({sim['phases']})")
+    print(f"{flags}: CUDA max_memory_allocated {cuda['peak_gib']:.3f} GiB, "
+          f"simulated {sim['peak_gib']:.3f} GiB ({sim['phases']})")
     assert abs(sim["peak_gib"] - cuda["peak_gib"]) <= 0.1 * cuda["peak_gib"], (cuda, sim)

@@ -17,11 +17,13 @@ import pytest
 import train
 from plumbing import simulate
 
-pytestmark = pytest.mark.skipif(bool(simulate.missing()), reason=f"plumbing/simulate.py: {simulate.missing()}")
+pytestmark = pytest.mark.skipif(bool(simulate.missing()),
+                                reason=f"plumbing/simulate.py: {simulate.missing()}")
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 # small enough to run in seconds, large enough that every term of the plan shows (3 layers: measured directly)
 SHAPE = dict(hidden_size=256, intermediate_size=704, num_hidden_layers=3, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=False, model_type="qwen2", max_position_embeddings=8192)
+             num_key_value_heads=2, vocab_size=4096, tie_word_embeddings=False, model_type="qwen2",
+             max_position_embeddings=8192)
 FLAGS = ["--plan", "8x80", "--num_forks", "4", "--match_tokens", "128", "--match_batch", "16"]
 CASES = {"batch 2048": ["--max_len", "2048"],
          "batch 4096": ["--max_len", "4096"],
@@ -59,7 +61,7 @@ print(json.dumps({"name": "cli", "code": code, "printed": printed.getvalue()}))
 
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory):
-    """{case: {"plan": {phase: GiB}, "sim": {phase: GiB}}}, and "cli": what train.py --plan --simulate printed."""
+    """{case: {"plan": {phase: GiB}, "sim": {phase: GiB}}}, and "cli": what --plan --simulate printed."""
     model = tmp_path_factory.mktemp("model")
     (model / "config.json").write_text(json.dumps(SHAPE))
     cases = {name: FLAGS + argv for name, argv in CASES.items()}
@@ -76,8 +78,8 @@ def test_every_phase_of_the_plan_is_within_10_percent_of_the_simulated_step(meas
     print(case, {phase: f"{plan[phase] * 1024:.1f}/{sim[phase] * 1024:.1f} MiB" for phase in plan})
     peak = max(sim.values())
     for phase in plan:
-        if max(plan[phase], sim[phase]) < 0.05 * peak:  # the offloaded optimiser step holds ~nothing on the GPU
-            continue
+        if max(plan[phase], sim[phase]) < 0.05 * peak:
+            continue  # the offloaded optimiser step holds almost nothing on the GPU
         assert abs(plan[phase] - sim[phase]) <= 0.1 * sim[phase], (case, phase, plan[phase], sim[phase])
 
 
