@@ -37,7 +37,7 @@ import match
 import policy
 import score
 import toy
-from plumbing import decoding, evalfiles, grader, memory
+from plumbing import decoding, evalfiles, grader, memory_report
 from plumbing.files import DataError, append_jsonl, read_json, write_json
 from plumbing.flags import check, parse_flags
 from plumbing.ranks import close_distributed, init_distributed, print0
@@ -223,7 +223,7 @@ def main(cfg):
     rank, world, device = init_distributed()  # plain python: a world of one
     try:
         streams = cfg.batch_size or cfg.samples
-        memory.refuse_unless_infer_fits(cfg.model, streams, cfg.max_new_tokens, device)
+        memory_report.refuse_unless_infer_fits(cfg.model, streams, cfg.max_new_tokens, device)
         model = decoding.load_model(cfg.model, device)
         stop_ids = decoding.stop_ids(tokenizer, model)
         print0(json.dumps(dataclasses.asdict(cfg)))

@@ -34,7 +34,7 @@ import torch.distributed as dist
 import data
 import match
 import toy
-from plumbing import concat, datafiles, fsdp, memory, runs
+from plumbing import concat, datafiles, fsdp, memory, memory_report, runs, simulate
 from plumbing.batching import IGNORE, balance, collate, micro_batches, num_micro_batches, pad_item
 from plumbing.files import DataError, write_json
 from plumbing.matchstats import MatchingStats
@@ -76,9 +76,10 @@ class Config:
     report_to: str = ""  # tensorboard: also log the metrics to <out_dir>/tensorboard (needs it)
     plan: str = ""  # GPUSxGiB, e.g. 8x80: print the memory plan of these flags from config.json
     # alone, exit 0 if it fits, 3 if not
+    simulate: bool = False  # with --plan: also measure this step on fake tensors on the CPU
 
 
-MAX_FORKS = 1024  # bound on --num_forks: each is a vocabulary entry and N forwards per trace and step
+MAX_FORKS = 1024  # --num_forks at most: each is a vocabulary entry and N forwards a trace and step
 RULES = {"num_forks": f"[1, {MAX_FORKS}]",
          "match_tokens": ">= 1", "max_len": ">= 2", "matching": ("hungarian", "random", "sft"),
          "layout": ("batch", "concat"), "fork_style": data.FORK_STYLES, "epochs": ">= 1",
@@ -87,14 +88,16 @@ RULES = {"num_forks": f"[1, {MAX_FORKS}]",
          "weight_decay": ">= 0", "max_steps": ">= 0", "save_every": ">= 0",
          "keep_checkpoints": ">= 0"}
 RESUME_FREE = {"max_steps", "save_every", "skip_nonfinite", "out_dir", "keep_checkpoints", "plan",
-               "report_to"}  # flags a resumed run may change
+               "simulate", "report_to"}  # flags a resumed run may change
 
 
 def parse_config(argv=None):
     parser, given = parse_flags(Config, __doc__, argv)
     toy_run = given.get("model", Config.model) == "toy"
     cfg = Config(**{**(toy.train_defaults(given.get("layout")) if toy_run else {}), **given})
-    check(parser, cfg, RULES, [memory.plan_problem(cfg.plan), runs.check_reporter(cfg.report_to)])
+    simulate_alone = "--simulate needs --plan GPUSxGiB" if cfg.simulate and not cfg.plan else None
+    check(parser, cfg, RULES, [memory_report.plan_problem(cfg.plan), runs.check_reporter(cfg.report_to),
+                               simulate_alone])
     return cfg
 
 
@@ -197,89 +200,18 @@ def training_pass(model, rows, micro_batch, layout, pad_id, device):
     return loss, global_tokens, global_input, 1 - global_input / global_computed
 
 
-# ----------------------------------------------------------------------------- the run
-
-def load_tokenizer(cfg):
-    """(tokenizer with the forking tokens, the token ids of each forking tag, the vocabulary size
-    before any was added)."""
-    from transformers import AutoTokenizer
-    if cfg.model == "toy":
-        tokenizer = toy.make_tokenizer()
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model,
-                                                  trust_remote_code=cfg.trust_remote_code)
-    num_trained = len(tokenizer)
-    return tokenizer, data.fork_ids(tokenizer, cfg.num_forks, cfg.fork_style), num_trained
-
-
-def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
-    """(SequenceNLL-wrapped FSDP2 model, hf_config) of --model, its new forking-token rows
-    initialised (special style; text tags are ordinary tokens, already trained)."""
-    def init_fork_rows(full):
-        if cfg.fork_style == "special":
-            data.init_fork_rows(full, [ids[0] for ids in fork_ids], num_trained, cfg.seed)
-    source = (lambda: toy.make_model(tokenizer)) if cfg.model == "toy" else cfg.model
-    return fsdp.load_model(source, rank, device, match.SequenceNLL, cfg.layout, cfg.seed,
-                           cfg.activation_checkpointing, cfg.cpu_offload, cfg.trust_remote_code,
-                           edit=init_fork_rows)
-
-
-def prepare(cfg):
-    """Every check that needs no model, on every rank alike: the data, the tokenizer, --out_dir and
-    what it holds. Bad input stops here with one message, before a model loads or a file is
-    written. Returns (questions, encoded questions, tokenizer, fork ids, trained vocabulary)."""
-    if cfg.cpu_offload and not torch.cuda.is_available():
-        raise DataError("--cpu_offload offloads from GPU memory and needs CUDA devices")
-    questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" else \
-        datafiles.load_questions(cfg.data)
-    runs.check_out_dir(cfg.out_dir, cfg, RESUME_FREE, cfg.max_steps)
-    try:
-        tokenizer, fork_ids, num_trained = load_tokenizer(cfg)
-    except (OSError, ValueError) as e:
-        raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({e})") from None
-    tag_len = max(map(len, fork_ids))
-    encoded = [data.encode_question(tokenizer, q, cfg.max_len, tag_len, cfg.layout)
-               for q in questions]
-    return questions, encoded, tokenizer, fork_ids, num_trained
-
-
-def memory_plan(cfg, gpus, traces=4):
-    """memory.train_plan of this run's flags on `gpus` GPUs from --model's config.json alone (fused
-    AdamW: train.py's optimiser on CUDA). traces: M, the most traces of a question."""
-    config = cfg.model if cfg.model != "toy" else toy.make_model(toy.make_tokenizer()).config.to_dict()
-    return memory.train_plan(memory.read_shape(config), gpus, cfg.layout, cfg.max_len, cfg.micro_batch,
-                             cfg.match_batch, cfg.match_tokens, cfg.num_forks, traces,
-                             cfg.activation_checkpointing, cfg.cpu_offload, fused_adamw=True)
-
-
-def main(cfg):
-    if cfg.plan:  # the memory table of these flags; exits 0 if they fit, 3 if not
-        gpus, gib = memory.parse_gpus(cfg.plan)
-        memory.plan_exit(lambda: memory_plan(cfg, gpus), gpus, gib, {k: getattr(cfg, k) for k in (
-            "layout", "max_len", "micro_batch", "cpu_offload")})
-    try:
-        questions, encoded, tokenizer, fork_ids, num_trained = prepare(cfg)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    rank, world, device = init_distributed()
-    try:
-        with stage_run(cfg.out_dir, rank):
-            train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world, device)
-    finally:
-        close_distributed()
-
+# ----------------------------------------------------------------------- the loop (Algorithm 1)
 
 def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world, device):
     """Algorithm 1 from the model's loading to final/, on every rank."""
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
     plan = schedule([len(q["traces"]) for q in questions], cfg.batch_size, cfg.seed, cfg.epochs)
     last_step = min(len(plan), cfg.max_steps) if cfg.max_steps else len(plan)
-    matching_path = os.path.join(cfg.out_dir, "matching.json")
     if runs.is_complete(cfg.out_dir, last_step, rank, rebuild={"matching.json": "matching"}):
         return  # nothing to train; a matching.json that no longer reads was rebuilt, exactly
     if device.type == "cuda":  # refuse before loading 65 GB what cannot fit the GPUs we are on
         traces = max(len(q["traces"]) for q in questions)
-        memory.refuse_unless_fits(memory_plan(cfg, world, traces), world, device)
+        memory_report.refuse_unless_fits(memory_plan(cfg, world, traces), world, device)
         if cfg.layout == "concat":
             concat.allow_recompiles(cfg.max_len)
     model, hf_config = load_model(cfg, tokenizer, fork_ids, num_trained, rank, device)
@@ -295,8 +227,8 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
         sys.exit(f"error: {e}")
     stats = stats or MatchingStats(cfg.matching, fork_names, cfg.fork_style)
     log = runs.Log(cfg.out_dir, cfg, start, rank, cfg.report_to)
-    if rank == 0:
-        write_json(matching_path, stats.to_json())  # rebuilt from the checkpoint's statistics
+    if rank == 0:  # rebuilt from the checkpoint's statistics
+        write_json(os.path.join(cfg.out_dir, "matching.json"), stats.to_json())
     print0(json.dumps(dataclasses.asdict(cfg)))
     per_epoch = sorted({sum(e == epoch for e, _ in plan) for epoch in range(cfg.epochs)})
     per_epoch = f"{per_epoch[0]}" + (f" to {per_epoch[-1]}" if len(per_epoch) > 1 else "")
@@ -335,15 +267,12 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
                                                  device)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             grad_norm = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
-        if nonfinite or not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        if nonfinite or not (math.isfinite(loss) and math.isfinite(grad_norm)):  # diverged
             what = f"non-finite matching costs for questions {nonfinite}" if nonfinite else \
                 f"non-finite loss {loss} / grad norm {grad_norm} on questions {batch}"
-            if not cfg.skip_nonfinite:
-                sys.exit(f"error: step {step}: {what} (data order of epoch {epoch}): "
-                         f"{[questions[i]['prompt'][:40] for i in nonfinite or batch]}; "
-                         "--skip_nonfinite true skips such batches")
-            skipped += 1
-            print0(f"step {step}: {what}: batch skipped ({skipped} so far)")
+            names = [questions[i]["prompt"][:40] for i in nonfinite or batch]
+            skipped = runs.skip_or_stop(step, f"{what} (data order of epoch {epoch})",
+                                        cfg.skip_nonfinite, skipped, names)
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -360,9 +289,7 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
                   "gap": float(np.mean(gaps)) if gaps else None, "pad_fraction": pad,
                   "skipped": skipped, "tokens_per_s": tokens / (time.time() - t0),
                   "time_s": time.time() - t0}
-        log.write(record)
-        if rank == 0:
-            write_json(matching_path, stats.to_json())
+        log.write(record, files={"matching.json": stats.to_json()})
         print0(f"step {step + 1:5d}/{last_step} | loss {loss:.4f} | lr {lr:.2e} | gap "
                f"{record['gap'] if record['gap'] is not None else float('nan'):.4f} | "
                f"{record['tokens_per_s']:6.0f} tok/s | pad {pad:.2f} | "
@@ -376,6 +303,104 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
     print0(f"done: {last_step} steps, {skipped} skipped. Outputs in {cfg.out_dir}/: metrics.jsonl "
            f"(one line per step), matching.json (configuration counts per epoch), checkpoints/, "
            f"final/ (Hugging Face model + tokenizer with {fork_names[0]}..{fork_names[-1]})")
+
+
+
+# --------------------------------------------- around the loop: loading, checks, the memory plan
+
+def load_tokenizer(cfg):
+    """(tokenizer with the forking tokens, the token ids of each forking tag, the vocabulary size
+    before any was added)."""
+    from transformers import AutoTokenizer
+    tokenizer = toy.make_tokenizer() if cfg.model == "toy" else \
+        AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    num_trained = len(tokenizer)
+    return tokenizer, data.fork_ids(tokenizer, cfg.num_forks, cfg.fork_style), num_trained
+
+
+def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
+    """(SequenceNLL-wrapped FSDP2 model, hf_config) of --model, its new forking-token rows
+    initialised (special style; text tags are ordinary tokens, already trained)."""
+    def init_fork_rows(full):
+        if cfg.fork_style == "special":
+            data.init_fork_rows(full, [ids[0] for ids in fork_ids], num_trained, cfg.seed)
+    source = (lambda: toy.make_model(tokenizer)) if cfg.model == "toy" else cfg.model
+    return fsdp.load_model(source, rank, device, match.SequenceNLL, cfg.layout, cfg.seed,
+                           cfg.activation_checkpointing, cfg.cpu_offload, cfg.trust_remote_code,
+                           edit=init_fork_rows)
+
+
+def prepare(cfg):
+    """Every check that needs no model, on every rank alike: the data, the tokenizer, --out_dir and
+    what it holds. Bad input stops here with one message, before a model loads or a file is
+    written. Returns (questions, encoded questions, tokenizer, fork ids, trained vocabulary)."""
+    if cfg.cpu_offload and not torch.cuda.is_available():
+        raise DataError("--cpu_offload offloads from GPU memory and needs CUDA devices")
+    questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" else \
+        datafiles.load_questions(cfg.data)
+    runs.check_out_dir(cfg.out_dir, cfg, RESUME_FREE, cfg.max_steps)
+    try:
+        tokenizer, fork_ids, num_trained = load_tokenizer(cfg)
+    except (OSError, ValueError) as e:
+        raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({e})") from None
+    tag_len = max(map(len, fork_ids))
+    encoded = [data.encode_question(tokenizer, q, cfg.max_len, tag_len, cfg.layout)
+               for q in questions]
+    return questions, encoded, tokenizer, fork_ids, num_trained
+
+
+def memory_plan(cfg, gpus, traces=4):
+    """memory.train_plan of this run's flags on `gpus` GPUs from --model's config.json alone (fused
+    AdamW: train.py's optimiser on CUDA). traces: M, the most traces of a question."""
+    config = memory.read_shape(cfg.model if cfg.model != "toy" else
+                               toy.make_model(toy.make_tokenizer()).config.to_dict())
+    return memory.train_plan(config, gpus, cfg.layout, cfg.max_len, cfg.micro_batch,
+                             cfg.match_batch, cfg.match_tokens, cfg.num_forks, traces,
+                             cfg.activation_checkpointing, cfg.cpu_offload, fused_adamw=True)
+
+
+def simulated_step(cfg, device=torch.device("cpu"), traces=4):
+    """(build, step) of this file's optimiser step for plumbing/simulate.py (--plan --simulate): the
+    model of --model's config.json cut to a few layers, and the matching pass, training pass,
+    clipping and fused AdamW on questions of the plan's worst case (simulate.worst_case)."""
+    config = memory.read_config(cfg.model)[0] if cfg.model != "toy" else \
+        toy.make_model(toy.make_tokenizer()).config.to_dict()
+    build = simulate.builder(config, device, match.SequenceNLL, cfg.activation_checkpointing,
+                             cfg.cpu_offload, cfg.lr, cfg.weight_decay)
+    encoded, fork_ids = simulate.worst_case(cfg.max_len, cfg.layout, traces, cfg.num_forks,
+                                            cfg.matching, cfg.micro_batch)
+
+    def step(model, optimizer, phase):
+        phase("matching pass")
+        rngs = [np.random.default_rng([cfg.seed, q]) for q in range(len(encoded))]
+        matched = match.match_questions(model, encoded, fork_ids, cfg.matching, cfg.match_tokens,
+                                        cfg.match_batch, 0, device, rngs, None, cfg.layout)
+        phase("training pass")
+        rows = training_rows(encoded, matched, fork_ids, cfg.layout)
+        training_pass(model, rows, cfg.micro_batch, cfg.layout, 0, device)
+        phase("optimizer step")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return build, step
+
+
+def main(cfg):
+    if cfg.plan:  # the memory table of these flags (measured with --simulate); exit 0 fits, 3 not
+        gpus, gib = memory.parse_gpus(cfg.plan)
+        settings = {k: getattr(cfg, k) for k in ("layout", "max_len", "micro_batch", "cpu_offload")}
+        memory_report.plan_exit(lambda: memory_plan(cfg, gpus), gpus, gib, settings,
+                                (lambda: simulated_step(cfg)) if cfg.simulate else None)
+    try:
+        questions, encoded, tokenizer, fork_ids, num_trained = prepare(cfg)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    rank, world, device = init_distributed()
+    try:
+        with stage_run(cfg.out_dir, rank):
+            train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world, device)
+    finally:
+        close_distributed()
 
 
 if __name__ == "__main__":

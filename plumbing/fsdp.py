@@ -50,16 +50,18 @@ def checkpoint_layers(lm):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def shard(lm, device, wrap=None, activation_checkpointing=False, cpu_offload=False):
+def shard(lm, device, wrap=None, activation_checkpointing=False, cpu_offload=False, cuda_policy=None):
     """wrap(lm) (the stage's module around the causal LM, e.g. match.SequenceNLL; lm itself without
     one) under FSDP2, the canonical recipe: fully_shard each decoder layer, then the root
-    (embeddings, final norm, lm_head). bf16 compute with fp32 gradient reduction on GPU."""
+    (embeddings, final norm, lm_head). bf16 compute with fp32 gradient reduction on GPU.
+    cuda_policy: that mixed precision on any device (default: on CUDA only); plumbing/simulate.py
+    asks for it on the fake CPU tensors that stand for a CUDA run's."""
     if activation_checkpointing:
         checkpoint_layers(lm)
     model = wrap(lm) if wrap else lm
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
-    offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+        if (device.type == "cuda" if cuda_policy is None else cuda_policy) else MixedPrecisionPolicy()
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
     # the mesh of `device`'s type: without one fully_shard builds a CUDA mesh whenever CUDA exists,
     # and a CPU model (test_gpu's fp32 reference on a GPU host) would get its inputs moved to cuda:0
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))

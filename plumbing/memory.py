@@ -3,31 +3,45 @@ weights and KV cache, from a model's config.json alone (no weights, tokenizer or
 
     python train.py --model Qwen/Qwen2.5-32B-Instruct --plan 8x80                    # exit 0 fits, 3 not
     python train.py --model Qwen/Qwen2.5-32B-Instruct --plan 8x80 --cpu_offload true
+    python train.py --model Qwen/Qwen2.5-32B-Instruct --plan 8x141 --simulate         # and the measured step
 
-The arithmetic (FSDP2 over G GPUs, bf16 compute on fp32 weights, GiB = 2^30 bytes; P parameters,
-H hidden, I MLP width, D = kv heads x head dim, V vocabulary, n layers, T tokens per micro-batch):
-  sharded state       fp32 weights 4P/G, gradients 4P/G, AdamW moments 8P/G (to host with --cpu_offload)
-  optimiser step      foreach AdamW's temporary, 4P/G; 0 with fused AdamW (train.py on CUDA)
-  unsharded root      the root FSDP unit (embeddings, lm_head) stays gathered in bf16: 2VH (4VH untied)
-  gathered layers     current + prefetched layer in bf16, its bf16 gradients and their fp32 reduce copy:
-                      (2 + 2 + 2 + 4) bytes x one layer's parameters
-  layer checkpoints   with activation checkpointing, each layer's bf16 input: 2nTH
-  one layer's acts    what one decoder layer saves for backward (all n of them without checkpointing):
-                      T x [2 (7H + 2D + 4I) + 4 x 2H] bytes (bf16 projections, q/k/v, the four
-                      I-wide MLP tensors; the two RMSNorms upcast their input to fp32)
-  backward transients gradients in flight through one layer: T x 2 x 2 (I + H) bytes
-  cross-entropy       one 1024-token chunk of logits (bf16, fp32, its gradient, softmax): 1024 V x 14 bytes
-  final hidden        final norm (fp32), the last hidden state, its gathered rows and their gradient: 10TH
-  context             the CUDA context, NCCL buffers, allocator slack: 2 GiB
-The matching pass (no grad) holds the same state plus one layer's forward transients and a logits chunk
-for its match_batch rows, always less than the training pass at micro-batch 1 and the same row length.
-Sources: PyTorch's FSDP2 design (fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy), the Qwen2 modelling
-code of transformers 5.24; test_scale.py checks the parameter count and the saved-activation bytes
-against real modules on the CPU.
+The terms (FSDP2 over G GPUs, bf16 compute on fp32 weights, GiB = 2^30 bytes; P parameters, H hidden,
+I MLP width, D = kv heads x head dim, V vocabulary, n layers, T tokens per training micro-batch, Tm
+per matching forward, lp one layer's parameters):
+  a, b, c   sharded fp32 weights 4P/G, gradients 4P/G, AdamW moments 8P/G (host memory with --cpu_offload)
+  d         foreach AdamW's step temporary, 4P/G; 0 with fused AdamW (train.py on CUDA)
+  e         the root FSDP unit (embeddings, lm_head) gathered in bf16: 2VH (4VH untied); twice while its
+            all-gather buffer is copied out, at the step's first forward
+  g         one layer gathered in bf16, 2lp: the current layer and the next one's all-gather buffer
+  h         a layer's gradient reduce: its fp32 reduce-scatter input 4lp and one bf16 weight gradient 2IH
+  i         with activation checkpointing, each layer's bf16 input: 2nTH
+  j         what one decoder layer saves for backward (all n of them without checkpointing):
+            T x [2 (7H + 2D + 4I) + 4 x 2H] bytes (bf16 projections, q/k/v, the four I-wide MLP tensors;
+            the two RMSNorms upcast their input to fp32)
+  k         gradients in flight through one layer: T x 2 x 2 (I + H) bytes
+  l         lm_head's bf16 gradient, 2VH: summed over the loss chunks and reduced with the root's, after
+            every layer's backward, so it is alive through the whole layer backward
+  m         one 1024-token cross-entropy chunk in backward: three fp32 [1024, V] tensors (the
+            log-softmax, the loss's gradient and its gradient through the log-softmax): 12 x 1024 V bytes
+  n         the final hidden state, its fp32 norm input, the labelled rows and their gradient: 10TH
+  o         the final RMSNorm's backward, six fp32 [T, H] tensors: 24TH
+  p, q      one layer's forward working set, T (6I + 8H) bytes (p) and Tm (6I + 8H) without grad (q)
+  r         the matching pass's loss chunk (fp32 logits and log-softmax) and hidden rows: 8 x 1024 V + 4TmH
+  x         the CUDA context, NCCL buffers, allocator slack: 2 GiB
+Each phase holds some of them; the peak is the largest phase:
+  matching pass       a c e x + max(e, 2g q, g r): no gradients (zero_grad freed them)
+  layers forward      a b c e x 2g i p (a b c e x 2g j without checkpointing): from a step's second
+                      micro-batch on, the sharded gradients are alive
+  loss                a b c e x g i l + max(n m, n l, o): the loss chunks, then the final norm's backward
+  layers backward     a b c e x 2g h i j k l
+  optimizer step      a b c d x
+`train.py --plan GPUSxGiB --simulate` measures the same phases on the real step (plumbing/simulate.py);
+tests/test_simulate.py holds these terms to it within 10%. Sources: PyTorch's FSDP2 design (fully_shard,
+MixedPrecisionPolicy, CPUOffloadPolicy), the Qwen2 modelling code of transformers 5.24; test_scale.py
+checks the parameter count and the saved-activation bytes against real modules on the CPU.
 """
 import json
 import os
-import sys
 
 GIB = 2 ** 30
 CE_CHUNK = 1024  # match.SequenceNLL's ce_chunk
@@ -36,11 +50,11 @@ HOST_BASE_GIB = 4.0  # a rank's process on the host: torch, CUDA and NCCL librar
 PROMPT_TOKENS = 1024  # prompt length assumed for the matching pass's rows (their K trace tokens follow)
 
 
-def read_shape(config):
-    """The shape of a decoder-only transformer from its config.json as a dict: hidden, intermediate,
-    layers, heads, kv_heads, head_dim, vocab, tied. config: a dict, a local folder holding config.json,
-    or a Hugging Face id (only config.json is fetched). Raises ValueError naming what is missing."""
-    where = config
+def read_config(config):
+    """(a model's config.json as a dict (a multimodal model's text_config), where it was read).
+    config: a dict, a local folder holding config.json, or a Hugging Face id (only config.json is
+    fetched). Raises ValueError naming the file or the model."""
+    where = "the model config"
     if isinstance(config, str):
         path = os.path.join(config, "config.json")
         if not os.path.isdir(config):
@@ -55,7 +69,14 @@ def read_shape(config):
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path}: cannot read a model config ({e})") from None
         where = path
-    config = config.get("text_config", config)
+    return config.get("text_config", config), where
+
+
+def read_shape(config):
+    """The shape of a decoder-only transformer from its config.json (read_config's argument) as a
+    dict: hidden, intermediate, layers, heads, kv_heads, head_dim, vocab, tied. Raises ValueError
+    naming what is missing."""
+    config, where = read_config(config)
     missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                            "vocab_size") if k not in config]
     if missing:
@@ -85,59 +106,86 @@ def layer_activation_bytes(s, tokens, act_bytes=2):
     return tokens * (act_bytes * (7 * h + 2 * kv + 4 * i) + 4 * 2 * h)
 
 
+def prompt_tokens(max_len):
+    """The prompt length the plan (and the simulated step) assumes: PROMPT_TOKENS, at most half a row."""
+    return min(PROMPT_TOKENS, max_len // 2)
+
+
 def train_plan(s, gpus, layout="batch", max_len=32768, micro_batch=1, match_batch=8, match_tokens=1000,
                num_forks=6, traces=4, activation_checkpointing=True, cpu_offload=False, fused_adamw=True):
-    """{"lines": [(what, GiB per GPU)], "peak_gib_per_gpu", "host_gib_per_rank", "rank0_load_gib",
-    "train_tokens", "match_tokens"} of one train.py rank. Worst case: every micro-batch row is max_len
-    tokens long (concat rows are bounded by max_len as a whole, data.encode_question). traces: M, the
-    traces of a question (the concat matching row holds N x M branches)."""
-    P, h, v, n = num_params(s), s["hidden"], s["vocab"], s["layers"]
+    """{"terms": [(key, what, GiB per GPU)], "phases": [(phase, GiB per GPU, its terms)], "peak_gib_per_gpu",
+    "peak_phase", "host_gib_per_rank", "host_gib_other_ranks", "train_tokens", "match_tokens", "params",
+    "layers", "context_gib"} of one train.py rank (the module docstring names the terms). Worst case:
+    every training row is max_len tokens long (concat rows are bounded by max_len as a whole,
+    data.encode_question), prompts are prompt_tokens(max_len) long. traces: M, the traces of a
+    question (a concat matching row holds N x M branches)."""
+    P, h, v, n, i = num_params(s), s["hidden"], s["vocab"], s["layers"], s["intermediate"]
+    lp = layer_params(s)
     T = micro_batch * max_len  # batch: micro_batch sequences; concat: micro_batch questions, each one row
+    prompt = prompt_tokens(max_len)
     if layout == "batch":
-        match_t = match_batch * min(max_len, PROMPT_TOKENS + 1 + match_tokens)
-    else:
-        per_row = min(max_len, PROMPT_TOKENS + num_forks * traces * (1 + match_tokens))
-        match_t = max(1, match_batch // (num_forks * traces)) * per_row
-    state = [("sharded fp32 weights", 4 * P / gpus), ("sharded fp32 gradients", 4 * P / gpus),
-             ("sharded AdamW moments", 8 * P / gpus),
-             ("AdamW step temporary (0: fused AdamW)", 0 if fused_adamw else 4 * P / gpus)]
-    on_gpu = [(w, 0.0 if cpu_offload else b / GIB) for w, b in state]
-    root = 2 * v * h * (1 if s["tied"] else 2)
-    act = layer_activation_bytes(s, T)
-    lines = on_gpu + [
-        ("unsharded root (embeddings, lm_head)", root / GIB),
-        ("gathered layers, prefetch, reduce buffers", 10 * layer_params(s) / GIB),
-        (f"layer-input checkpoints ({n} x {T} tokens)" if activation_checkpointing else "-",
-         2 * n * T * h / GIB if activation_checkpointing else 0.0),
-        ("one recomputed layer's activations" if activation_checkpointing else f"activations of all {n} layers",
-         act * (1 if activation_checkpointing else n) / GIB),
-        ("backward transients", T * 4 * (s["intermediate"] + h) / GIB),
-        ("cross-entropy chunk", CE_CHUNK * v * 14 / GIB),
-        ("final norm and gathered hidden", 10 * T * h / GIB),
-        ("CUDA context, NCCL, slack", CONTEXT_GIB)]
-    lines = [(w, g) for w, g in lines if w != "-"]
-    train_peak = sum(g for _, g in lines)
-    match_peak = sum(g for w, g in lines[:6]) + (layer_activation_bytes(s, match_t) + CE_CHUNK * v * 14
-                                                 + 10 * match_t * h) / GIB + CONTEXT_GIB
-    host_state = sum(b for _, b in state) / GIB if cpu_offload else 0.0
+        match_t = match_batch * (prompt + 1 + min(match_tokens, max_len - prompt - 1))
+    else:  # one row per question, the prompt once and N x M branches of K tokens (not cut to max_len)
+        room = max(1, (max_len - prompt - traces) // traces)
+        rows = max(1, match_batch // (num_forks * traces))
+        match_t = rows * (prompt + num_forks * traces * (1 + min(match_tokens, room)))
+    state = 0.0 if cpu_offload else 1.0
+    ckpt = activation_checkpointing
+    g = {"a": ("sharded fp32 weights", state * 4 * P / gpus),
+         "b": ("sharded fp32 gradients", state * 4 * P / gpus),
+         "c": ("sharded AdamW moments", state * 8 * P / gpus),
+         "d": ("AdamW step temporary (0: fused AdamW)", 0 if fused_adamw else state * 4 * P / gpus),
+         "e": ("unsharded root (embeddings, lm_head)", 2 * v * h * (1 if s["tied"] else 2)),
+         "g": ("one gathered layer (bf16)", 2 * lp),
+         "h": ("a layer's gradient reduce (fp32, one bf16 grad)", 4 * lp + 2 * i * h),
+         "i": (f"layer-input checkpoints ({n} x {T} tokens)", 2 * n * T * h if ckpt else 0),
+         "j": ("one recomputed layer's activations" if ckpt else f"activations of all {n} layers",
+               layer_activation_bytes(s, T) * (1 if ckpt else n)),
+         "k": ("backward transients", T * 4 * (i + h)),
+         "l": ("lm_head gradient (bf16, until the root's reduce)", 2 * v * h),
+         "m": ("cross-entropy chunk (fp32)", CE_CHUNK * v * 12),
+         "n": ("final hidden, norm input, labelled rows", 10 * T * h),
+         "o": ("final RMSNorm backward (fp32)", 24 * T * h),
+         "p": ("one layer's forward working set", T * (6 * i + 8 * h)),
+         "q": (f"the same in the matching pass ({match_t} tokens)", match_t * (6 * i + 8 * h)),
+         "r": ("matching pass: loss chunk and final hidden rows", CE_CHUNK * v * 8 + 4 * match_t * h),
+         "x": ("CUDA context, NCCL, slack", CONTEXT_GIB * GIB)}
+    b = {k: x / GIB for k, (_, x) in g.items()}
+    base = b["a"] + b["b"] + b["c"] + b["e"] + b["x"]  # sharded state, the gathered root, the context
+    saved, key = (b["i"], "i") if ckpt else (b["j"], "j")  # what the layers' forward leaves for backward
+    phases = [("matching pass", base - b["b"] + max(b["e"], 2 * b["g"] + b["q"], b["g"] + b["r"]),
+               "a c e x + max(e, 2g q, g r)"),
+              ("layers forward", base + 2 * b["g"] + saved + (b["p"] if ckpt else 0),
+               f"a b c e x 2g {key}" + (" p" if ckpt else "")),
+              ("loss", base + b["g"] + saved + b["l"] + max(b["n"] + b["m"], b["n"] + b["l"], b["o"]),
+               f"a b c e x g {key} l + max(n m, n l, o)"),
+              ("layers backward", base + 2 * b["g"] + b["h"] + b["i"] + b["j"] + b["k"] + b["l"],
+               f"a b c e x 2g h {'i j' if ckpt else 'j'} k l"),
+              ("optimizer step", b["a"] + b["b"] + b["c"] + b["d"] + b["x"], "a b c d x")]
+    peak = max(phases, key=lambda ph: ph[1])
+    host_state = 16 * P / gpus / GIB + b["d"] * (1 - state) if cpu_offload else 0.0
     rank0_load = 2 * P / GIB + 4 * P / gpus / GIB  # the bf16 checkpoint read whole on rank 0, its fp32 shard
-    return {"lines": lines, "peak_gib_per_gpu": max(train_peak, match_peak),
+    return {"terms": [(k, what, b[k]) for k, (what, _) in g.items() if ckpt or k != "i"], "phases": phases,
+            "peak_gib_per_gpu": peak[1], "peak_phase": peak[0],
             "host_gib_per_rank": HOST_BASE_GIB + max(host_state, rank0_load),
             "host_gib_other_ranks": HOST_BASE_GIB + host_state,
-            "train_tokens": T, "match_tokens": match_t, "match_peak_gib": match_peak, "params": P}
+            "train_tokens": T, "match_tokens": match_t, "params": P, "layers": n, "context_gib": CONTEXT_GIB,
+            "offload": cpu_offload}
 
 
 def format_plan(plan, gpus, gib):
-    """The table train.py --plan prints, and its verdict line."""
-    out = [f"memory plan per GPU ({gpus} GPUs, {plan['params'] / 1e9:.2f}B parameters, "
-           f"{plan['train_tokens']} tokens per training micro-batch, {plan['match_tokens']} per matching forward):"]
-    out += [f"  {what:<46s} {g:7.1f} GiB" for what, g in plan["lines"]]
+    """The table train.py --plan prints (each term, then each phase with the terms it holds), its verdict."""
+    out = [f"memory plan per GPU ({gpus} GPUs, {plan['params'] / 1e9:.2f}B parameters, {plan['train_tokens']} "
+           f"tokens per training micro-batch, {plan['match_tokens']} per matching forward):"]
+    out += [f"  {k}  {what:<52s} {x:7.2f} GiB" for k, what, x in plan["terms"]]
+    out += [f"  {f'phase {name} ({terms})':<55s} {x:7.1f} GiB" for name, x, terms in plan["phases"]]
     fits = plan["peak_gib_per_gpu"] <= gib
-    out.append(f"  {'peak (the matching pass: ' + format(plan['match_peak_gib'], '.1f') + ')':<46s} "
-               f"{plan['peak_gib_per_gpu']:7.1f} GiB of {gib:g}: {'fits' if fits else 'does NOT fit'}")
-    out.append(f"  host memory per rank {plan['host_gib_per_rank']:.1f} GiB (rank 0 while loading; the others "
-               f"{plan['host_gib_other_ranks']:.1f}), {plan['host_gib_per_rank'] + (gpus - 1) * plan['host_gib_other_ranks']:.0f}"
-               f" GiB for {gpus} ranks")
+    peak = f"peak ({plan['peak_phase']})"
+    out.append(f"  {peak:<55s} {plan['peak_gib_per_gpu']:7.1f} GiB of {gib:g}: "
+               f"{'fits' if fits else 'does NOT fit'}")
+    host, other = plan["host_gib_per_rank"], plan["host_gib_other_ranks"]
+    out.append(f"  host memory per rank {host:.1f} GiB (rank 0 while loading; the others {other:.1f}), "
+               f"{host + (gpus - 1) * other:.0f} GiB for {gpus} ranks")
     return out, fits
 
 
@@ -158,63 +206,3 @@ def infer_plan(s, streams, context, weight_bytes=2):
     kv = streams * context * s["layers"] * 2 * s["kv_heads"] * s["head_dim"] * weight_bytes
     return num_params(s) * weight_bytes / GIB, kv / GIB
 
-
-PLAN_HINT = ("to fit: --cpu_offload true (sharded state to host memory), a smaller --max_len or --micro_batch, "
-             "--activation_checkpointing true, or more GPUs (docs/scaling.md)")
-
-
-def plan_problem(text):
-    """The --plan problem for flags.check, or None ('' means no plan asked)."""
-    try:
-        text and parse_gpus(text)
-    except ValueError as e:
-        return str(e)
-    return None
-
-
-def plan_exit(make_plan, gpus, gib, settings):
-    """--plan GPUSxGiB: prints the memory table of make_plan() and one JSON line (with `settings`, the
-    flags that shape it), then exits 0 if it fits, 3 if not. make_plan reads only config.json."""
-    try:
-        plan = make_plan()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    lines, fits = format_plan(plan, gpus, gib)
-    print("\n".join(lines + ([] if fits else [f"  {PLAN_HINT}"])))
-    print(json.dumps({"peak_gib_per_gpu": round(plan["peak_gib_per_gpu"], 1),
-                      "host_gib_per_rank": round(plan["host_gib_per_rank"], 1), "fits": fits, "gpus": gpus,
-                      "gib_per_gpu": gib, **settings}))
-    sys.exit(0 if fits else 3)
-
-
-def refuse_unless_fits(plan, world, device):
-    """On CUDA, before the weights load: prints the plan for the GPUs we are on and exits naming what to
-    change when it does not fit."""
-    import torch
-    gib = torch.cuda.get_device_properties(device).total_memory / GIB
-    lines, fits = format_plan(plan, world, gib)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print("\n".join(lines), flush=True)
-    if not fits:
-        sys.exit(f"error: these flags do not fit {world} x {gib:.0f} GiB; {PLAN_HINT}")
-
-
-def refuse_unless_infer_fits(model, streams, max_new_tokens, device):
-    """infer.py, before loading: SystemExit when a whole model per rank (read on its CPU first) and the
-    KV cache of `streams` responses of a PROMPT_TOKENS prompt + max_new_tokens cannot fit a rank
-    (infer_plan: 256 GiB of cache for 32B at 32 x 32k), naming what to lower or vLLM. A model without
-    a plain config.json is left to from_pretrained to judge."""
-    import torch
-    try:
-        shape = read_shape(model)
-    except ValueError:
-        return
-    context = PROMPT_TOKENS + max_new_tokens
-    weights, kv = infer_plan(shape, streams, context, 2 if device.type == "cuda" else 4)
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    have = torch.cuda.get_device_properties(device).total_memory / GIB if device.type == "cuda" else host
-    if weights + kv > have or weights > host:
-        raise SystemExit(f"error: --model {model}: {weights:.0f} GiB of weights + {kv:.0f} GiB of KV cache "
-                         f"({streams} streams x {context} tokens) do not fit {have:.0f} GiB on {device.type} per rank "
-                         f"(host {host:.0f} GiB): infer.py keeps a whole model per rank; lower --batch_size or "
-                         "--max_new_tokens, or serve it with vLLM (docs/vllm.md)")

@@ -83,10 +83,13 @@ class Log:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"), purge_step=start)
 
-    def write(self, record):
-        """One step's record ({"step": int, name: number or list, ...}) to every log."""
+    def write(self, record, files=None):
+        """One step's record ({"step": int, name: number or list, ...}) to every log, and `files`
+        ({name in out_dir: JSON object}, e.g. matching.json) rewritten."""
         if self.rank != 0:
             return
+        for name, obj in (files or {}).items():
+            write_json(os.path.join(os.path.dirname(self.path), name), obj)
         append_jsonl(self.path, record)
         if self.writer is not None:
             for name, value in record.items():
@@ -110,6 +113,16 @@ class Log:
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+def skip_or_stop(step, what, skip, skipped, names):
+    """A step whose matching costs, loss or gradient norm are not finite (`what` says which): exits
+    naming the step and the first words of its questions (`names`), unless `skip` (--skip_nonfinite),
+    which skips the batch and counts it. Returns the new count of skipped batches."""
+    if not skip:
+        sys.exit(f"error: step {step}: {what}: {names}; --skip_nonfinite true skips such batches")
+    print0(f"step {step}: {what}: batch skipped ({skipped + 1} so far)")
+    return skipped + 1
 
 
 def stop_or_save(step, last_step, save_every, checkpoint, device):
