@@ -96,8 +96,8 @@ def parse_config(argv=None):
     toy_run = given.get("model", Config.model) == "toy"
     cfg = Config(**{**(toy.train_defaults(given.get("layout")) if toy_run else {}), **given})
     simulate_alone = "--simulate needs --plan GPUSxGiB" if cfg.simulate and not cfg.plan else None
-    check(parser, cfg, RULES, [memory_report.plan_problem(cfg.plan), runs.check_reporter(cfg.report_to),
-                               simulate_alone])
+    check(parser, cfg, RULES, [memory_report.plan_problem(cfg.plan), simulate_alone,
+                               runs.check_reporter(cfg.report_to)])
     return cfg
 
 
@@ -338,7 +338,7 @@ def prepare(cfg):
         raise DataError("--cpu_offload offloads from GPU memory and needs CUDA devices")
     questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" else \
         datafiles.load_questions(cfg.data)
-    runs.check_out_dir(cfg.out_dir, cfg, RESUME_FREE, cfg.max_steps)
+    runs.check_out_dir(cfg.out_dir, cfg, RESUME_FREE, cfg.max_steps)  # before the slow tokenising
     try:
         tokenizer, fork_ids, num_trained = load_tokenizer(cfg)
     except (OSError, ValueError) as e:

@@ -10,8 +10,8 @@ import sys
 import time
 
 from plumbing import fsdp
-from plumbing.files import (DataError, append_jsonl, changed_settings, read_json, read_jsonl, writable_dir,
-                            write_json, write_jsonl)
+from plumbing.files import (DataError, append_jsonl, changed_settings, lock_dir, read_json, read_jsonl,
+                            writable_dir, write_json, write_jsonl)
 from plumbing.ranks import STOP, all_max, print0
 
 REPORTERS = ("", "tensorboard")  # --report_to: metrics.jsonl always, TensorBoard too when asked
@@ -20,8 +20,9 @@ REPORTERS = ("", "tensorboard")  # --report_to: metrics.jsonl always, TensorBoar
 def check_out_dir(out_dir, cfg, resume_free, max_steps=0):
     """Before any model loads, on every rank alike. DataError when `out_dir` holds a run made with other
     settings (every field of the config dataclass `cfg` but those in `resume_free`), a checkpoint past
-    `max_steps` (a run never goes back), or a metrics.jsonl that does not read; else creates it and
-    checks that files can be written there."""
+    `max_steps` (a run never goes back), a metrics.jsonl that does not read, or a job running in it
+    (its lock: ranks.stage_run takes it for the run); else creates it and checks that files can be
+    written there."""
     changed = changed_settings(os.path.join(out_dir, "config.json"), cfg,
                                [f.name for f in dataclasses.fields(cfg) if f.name not in resume_free])
     if changed:
@@ -35,6 +36,8 @@ def check_out_dir(out_dir, cfg, resume_free, max_steps=0):
     if done and os.path.exists(metrics):  # its lines before the checkpoint are kept: they must read
         read_jsonl(metrics, drop_truncated_tail=True)
     writable_dir(out_dir)
+    if int(os.environ.get("RANK", 0)) == 0 and os.path.exists(os.path.join(out_dir, "lock")):
+        lock_dir(out_dir).close()  # a running job's directory is refused at once, not after tokenising
 
 
 def is_complete(out_dir, last_step, rank=0, rebuild=None):
