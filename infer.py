@@ -152,8 +152,8 @@ def choose_forks(model, tokenizer, prompt_ids, tag_ids, count, choice, seed, tem
     tag_logits = policy.tag_logits(scorer, [prompt_ids])["tag_logits"]
     logpi = policy.log_policy(tag_logits)
     generator = torch.Generator().manual_seed(seed)
-    picks = policy.choose_tags(policy.log_policy(tag_logits, temperature), count, choice == "greedy",
-                               generator)[0]
+    logpi_t = policy.log_policy(tag_logits, temperature)
+    picks = policy.choose_tags(logpi_t, count, choice == "greedy", generator)[0]
     pi = dict(zip(names, logpi[0].exp().tolist()))
     return [names[i] for i in picks.tolist()], {"fork_policy": pi}
 

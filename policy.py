@@ -45,12 +45,12 @@ class TagPolicy(nn.Module):
         super().__init__()
         self.lm, self.fork_ids, self.pad_id = lm, [list(t) for t in fork_ids], pad_id
         self.shared = common_prefix(self.fork_ids)
-        self.candidates = sorted({t[self.shared] for t in self.fork_ids})  # the tokens where they differ
+        self.candidates = sorted({t[self.shared] for t in self.fork_ids})  # where the tags differ
         self.choice = [self.candidates.index(t[self.shared]) for t in self.fork_ids]  # [N]
-        self.one_row = all(len(t) == self.shared + 1 for t in self.fork_ids)  # no token after the choice
+        self.one_row = all(len(t) == self.shared + 1 for t in self.fork_ids)  # none after the choice
 
     def rows(self, prompts):
-        """The forward's rows: prompt + shared tag tokens (one per question), or prompt + tag (N)."""
+        """The forward's rows: prompt + the tags' shared tokens (one a question), or prompt + tag (N)."""
         if self.one_row:
             return [p + self.fork_ids[0][:self.shared] for p in prompts]
         return [p + t for p in prompts for t in self.fork_ids]
@@ -63,9 +63,10 @@ class TagPolicy(nn.Module):
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for r, ids in enumerate(rows):  # right-padded
             input_ids[r, :len(ids)], mask[r, :len(ids)] = torch.tensor(ids), 1
-        hidden = self.lm.model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+        hidden = self.lm.model(input_ids=input_ids.to(device),
+                               attention_mask=mask.to(device)).last_hidden_state  # [rows, L, H]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
-        first = [q * (1 if self.one_row else n) for q in range(b)]  # the row of (question q, first tag)
+        first = [q * (1 if self.one_row else n) for q in range(b)]  # the row of (question q, tag 1)
         h = hidden[first, [len(p) + self.shared - 1 for p in prompts]].float()  # [B, H]
         cand = h @ weight[self.candidates].float().T  # [B, C]: the tags' own rows only
         logits = torch.log_softmax(cand, -1)[:, self.choice]  # [B, N]
@@ -74,16 +75,17 @@ class TagPolicy(nn.Module):
         if after:  # text tags: their tokens after the choice, over the whole vocabulary
             index, cols, targets = zip(*after)
             logp = vocab_log_probs(hidden[list(index), list(cols)], weight, targets)
-            logits = logits + torch.zeros(b * n, device=device).index_add(0, torch.tensor(index, device=device),
-                                                                          logp).view(b, n)
-        with torch.no_grad():  # log sum_i p(g_i | x) = shared tokens + log p(a candidate) + logsumexp_i
+            index = torch.tensor(index, device=device)
+            logits = logits + torch.zeros(b * n, device=device).index_add(0, index, logp).view(b, n)
+        with torch.no_grad():  # log sum_i p(g_i | x): shared tokens, a candidate, logsumexp_i
             shared = [(first[q], len(p) + k - 1, self.fork_ids[0][k]) for q, p in enumerate(prompts)
                       for k in range(self.shared)]
             log_mass = torch.logsumexp(cand, -1) - torch.logsumexp(h @ weight.float().T, -1) \
                 + torch.logsumexp(logits, -1)
             if shared:
                 index, cols, targets = zip(*shared)
-                log_mass += vocab_log_probs(hidden[list(index), list(cols)], weight, targets).view(b, -1).sum(1)
+                logp = vocab_log_probs(hidden[list(index), list(cols)], weight, targets)
+                log_mass += logp.view(b, -1).sum(1)
         return {"tag_logits": logits, "log_mass": log_mass}
 
 
@@ -124,7 +126,8 @@ def choose_tags(logpi, count, greedy, generator):
     with a CPU generator (the draw is on the CPU whatever the model's device)."""
     if greedy:
         return logpi.argmax(-1, keepdim=True).expand(-1, count)
-    return torch.multinomial(logpi.exp().float().cpu(), count, replacement=True, generator=generator)
+    return torch.multinomial(logpi.exp().float().cpu(), count, replacement=True,
+                             generator=generator)
 
 
 def trained_temperature(model_dir):

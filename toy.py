@@ -68,9 +68,10 @@ def solve(numbers, style):
     """The trace of one style for `numbers` (three or more ints)."""
     total = sum(numbers)
     end = f"The answer is \\boxed{{{total}}}."
-    sums = [sum(numbers[:k + 1]) for k in range(len(numbers))]  # running sums from the first operand
+    sums = [sum(numbers[:k + 1]) for k in range(len(numbers))]
     if style == "left":  # a running sum from the first operand
-        return "Left to right: " + ", ".join(f"{s}+{n}={s + n}" for s, n in zip(sums, numbers[1:])) + f". {end}"
+        steps = (f"{s}+{n}={s + n}" for s, n in zip(sums, numbers[1:]))
+        return "Left to right: " + ", ".join(steps) + f". {end}"
     if style == "right":  # a running sum from the last operand: other partial sums, other errors
         back = numbers[::-1]
         steps = [f"{sum(back[:k + 1])}+{n}={sum(back[:k + 2])}" for k, n in enumerate(back[1:])]
@@ -78,8 +79,9 @@ def solve(numbers, style):
     if style == "place":  # column addition: one-digit sums and an explicit carry
         ones = sum(n % 10 for n in numbers)
         tens = sum(n // 10 for n in numbers) + ones // 10
-        return (f"By place value: ones {'+'.join(str(n % 10) for n in numbers)}={ones}, carry {ones // 10}, "
-                f"tens {'+'.join(str(n // 10) for n in numbers)}+{ones // 10}={tens}, so {total}. {end}")
+        digits = ["+".join(str(n // 10 ** place % 10) for n in numbers) for place in (0, 1)]
+        return (f"By place value: ones {digits[0]}={ones}, carry {ones // 10}, "
+                f"tens {digits[1]}+{ones // 10}={tens}, so {total}. {end}")
     if style == "direct":
         return f"Directly: {end}"
     raise ValueError(f"unknown style {style!r}")
@@ -99,6 +101,12 @@ def recognise(text):
         if re.fullmatch(pattern + r"The answer is \\boxed\{\d+\}\.", text.strip()):
             return style
     return "other"
+
+
+def kind_of(prompt):
+    """The question kind of a prompt ("Add 28+19+11." -> "tens", "Add 2+5+2+8+8." -> "ones")."""
+    count = prompt.count("+") + 1
+    return next(kind for kind, (operands, _, _) in KINDS.items() if operands == count)
 
 
 def is_held_out(prompt):
@@ -133,6 +141,13 @@ def held_out_questions(num_questions):
             rows.append(q)
             seen.add(q["prompt"])
     return rows
+
+
+def training_records(num_questions, seed):
+    """[(where, row)] of training questions as a file reader gives them: what gfpo.py --data toy
+    reads (plumbing/evalfiles.load_problems)."""
+    return [(f"toy:{i + 1}", {"prompt": q["prompt"], "answer": q["answer"], "id": i})
+            for i, q in enumerate(make_questions(num_questions, seed))]
 
 
 def held_out_records(num_questions):

@@ -70,14 +70,15 @@ def generate_many(model, prompts, starts, max_new_tokens, temperature, top_p, st
         qs = sorted({q for q, _ in part})
         width = max(len(prompts[q]) for q in qs)
         ids = torch.tensor([[pad_id] * (width - len(prompts[q])) + prompts[q] for q in qs], device=device)
-        mask = torch.tensor([[0] * (width - len(prompts[q])) + [1] * len(prompts[q]) for q in qs], device=device)
+        mask = torch.tensor([[0] * (width - len(prompts[q])) + [1] * len(prompts[q]) for q in qs],
+                            device=device)
         out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True,
                     logits_to_keep=1)
         cache = out["cache"] if "cache" in out else out["past_key_values"]
         index = torch.tensor([qs.index(q) for q, _ in part], device=device)
         cache.batch_select_indices(index)  # each prompt's rows repeated for its responses
-        result += decode_rows(model, cache, [s for _, s in part], max_new_tokens, temperature, top_p, stop_ids,
-                              generator, banned, mask[index])
+        result += decode_rows(model, cache, [s for _, s in part], max_new_tokens, temperature, top_p,
+                              stop_ids, generator, banned, mask[index])
     out = [[] for _ in prompts]
     for (q, _), response in zip(rows, result):
         out[q].append(response)

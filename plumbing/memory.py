@@ -250,7 +250,7 @@ def gfpo_plan(s, gpus, gib, rows, context, cpu_offload=False):
         at_once = int(max(0, gib * GIB - CONTEXT_GIB * GIB - state - weights) // row)
         at_once = min(rows, at_once)
         batches = math.ceil(rows / at_once) if at_once else 0
-        read = (2 * P + at_once * kv_row / 2) / (hbm_tbps(gib) * 1e12)  # a step reads half a full cache on average
+        read = (2 * P + at_once * kv_row / 2) / (hbm_tbps(gib) * 1e12)  # on average half a full cache
         step_s = read + (2 * P * (gpus - 1) / gpus / (LINK_GBPS * 1e9) if way == "sharded" else 0)
         ways[way] = {"weights_gib": weights / GIB, "at_once": at_once, "batches": batches, "step_s": step_s,
                      "hours": batches * (context - PROMPT_TOKENS) * step_s / 3600}
@@ -266,11 +266,12 @@ def format_gfpo_plan(plan, gpus, gib):
            f"{plan['rows']} responses per rank of up to {plan['context']} tokens):",
            f"  {'sharded state (fp32 weights, AdamW moments)':<52s} {plan['state_gib']:7.1f} GiB",
            f"  {'KV cache of one response':<52s} {plan['kv_gib_per_response']:7.1f} GiB"]
-    for way, what in (("sharded", "layers gathered by each forward"), ("gathered", "every layer kept gathered")):
+    for way, what in (("sharded", "layers gathered by each forward"),
+                      ("gathered", "every layer kept gathered")):
         w = plan["ways"][way]
         out.append(f"  {what:<33s} weights {w['weights_gib']:5.1f} GiB, " + (
-            f"{w['at_once']:3d} responses at once, {w['batches']} batches, {w['step_s']:.3f} s a decode step: "
-            f"{w['hours']:.1f} h" if w["at_once"] else "no room for one response"))
+            f"{w['at_once']:3d} responses at once, {w['batches']} batches, {w['step_s']:.3f} s a decode "
+            f"step: {w['hours']:.1f} h" if w["at_once"] else "no room for one response"))
     verdict = "does NOT fit" if not plan["fits"] else \
         "every layer kept gathered" if plan["keep_gathered"] else "layers gathered by each forward"
     return out + [f"  gfpo.py takes: {verdict}"]
