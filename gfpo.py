@@ -1,29 +1,33 @@
-"""Global Forking Policy Optimization (GFPO, arXiv 2510.05132 v3): after SSFT, reinforcement learning
-on the global forking token only, so that the model picks the reasoning mode per question.
+"""Global Forking Policy Optimization (GFPO, arXiv 2510.05132 v3): after SSFT, reinforcement
+learning on the global forking token only, so that the model picks the reasoning mode per question.
 
 The policy is the model's distribution over its N tags right after the generation prompt,
 renormalised over the tags (policy.py): pi(i | x) = softmax_i log p(g_i | x). Each step takes B
-questions with gold answers and, on every rank alike,
+distinct questions with gold answers and, on every rank alike,
   1. rollouts (no grad): G tags g_1..g_G drawn from pi (at --fork_temperature), one response per
-     tag by infer.py's shared-prefix decoding (T = 0.7, top_p 0.95), graded by grader.py:
-     r_k = 1 if correct else 0 (a response cut at --max_new_tokens is graded as it stands);
+     tag (T = 0.7, top_p 0.95), a rank's B/ranks x G responses decoded together, each graded:
+     r_k = 1 if correct else 0;
   2. group-relative advantages, as GRPO: A_k = (r_k - mean r) / (std r + eps) over the question's G
-     samples (--advantage mean: r_k - mean r); a group whose rewards are all equal has A = 0;
+     samples (--advantage mean: r_k - mean r);
   3. one optimiser step (on-policy) on
 
-       L(theta) = 1/B sum_x [ -1/G sum_k A_k log pi_T(g_k | x)  +  beta KL(pi(.|x) || pi_start(.|x)) ]
+      L(theta) = 1/B sum_x [ -1/G sum_k A_k log pi_T(g_k | x) + beta KL(pi(.|x) || pi_start(.|x)) ]
 
-     whose forward runs over the prompts and the tag tokens only, never the responses: the
-     gradient reaches the model through the tag log-probabilities alone. KL is exact over the N
-     tags; pi_start is the starting model's policy, computed once for every question the run will
-     train on and kept in --out_dir/pi_start.json.
+     whose forward runs over the prompts only, never the responses: the gradient reaches the model
+     through the tag logits alone. KL is exact over the N tags; pi_start is the start model's.
 
-    python train.py && python gfpo.py --model out/ssft/final    # toy: 40 steps of 16 x 8, CPU, ~2 min
+Left out of GRPO as usually run: the action is one tag, not a response, so there is no ratio or
+clip (one step per rollout batch, exactly on-policy) and no per-token KL. Added: a response cut at
+--max_new_tokens gets --truncated_reward; every forward runs in eval mode; a response never samples
+a forking token; --trainable tag_rows trains only the tags' output rows: responses cannot change.
+
+    python train.py && python gfpo.py --model out/ssft/final    # toy: 40 steps of 16 x 8, CPU
     python infer.py --model out/gfpo/final --data toy --fork auto --samples 16 --max_new_tokens 64
+    python gfpo.py --model out/ssft-32b/final --plan 8x141       # rollout memory and hours
     torchrun --standalone --nproc_per_node 8 gfpo.py --model out/ssft-32b/final \\
         --data dapo-math-17k.parquet --out_dir out/gfpo-32b          # 10 steps of 32 questions x 8
 
-Rerunning the same command on an existing --out_dir resumes from its last complete checkpoint.
+Rerunning a command on its --out_dir resumes from the last complete checkpoint.
 """
 import dataclasses
 import json
@@ -33,61 +37,74 @@ import sys
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 import data
-import match
 import policy
 import toy
-from plumbing import decoding, evalfiles, figures, fsdp, grader, runs
-from plumbing.files import DataError, read_json, write_json
+from plumbing import decoding, evalfiles, figures, fsdp, gfporun, grader, memory_report, runs
+from plumbing.files import DataError
 from plumbing.flags import check, parse_flags
-from plumbing.ranks import all_max, close_distributed, init_distributed, print0, stage_run
+from plumbing.ranks import all_sum, close_distributed, init_distributed, print0, stage_run
 
 
 @dataclass
 class Config:
-    model: str = "out/ssft/final"  # an SSFT final/ directory: its ssft.json gives the tag style and N
-    data: str = "toy"  # question file (infer.py's layouts, DAPO-Math-17k's) as JSONL or Parquet, or toy
-    out_dir: str = "out/gfpo"  # config.json, metrics.jsonl, pi_start.json, tag_choice.png, checkpoints/, final/
+    model: str = "out/ssft/final"  # an SSFT final/ directory: its ssft.json gives the tag style, N
+    data: str = "toy"  # questions (infer.py's layouts, DAPO-Math-17k's; JSONL or Parquet), or toy
+    out_dir: str = "out/gfpo"  # config.json, metrics.jsonl, pi_start.json, checkpoints/, final/
     instruction: str = "auto"  # the prompt template, as infer.py's --instruction
-    steps: int = 10  # optimiser steps, one per rollout batch (the released SSFT-32B-GFPO: 10) (toy: 40)
-    batch_size: int = 32  # B, questions per step over all ranks (a multiple of the ranks) (toy: 16)
+    steps: int = 10  # optimiser steps, one per rollout batch (SSFT-32B-GFPO: 10) (toy: 40)
+    batch_size: int = 32  # B, distinct questions per step over all ranks (toy: 16)
     group_size: int = 8  # G, tags sampled (and responses generated) per question, >= 2
-    lr: float = 1e-6  # Adam learning rate, constant (toy: 1e-5; on the toy 3e-5 already damaged the responses)
+    lr: float = 1e-6  # Adam learning rate, constant (toy: 1e-5; 3e-5 damaged the toy's responses)
     beta: float = 0.0  # weight of KL(pi || pi_start) over the N tags
     advantage: str = "std"  # std: (r - mean) / (std + eps), GRPO's; mean: r - mean
     eps: float = 1e-4  # added to the group's standard deviation
-    fork_temperature: float = 1.0  # tags are sampled from softmax(log p(g_i | x) / T), and that policy is trained
+    fork_temperature: float = 1.0  # tags drawn from softmax(log p(g_i | x) / T); kept in ssft.json
     temperature: float = 0.7  # response sampling temperature (the paper's)
     top_p: float = 0.95  # response nucleus threshold (the paper's)
     max_new_tokens: int = 32768  # tokens per response (toy: 64)
-    gen_batch: int = 0  # responses decoded together (0: a question's G at once), as infer.py's --batch_size
-    micro_batch: int = 4  # questions per policy forward (N rows each) in the update (toy: 16)
-    weight_decay: float = 0.0  # AdamW weight decay (betas 0.9, 0.95)
+    truncated_reward: str = "grade"  # a response cut at max_new_tokens: grade (as scored) | zero
+    trainable: str = "all"  # all: every weight; tag_rows: the tags' output rows alone
+    gen_batch: int = 0  # responses decoded at once (0: as the memory plan fits on CUDA, else all)
+    keep_gathered: str = "auto"  # every layer gathered while decoding: auto (memory plan), yes, no
+    micro_batch: int = 4  # questions per policy forward (toy: 16)
+    weight_decay: float = 0.0  # AdamW weight decay (betas 0.9, 0.95); 0 with tag_rows
     grad_clip: float = 1.0  # clip the global gradient norm to this
     seed: int = 0  # question order, tag draws and responses all derive from it
     save_every: int = 5  # a resumable checkpoint every this many steps (0: only at the end)
+    eval_every: int = 0  # held-out own-tag Pass@1 every this many steps and at the end (toy: 10)
+    eval_data: str = ""  # held-out questions ('': with --data toy the toy's held-out ones)
+    eval_questions: int = 100  # held-out questions used (the first ones)
+    eval_samples: int = 4  # responses per held-out question, all with the model's own tag
     activation_checkpointing: bool = True  # recompute decoder layers in backward (toy: off)
-    cpu_offload: bool = False  # keep sharded params, grads and AdamW states in CPU memory (FSDP2)
-    toy_questions: int = 2000  # --data toy: training questions of toy.py (never the held-out ones)
+    cpu_offload: bool = False  # sharded params, grads and AdamW states in CPU memory (FSDP2)
+    toy_questions: int = 2000  # --data toy: training questions of toy.py (never held-out ones)
+    plan: str = ""  # GPUSxGiB, e.g. 8x141: print the rollout plan and exit (0 fits, 3 not)
     trust_remote_code: bool = False  # let transformers run code shipped with the model
-    report_to: str = ""  # tensorboard: also log every metric to <out_dir>/tensorboard (needs tensorboard)
+    report_to: str = ""  # tensorboard: also log every metric to <out_dir>/tensorboard
 
 
 RULES = {"steps": ">= 1", "batch_size": ">= 1", "max_new_tokens": ">= 1", "micro_batch": ">= 1",
          "toy_questions": ">= 1", "group_size": ">= 2", "advantage": ("std", "mean"), "lr": "> 0",
-         "fork_temperature": "> 0", "temperature": ">= 0", "top_p": "(0, 1]", "beta": ">= 0", "eps": ">= 0",
-         "weight_decay": ">= 0", "gen_batch": ">= 0", "save_every": ">= 0", "grad_clip": "> 0"}
-RESUME_FREE = {"save_every", "out_dir", "report_to"}  # may change on resume
+         "fork_temperature": "> 0", "temperature": ">= 0", "top_p": "(0, 1]", "beta": ">= 0",
+         "eps": ">= 0", "weight_decay": ">= 0", "gen_batch": ">= 0", "save_every": ">= 0",
+         "grad_clip": "> 0", "truncated_reward": ("grade", "zero"), "eval_every": ">= 0",
+         "trainable": ("all", "tag_rows"), "keep_gathered": ("auto", "yes", "no"),
+         "eval_questions": ">= 1", "eval_samples": ">= 1"}
+RESUME_FREE = {"save_every", "out_dir", "report_to", "plan"}  # may change on resume
 
 
 def parse_config(argv=None):
     parser, given = parse_flags(Config, __doc__, argv)
-    cfg = Config(**{**(toy.GFPO_DEFAULTS if given.get("data", Config.data) == "toy" else {}), **given})
-    check(parser, cfg, RULES, [runs.check_reporter(cfg.report_to)])
+    toy_run = given.get("data", Config.data) == "toy"
+    cfg = Config(**{**(toy.GFPO_DEFAULTS if toy_run else {}), **given})
+    decay = "--trainable tag_rows needs --weight_decay 0 (decay would move every row)" \
+        if cfg.trainable == "tag_rows" and cfg.weight_decay else None
+    check(parser, cfg, RULES, [runs.check_reporter(cfg.report_to), memory_report.plan_problem(cfg.plan),
+                               decay])
     return cfg
 
 
@@ -98,147 +115,124 @@ def group_advantages(rewards, scale=True, eps=1e-4):
     divided by (std r + eps) when `scale` (the unbiased std, as TRL's GRPOTrainer). A group whose
     rewards are all equal gets A = 0: it carries no signal."""
     centred, std = rewards - rewards.mean(1, keepdim=True), rewards.std(1, keepdim=True)
-    return torch.where(std > 0, centred / (std + eps), 0.0) if scale else centred  # 0, not 0/0, with --eps 0
+    return torch.where(std > 0, centred / (std + eps), 0.0) if scale else centred  # not 0/0
 
 
-def gfpo_loss(tag_logp, tags, advantages, logpi_start, beta, temperature, num_questions):
+def gfpo_loss(tag_logits, tags, advantages, logpi_start, beta, temperature, num_questions):
     """The GFPO loss of some questions, their share of the global mean over `num_questions`.
-    tag_logp: [B, N] log p(g_i | x) with grad (policy.tag_log_probs); tags: [B, G] the sampled tag
-    indices; advantages: [B, G]; logpi_start: [B, N] log pi_start. Responses do not enter."""
-    logpi_sampled = policy.log_policy(tag_logp, temperature)  # the policy the tags were drawn from
+    tag_logits: [B, N] (policy.TagPolicy, with grad); tags: [B, G] the sampled tag indices;
+    advantages: [B, G]; logpi_start: [B, N] log pi_start. Responses do not enter."""
+    logpi_sampled = policy.log_policy(tag_logits, temperature)  # what the tags were drawn from
     pg = -(advantages * logpi_sampled.gather(1, tags)).mean(1)  # [B]
-    kl = policy.kl_to_start(policy.log_policy(tag_logp), logpi_start)  # [B]
+    kl = policy.kl_to_start(policy.log_policy(tag_logits), logpi_start)  # [B]
     return (pg + beta * kl).sum() / num_questions
 
 
-def policy_update(model, prompts, tags, advantages, logpi_start, fork_ids, beta, temperature, num_questions,
-                  micro_batch, pad_id, device):
+def policy_update(model, prompts, tags, advantages, logpi_start, beta, temperature, num_questions,
+                  micro_batch):
     """The backward of this rank's share of the GFPO loss, `micro_batch` questions per forward of
-    N rows (prompt + tag_i): the responses are never computed. tags, advantages: [B, G]; logpi_start:
-    [B, N]. Gradients accumulate in the model; returns this rank's share of the loss (a float)."""
-    model.train()
+    the policy module (policy.TagPolicy, eval mode): the responses are never computed. tags,
+    advantages: [B, G]; logpi_start: [B, N]. Gradients accumulate; returns this rank's share."""
     world, loss_sum = dist.get_world_size() if dist.is_initialized() else 1, 0.0
     for s in range(0, len(prompts), micro_batch):
-        part = slice(s, s + micro_batch)
-        tag_logp = policy.tag_log_probs(model, prompts[part], fork_ids, pad_id, device)
-        loss = gfpo_loss(tag_logp, tags[part].to(device), advantages[part].to(device), logpi_start[part].to(device),
-                         beta, temperature, num_questions)
-        (loss * world).backward()  # x world: FSDP averages gradients over ranks; we want the global mean
+        logits = model(prompts[s:s + micro_batch])["tag_logits"]
+        part = [t[s:s + micro_batch].to(logits.device) for t in (tags, advantages, logpi_start)]
+        loss = gfpo_loss(logits, *part, beta, temperature, num_questions)
+        (loss * world).backward()  # x world: FSDP averages over ranks; we want the global mean
         loss_sum += loss.item()
     return loss_sum
 
 
 # ----------------------------------------------------------------------------- rollouts
 
-def step_questions(num_questions, batch_size, steps, seed):
-    """[[question index] * batch_size] of every step: seeded permutations of the questions, one
-    after another, cut into batches. A pure function, so a resumed run takes the same steps."""
-    order, epoch = [], 0
-    while len(order) < steps * batch_size:
-        order += np.random.default_rng([seed, epoch]).permutation(num_questions).tolist()
-        epoch += 1
-    return [order[s * batch_size:(s + 1) * batch_size] for s in range(steps)]
+def reward(text, finished, gold, truncated_reward):
+    """1.0 if the response's answer is right, else 0.0. A response cut at --max_new_tokens
+    (finished False): with "grade" the grader's rule for cut responses, as infer.py and score.py
+    grade it (an answer only after a closed </think>: one boxed mid-thought is no answer); with
+    "zero" always 0."""
+    if not finished and truncated_reward == "zero":
+        return 0.0
+    _, correct = grader.grade(text, gold["gold"], gold["kind"], finished, gold["prompt"])
+    return float(correct)
 
 
-def policy_log_probs(model, prompts, fork_ids, micro_batch, pad_id, device):
-    """log p(g_i | x): [B, N] of this rank's prompts, micro_batch questions per forward (no grad)."""
-    with torch.no_grad():
-        return torch.cat([policy.tag_log_probs(model, prompts[s:s + micro_batch], fork_ids, pad_id, device).cpu()
-                          for s in range(0, len(prompts), micro_batch)])
+def respond(model, prompts, golds, starts, generator, cfg, ctx):
+    """One graded response per entry of starts [B][k] (forced tag token ids), all decoded together,
+    ctx["rows"] at a time, with the weights gathered (gfporun.decoding_weights). Returns (rewards,
+    tokens, truncated): [B, k] each."""
+    with gfporun.decoding_weights(model, ctx["keep_gathered"], ctx["device"], ctx["pad_id"]) as lm:
+        out = decoding.generate_many(lm, prompts, starts, cfg.max_new_tokens, cfg.temperature,
+                                     cfg.top_p, ctx["stop_ids"], generator, ctx["rows"],
+                                     ctx["banned"], ctx["pad_id"])
+    rewards = [[reward(ctx["tokenizer"].decode(ids), done, gold, cfg.truncated_reward)
+                for ids, done in row] for row, gold in zip(out, golds)]
+    return (torch.tensor(rewards), torch.tensor([[len(ids) for ids, _ in row] for row in out]),
+            torch.tensor([[not done for _, done in row] for row in out]))
 
 
 @torch.no_grad()
-def rollouts(model, prompts, golds, fork_ids, generators, cfg, stop_ids, pad_id, tokenizer, device):
-    """This rank's rollout batch: for each prompt, G tags drawn from pi_T and one response per tag.
-    Returns {"logpi": [B, N] (T = 1), "tags": [B, G], "rewards": [B, G], "tokens": [B, G],
-    "truncated": [B, G]}. Every rank runs the same number of forwards (FSDP's collectives): the
-    policy forward in equal micro-batches, and decoding padded by one-token forwards up to the
-    longest rank's count."""
-    tag_logp = policy_log_probs(model, prompts, fork_ids, cfg.micro_batch, pad_id, device)
-    logpi_t = policy.log_policy(tag_logp, cfg.fork_temperature)
-    tags = torch.stack([policy.choose_tags(logpi_t[q:q + 1], cfg.group_size, False, g)[0]
-                        for q, g in enumerate(generators)])
-    lm, sharded = model.lm, hasattr(model, "unshard")
-    if sharded:  # the root's parameters (embeddings, norm, head) gathered; each layer gathers its own
-        model.unshard()
-    lm.eval()
-    forwards = [0]
-    counter = lm.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
-    rewards, tokens, truncated = [], [], []
-    try:
-        for prompt, gold, row_tags, g in zip(prompts, golds, tags.tolist(), generators):
-            responses = decoding.generate(lm, prompt, [fork_ids[t] for t in row_tags], cfg.max_new_tokens,
-                                       cfg.temperature, cfg.top_p, stop_ids, g, cfg.gen_batch)
-            rewards.append([float(grader.grade(tokenizer.decode(ids), gold["gold"], gold["kind"])[1])
-                            for ids, _ in responses])
-            tokens.append([len(ids) for ids, _ in responses])
-            truncated.append([not finished for _, finished in responses])
-        for _ in range(all_max(forwards[0], device) - forwards[0]):  # ranks done early keep step
-            lm(torch.tensor([[pad_id]], device=device))
-    finally:
-        counter.remove()
-        lm.train()
-        if sharded:
-            model.reshard()
-    return {"logpi": policy.log_policy(tag_logp), "tags": tags, "rewards": torch.tensor(rewards),
-            "tokens": torch.tensor(tokens), "truncated": torch.tensor(truncated)}
+def rollouts(model, prompts, golds, tag_generators, generator, cfg, ctx):
+    """This rank's rollout batch: for each prompt, G tags drawn from pi_T (on the CPU, a generator
+    per question) and one response per tag (`generator`: on the decoding device). Returns {"logpi":
+    [B, N] (T = 1), "mass": [B], "tags", "rewards", "tokens", "truncated": [B, G]}."""
+    scored = policy.tag_logits(model, prompts, cfg.micro_batch)
+    logpi_t = policy.log_policy(scored["tag_logits"], cfg.fork_temperature)
+    tags = torch.cat([policy.choose_tags(logpi_t[q:q + 1], cfg.group_size, False, g)
+                      for q, g in enumerate(tag_generators)])
+    starts = [[ctx["fork_ids"][t] for t in row] for row in tags.tolist()]
+    rewards, tokens, truncated = respond(model, prompts, golds, starts, generator, cfg, ctx)
+    return {"logpi": policy.log_policy(scored["tag_logits"]), "mass": scored["log_mass"].exp(),
+            "tags": tags, "rewards": rewards, "tokens": tokens, "truncated": truncated}
 
 
-def start_policy(model, prompts, fork_ids, micro_batch, pad_id, rank, world, device):
-    """log pi_start: [Q, N] of the Q prompts (the run's questions), by the model as it is now. Rows
-    are strided over the ranks, each rank running the same number of forwards, then gathered."""
+@torch.no_grad()
+def held_out_pass(model, prompts, golds, generator, cfg, ctx, rank, world):
+    """Pass@1 of held-out questions with the model's own tag (the argmax of pi, as infer.py --fork
+    auto): --eval_samples responses each, the questions strided over the ranks."""
     mine = list(range(rank, len(prompts), world))
-    per_rank = math.ceil(len(prompts) / world)
-    padded = [prompts[i] for i in mine] + [prompts[0]] * (per_rank - len(mine))  # equal forwards
-    local = policy.log_policy(policy_log_probs(model, padded, fork_ids, micro_batch, pad_id, device))[:len(mine)]
-    parts = [None] * world
-    dist.all_gather_object(parts, (mine, local.tolist()))
-    out = torch.zeros(len(prompts), len(fork_ids))
-    for idx, rows in parts:
-        out[idx] = torch.tensor(rows)
-    return out
+    counted = len(mine)
+    mine += [0] * (math.ceil(len(prompts) / world) - counted)  # equal forwards; not counted
+    prompts, golds = [prompts[i] for i in mine], [golds[i] for i in mine]
+    own = policy.tag_logits(model, prompts, cfg.micro_batch)["tag_logits"].argmax(-1).tolist()
+    starts = [[ctx["fork_ids"][t]] * cfg.eval_samples for t in own]
+    rewards = respond(model, prompts, golds, starts, generator, cfg, ctx)[0][:counted]
+    right, total = all_sum([rewards.sum().item(), rewards.numel()], ctx["device"])
+    return right / total
 
 
 # ----------------------------------------------------------------------------- main
 
-def load_questions(cfg, tokenizer):
-    """[{"id", "prompt", "gold", "kind"}] of --data: toy.py's training questions (never a held-out one)
-    or a question file (evalfiles.load_problems: evaluation layouts, training layouts, DAPO-Math-17k)."""
-    if cfg.data == "toy":
-        return [{"id": i, "prompt": q["prompt"], "gold": q["answer"], "kind": "math"}
-                for i, q in enumerate(toy.make_questions(cfg.toy_questions, cfg.seed))]
-    return evalfiles.load_problems(cfg.data, cfg.instruction)
+def load_questions(path, cfg, held_out=False):
+    """[{"id", "prompt", "gold", "kind", "template"}] of a question file (evaluation or training
+    layouts, DAPO-Math-17k) or of the toy: its training questions, or its held-out ones."""
+    records = None if path != "toy" else toy.held_out_records(cfg.eval_questions) if held_out \
+        else toy.training_records(cfg.toy_questions, cfg.seed)
+    return evalfiles.load_problems(path, cfg.instruction, cfg.eval_questions * held_out, records)
 
 
 def prepare(cfg):
-    """Every check that needs no model, on every rank alike: the SSFT model's ssft.json and tags, the
-    questions, --out_dir. Returns (questions, prompt ids, tokenizer, fork ids, ssft.json's record)."""
-    from transformers import AutoTokenizer
-    ssft_json = os.path.join(cfg.model, "ssft.json")
-    if not os.path.isfile(ssft_json):
-        raise DataError(f"--model {cfg.model}: no ssft.json (GFPO starts from an SSFT final/ directory)")
-    forks = read_json(ssft_json)
-    if not isinstance(forks, dict) or forks.get("fork_style") not in data.FORK_STYLES \
-            or not isinstance(forks.get("num_forks"), int) or forks["num_forks"] < 2:
-        raise DataError(f"{ssft_json}: need fork_style (special or text) and num_forks >= 2, got {forks}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, TypeError) as e:
-        raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
-    if forks["fork_style"] == "special" and data.count_fork_tokens(tokenizer) < forks["num_forks"]:
-        raise DataError(f"--model {cfg.model}: its tokenizer holds {data.count_fork_tokens(tokenizer)} forking "
-                        f"tokens, ssft.json says {forks['num_forks']}")
-    fork_ids = data.fork_ids(tokenizer, forks["num_forks"], forks["fork_style"])
-    questions = load_questions(cfg, tokenizer)
+    """Every check that needs no model, on every rank alike: the SSFT model's ssft.json and tags,
+    the questions, --out_dir. Returns the run's dict: questions and prompts (training and
+    held-out), tokenizer, fork ids, ssft.json's record."""
+    forks, tokenizer = gfporun.read_ssft(cfg.model, cfg.trainable, data.count_fork_tokens,
+                                         cfg.trust_remote_code)
+    questions = load_questions(cfg.data, cfg)
+    eval_data = cfg.eval_data or ("toy" if cfg.data == "toy" else "")
+    held_out = load_questions(eval_data, cfg, held_out=True) if eval_data and cfg.eval_every else []
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.batch_size % world:
-        raise DataError(f"--batch_size {cfg.batch_size} must be a multiple of the {world} ranks")
+    if cfg.batch_size % world or cfg.batch_size > len(questions):
+        raise DataError(f"--batch_size {cfg.batch_size} must be a multiple of the {world} ranks "
+                        f"and at most the {len(questions)} questions of --data {cfg.data}")
     runs.check_out_dir(cfg.out_dir, cfg, RESUME_FREE)
-    prompts = [data.encode_prompt(tokenizer, q["prompt"]) for q in questions]
-    return questions, prompts, tokenizer, fork_ids, forks
+    encode = [data.encode_prompt(tokenizer, q["prompt"]) for q in questions + held_out]
+    return {"questions": questions, "prompts": encode[:len(questions)], "held_out": held_out,
+            "held_out_prompts": encode[len(questions):], "tokenizer": tokenizer, "forks": forks,
+            "fork_ids": data.fork_ids(tokenizer, forks["num_forks"], forks["fork_style"])}
 
 
 def main(cfg):
+    if cfg.plan:  # the rollout memory plan from config.json alone: nothing loads or is written
+        gfporun.plan_exit(cfg)
     try:
         prepared = prepare(cfg)
     except DataError as e:
@@ -246,105 +240,77 @@ def main(cfg):
     rank, world, device = init_distributed()
     try:
         with stage_run(cfg.out_dir, rank):
-            train(cfg, *prepared, rank, world, device)
+            train(cfg, prepared, rank, world, device)
     finally:
         close_distributed()
 
 
-def train(cfg, questions, prompts, tokenizer, fork_ids, forks, rank, world, device):
+def train(cfg, run, rank, world, device):
     """GFPO from the SSFT model to final/, on every rank."""
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    plan = step_questions(len(questions), cfg.batch_size, cfg.steps, cfg.seed)
+    questions, prompts, fork_ids = run["questions"], run["prompts"], run["fork_ids"]
+    plan = gfporun.step_questions(len(questions), cfg.batch_size, cfg.steps, cfg.seed)
     if runs.is_complete(cfg.out_dir, cfg.steps):
         return
-    model, hf_config = fsdp.load_model(cfg.model, rank, device, match.SequenceNLL, "batch", cfg.seed,
-                                       cfg.activation_checkpointing, cfg.cpu_offload, cfg.trust_remote_code)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
-    run_questions = sorted({q for batch in plan for q in batch})  # pi_start is needed for these only
-    start_path = os.path.join(cfg.out_dir, "pi_start.json")
-    try:
-        start, _ = fsdp.resume(model, optimizer, cfg.out_dir, rank, device, lambda state: None)
-        saved = read_json(start_path) if os.path.exists(start_path) else None
-        if start and (saved is None or saved.get("questions") != run_questions):
-            raise DataError(f"{start_path}: missing or not this run's; a resumed run needs its start policy")
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    if saved and saved.get("questions") == run_questions:  # the start model's, from the first launch
-        logpi_start = torch.tensor(saved["log_pi"])
-    else:  # before any update: the model is the start model
-        logpi_start = start_policy(model, [prompts[q] for q in run_questions], fork_ids, cfg.micro_batch, pad_id,
-                                   rank, world, device)
-        if rank == 0:
-            write_json(start_path, {"questions": run_questions, "log_pi": logpi_start.tolist()})
-    start_row = {q: i for i, q in enumerate(run_questions)}
+    tokenizer = run["tokenizer"]
+    pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    model, hf_config, optimizer, start, logpi_start = gfporun.load(
+        cfg, plan, lambda lm: policy.TagPolicy(lm, fork_ids, pad_id), lambda m, ps:
+        policy.log_policy(policy.tag_logits(m, ps, cfg.micro_batch)["tag_logits"]), prompts, rank,
+        world, device)
+    start_row = {q: i for i, q in enumerate(sorted({q for batch in plan for q in batch}))}
+    ctx = gfporun.decoding_setup(cfg, run, model, world, device)
     log = runs.Log(cfg.out_dir, cfg, start, rank, cfg.report_to)
+    forks = run["forks"]
     names = data.fork_tokens(forks["num_forks"])
-    stop_ids = decoding.stop_ids(tokenizer, model.lm)
     print0(json.dumps(dataclasses.asdict(cfg)))
-    print0(f"{len(questions)} questions, {world} rank(s) on {device.type}, steps {start}..{cfg.steps} of "
-           f"{cfg.batch_size} questions x {cfg.group_size} tags, policy over {names[0]}..{names[-1]} "
-           f"({forks['fork_style']} style, ids {fork_ids[0]}..{fork_ids[-1]})")
+    print0(f"{len(questions)} questions, {world} rank(s) on {device.type}, steps {start}.."
+           f"{cfg.steps} of {cfg.batch_size} questions x {cfg.group_size} tags over {names[0]}.."
+           f"{names[-1]} ({forks['fork_style']}), training {cfg.trainable}; decoding: {ctx['rows']}"
+           f" at once (0: all), layers {'kept' if ctx['keep_gathered'] else 'not kept'} gathered")
 
     def checkpoint(step):
         return fsdp.save_checkpoint(model, optimizer, step, {}, cfg.out_dir, rank)
 
     for step in range(start, cfg.steps):
-        t0 = time.time()
-        mine = plan[step][rank::world]
-        generators = [torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, q]).integers(2**62)))
-                      for q in mine]
+        t0, mine = time.time(), plan[step][rank::world]
+        tag_generators = [torch.Generator().manual_seed(gfporun.seed_of(cfg.seed, step, q))
+                          for q in mine]  # tags are drawn on the CPU, responses on the device
+        generator = torch.Generator(device).manual_seed(gfporun.seed_of(cfg.seed, step, rank))
         # 1. rollouts: G tags from pi, one graded response each (no grad)
-        out = rollouts(model, [prompts[q] for q in mine], [questions[q] for q in mine], fork_ids, generators, cfg,
-                       stop_ids, pad_id, tokenizer, device)
+        out = rollouts(model, [prompts[q] for q in mine], [questions[q] for q in mine],
+                       tag_generators, generator, cfg, ctx)
         # 2. group-relative advantages
         advantages = group_advantages(out["rewards"], cfg.advantage == "std", cfg.eps)
-        # 3. the update: a forward over prompts + tags, never the responses
+        # 3. the update: a forward over the prompts, never the responses
         start_rows = logpi_start[[start_row[q] for q in mine]]
-        loss_sum = policy_update(model, [prompts[q] for q in mine], out["tags"], advantages, start_rows, fork_ids,
-                                 cfg.beta, cfg.fork_temperature, cfg.batch_size, cfg.micro_batch, pad_id, device)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-            sys.exit(f"error: step {step}: non-finite loss {loss_sum} / grad norm {grad_norm}")
+        loss = policy_update(model, [prompts[q] for q in mine], out["tags"], advantages, start_rows,
+                             cfg.beta, cfg.fork_temperature, cfg.batch_size, cfg.micro_batch)
+        grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"],
+                                                   cfg.grad_clip)
+        grad_norm = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            sys.exit(f"error: step {step}: non-finite loss {loss} / grad norm {grad_norm}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-
-        # logs: every rank's questions gathered on rank 0
-        parts = [None] * world
-        dist.all_gather_object(parts, {k: out[k].tolist() for k in ("logpi", "tags", "rewards", "tokens", "truncated")}
-                               | {"start": start_rows.tolist(), "loss": loss_sum})
-        record = step_record(step, parts, names, grad_norm, cfg.lr, time.time() - t0)
+        stats = {"grad_norm": grad_norm, "lr": cfg.lr}
+        if run["held_out"] and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            g = torch.Generator(device).manual_seed(gfporun.seed_of(cfg.seed, step, rank, 1))
+            stats["held_out_pass@1"] = held_out_pass(
+                model, run["held_out_prompts"], run["held_out"], g, cfg, ctx, rank, world)
+        stats["time_s"] = time.time() - t0
+        record = gfporun.step_record(step, out, start_rows, loss, names, stats)
         log.write(record)
-        print0(f"step {step + 1:4d}/{cfg.steps} | reward {record['reward']:.3f} | choice "
-               + " ".join(f"{p:.2f}" for p in record["tag_choice"])
-               + f" | entropy {record['entropy']:.3f} | kl {record['kl']:.4f} | no signal "
-               f"{record['no_signal']:.2f} | {record['time_s']:.1f} s | {log.time_left(step, cfg.steps)} left")
+        print0(gfporun.step_line(record, cfg.steps, log.time_left(step, cfg.steps)))
         runs.stop_or_save(step, cfg.steps, cfg.save_every, checkpoint, device)
 
     checkpoint(cfg.steps)
-    fsdp.save_final(model, tokenizer, hf_config, os.path.join(cfg.out_dir, "final"), rank, forks)  # ssft.json kept
+    fsdp.save_final(model, tokenizer, hf_config, os.path.join(cfg.out_dir, "final"), rank,
+                    forks | {"fork_temperature": cfg.fork_temperature})  # --fork auto samples at it
     log.close()
     if rank == 0:
         figures.draw_tag_choice(log.records(), names, os.path.join(cfg.out_dir, "tag_choice.png"))
-    print0(f"done: {cfg.steps} steps. Outputs in {cfg.out_dir}/: metrics.jsonl (one line per step), "
-           f"pi_start.json, tag_choice.png, checkpoints/, final/ (Hugging Face model + tokenizer, ssft.json)")
-
-
-def step_record(step, parts, names, grad_norm, lr, seconds):
-    """One metrics.jsonl line from every rank's rollouts: mean reward, the tag-choice distribution
-    (pi averaged over the questions) and its mean entropy, KL to the start, the share of groups
-    with no signal (all rewards equal), each tag's mean reward where sampled."""
-    cat = {k: torch.tensor([row for p in parts for row in p[k]]) for k in ("logpi", "tags", "rewards", "start")}
-    rewards, tags = cat["rewards"], cat["tags"]
-    tag_reward = [rewards[tags == i].mean().item() if (tags == i).any() else None for i in range(len(names))]
-    tokens = [t for p in parts for row in p["tokens"] for t in row]
-    return {"step": step, "reward": rewards.mean().item(), "tag_choice": cat["logpi"].exp().mean(0).tolist(),
-            "sampled": torch.bincount(tags.flatten(), minlength=len(names)).tolist(), "tag_reward": tag_reward,
-            "entropy": policy.entropy(cat["logpi"]).mean().item(),
-            "kl": policy.kl_to_start(cat["logpi"], cat["start"]).mean().item(),
-            "no_signal": (rewards.std(1) == 0).float().mean().item(), "loss": sum(p["loss"] for p in parts),
-            "grad_norm": grad_norm, "lr": lr, "mean_tokens": float(np.mean(tokens)),
-            "truncated": float(np.mean([t for p in parts for row in p["truncated"] for t in row])), "time_s": seconds}
+    print0(f"done: {cfg.steps} steps. Outputs in {cfg.out_dir}/: metrics.jsonl (a line a step), "
+           "pi_start.json, tag_choice.png, checkpoints/, final/ (model, tokenizer, ssft.json)")
 
 
 if __name__ == "__main__":

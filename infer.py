@@ -33,7 +33,6 @@ import torch
 import torch.distributed as dist
 
 import data
-import match
 import policy
 import score
 import toy
@@ -142,18 +141,19 @@ def response_forks(names, cfg):
     return [names[i % len(names)] for i in range(cfg.samples)]
 
 
-def choose_forks(model, tokenizer, prompt_ids, tag_ids, count, choice, seed):
+def choose_forks(model, tokenizer, prompt_ids, tag_ids, count, choice, seed, temperature=1.0):
     """--fork auto: (the fork of each of `count` responses, {"fork_policy": {name: pi}}). pi(i | x)
     is the model's distribution over its tags after the prompt, renormalised over them; greedy gives
-    every response the most likely tag, sample draws each response's tag from pi (seeded)."""
+    every response the most likely tag, sample draws each response's tag from pi at `temperature`
+    (the one GFPO trained it at, policy.trained_temperature; seeded)."""
     names = list(tag_ids)
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    with torch.no_grad():
-        tag_logp = policy.tag_log_probs(match.SequenceNLL(model), [prompt_ids],
-                                        list(tag_ids.values()), pad_id, model.device)
-        logpi = policy.log_policy(tag_logp).cpu()
+    scorer = policy.TagPolicy(model, list(tag_ids.values()), pad_id)
+    tag_logits = policy.tag_logits(scorer, [prompt_ids])["tag_logits"]
+    logpi = policy.log_policy(tag_logits)
     generator = torch.Generator().manual_seed(seed)
-    picks = policy.choose_tags(logpi, count, choice == "greedy", generator)[0]
+    logpi_t = policy.log_policy(tag_logits, temperature)
+    picks = policy.choose_tags(logpi_t, count, choice == "greedy", generator)[0]
     pi = dict(zip(names, logpi[0].exp().tolist()))
     return [names[i] for i in picks.tolist()], {"fork_policy": pi}
 
@@ -169,7 +169,7 @@ def solve(model, tokenizer, problem, forks, tag_ids, stop_ids, cfg, seed):
     chosen = {}
     if forks[0] == AUTO:  # the model picks: pi over its N tags after the prompt (policy.py)
         forks, chosen = choose_forks(model, tokenizer, prompt_ids, tag_ids, len(forks),
-                                     cfg.auto_choice, seed)
+                                     cfg.auto_choice, seed, policy.trained_temperature(cfg.model))
     if forks[0] is None:  # a baseline: the plain prompt
         prefix, starts = prompt_ids[:-1], [prompt_ids[-1:]] * len(forks)
     else:

@@ -6,39 +6,108 @@ prompt. Renormalised over the tags, it is a policy over reasoning modes:
     log p(g_i | x) = sum over the tag's tokens t of log p(t | x, the tag's tokens before t)
     pi(i | x)      = softmax_i( log p(g_i | x) / T )                   (T = 1 unless sampling says)
 
-One token per tag in the special style, the sum over "<|im_start|><thinkI>\\n" in the text style.
 gfpo.py trains pi by reinforcement learning; infer.py --fork auto answers with its choice.
 
-The forward is one row per (question, tag): prompt + tag, labels on the tag's tokens only, through
-match.SequenceNLL, so the vocabulary projection runs on the N * (tag length) labelled positions and
-never on the prompt. The prompt is recomputed N times; the concat layout's tree mask would compute
-it once, but this pass is a sliver of a GFPO step (the responses are thousands of tokens, the
-prompts hundreds) and N plain rows read, and run on every attention backend, as they are.
+What is computed. Terms shared by every tag cancel in the softmax, so only the rest is computed,
+in fp32 from the final hidden state h (after the final norm) and the output rows W of the tags:
+  the first token where the tags differ  log-softmax of h . W[c] over the distinct candidates c
+                                         (the full vocabulary's normaliser is shared: it cancels)
+  a tag's tokens after that               log-softmax over the whole vocabulary (text tags only)
+In the special style (one reserved token per tag) only the first term exists, and the policy is
+softmax(h . W[tags]^T) read from one forward of the prompt: every other output row gets exactly zero
+gradient. Computed through the full-vocabulary cross-entropy in bf16 instead, the normaliser leaves
+gradients of ~4e-7 on every row, which Adam turns into steps of about lr, and the tag logits are
+rounded to bf16. The text style ("<|im_start|><thinkI>\\n") also reads a row per tag, for the tokens
+after the digit. The mass sum_i p(g_i | x), before renormalisation, is logged, never trained.
 """
+import json
+import os
+
 import torch
-
-import data
-from plumbing import batching
+from torch import nn
 
 
-def policy_rows(prompt_ids, fork_ids):
-    """The N rows (input_ids, labels) of one question: prompt + tag g_i, labels on the tag's tokens."""
-    return [data.make_sequence(prompt_ids, [], tag) for tag in fork_ids]
+def common_prefix(fork_ids):
+    """The number of leading tokens every tag shares (0 for special tags)."""
+    p = 0
+    while all(len(t) > p + 1 for t in fork_ids) and len({t[p] for t in fork_ids}) == 1:
+        p += 1
+    return p
 
 
-def tag_log_probs(nll_model, prompts, fork_ids, pad_id, device):
-    """log p(g_i | x): [B, N] fp32, for B prompts (token ids, data.encode_prompt) and the N tags'
-    token ids (data.fork_ids). nll_model: match.SequenceNLL around the causal LM (or an FSDP model of
-    it). One forward of B * N rows; gradients flow when enabled (gfpo.py's update)."""
-    rows = [row for p in prompts for row in policy_rows(p, fork_ids)]
-    input_ids, labels, attention_mask = (t.to(device) for t in batching.collate(rows, pad_id))
-    nll_sum, _ = nll_model(input_ids, labels, attention_mask)
-    return -nll_sum.view(len(prompts), len(fork_ids))
+class TagPolicy(nn.Module):
+    """Wraps a causal LM: the tag logits of pi. forward(prompts) with prompts a list of B prompts'
+    token ids -> {"tag_logits": [B, N] fp32, log p(g_i | x) up to a constant per question (with
+    grad), "log_mass": [B] log sum_i p(g_i | x) (no grad)}. gfpo.py shards this module (FSDP2), so
+    the embeddings, final norm and output rows are gathered by its own forward."""
+
+    def __init__(self, lm, fork_ids, pad_id):
+        super().__init__()
+        self.lm, self.fork_ids, self.pad_id = lm, [list(t) for t in fork_ids], pad_id
+        self.shared = common_prefix(self.fork_ids)
+        self.candidates = sorted({t[self.shared] for t in self.fork_ids})  # where the tags differ
+        self.choice = [self.candidates.index(t[self.shared]) for t in self.fork_ids]  # [N]
+        self.one_row = all(len(t) == self.shared + 1 for t in self.fork_ids)  # none after the choice
+
+    def rows(self, prompts):
+        """The forward's rows: prompt + the tags' shared tokens (one a question), or prompt + tag (N)."""
+        if self.one_row:
+            return [p + self.fork_ids[0][:self.shared] for p in prompts]
+        return [p + t for p in prompts for t in self.fork_ids]
+
+    def forward(self, prompts):
+        rows, n, b = self.rows(prompts), len(self.fork_ids), len(prompts)
+        width = max(map(len, rows))
+        device = self.lm.get_input_embeddings().weight.device
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, ids in enumerate(rows):  # right-padded
+            input_ids[r, :len(ids)], mask[r, :len(ids)] = torch.tensor(ids), 1
+        hidden = self.lm.model(input_ids=input_ids.to(device),
+                               attention_mask=mask.to(device)).last_hidden_state  # [rows, L, H]
+        weight = self.lm.get_output_embeddings().weight  # [V, H]
+        first = [q * (1 if self.one_row else n) for q in range(b)]  # the row of (question q, tag 1)
+        h = hidden[first, [len(p) + self.shared - 1 for p in prompts]].float()  # [B, H]
+        cand = h @ weight[self.candidates].float().T  # [B, C]: the tags' own rows only
+        logits = torch.log_softmax(cand, -1)[:, self.choice]  # [B, N]
+        after = [(q * n + i, len(p) + k - 1, t[k]) for q, p in enumerate(prompts)
+                 for i, t in enumerate(self.fork_ids) for k in range(self.shared + 1, len(t))]
+        if after:  # text tags: their tokens after the choice, over the whole vocabulary
+            index, cols, targets = zip(*after)
+            logp = vocab_log_probs(hidden[list(index), list(cols)], weight, targets)
+            index = torch.tensor(index, device=device)
+            logits = logits + torch.zeros(b * n, device=device).index_add(0, index, logp).view(b, n)
+        with torch.no_grad():  # log sum_i p(g_i | x): shared tokens, a candidate, logsumexp_i
+            shared = [(first[q], len(p) + k - 1, self.fork_ids[0][k]) for q, p in enumerate(prompts)
+                      for k in range(self.shared)]
+            log_mass = torch.logsumexp(cand, -1) - torch.logsumexp(h @ weight.float().T, -1) \
+                + torch.logsumexp(logits, -1)
+            if shared:
+                index, cols, targets = zip(*shared)
+                logp = vocab_log_probs(hidden[list(index), list(cols)], weight, targets)
+                log_mass += logp.view(b, -1).sum(1)
+        return {"tag_logits": logits, "log_mass": log_mass}
 
 
-def log_policy(tag_logp, temperature=1.0):
-    """log pi(i | x): [B, N], the tags' log-probabilities renormalised over the N tags at `temperature`."""
-    return torch.log_softmax(tag_logp / temperature, dim=-1)
+def vocab_log_probs(h, weight, targets):
+    """log p(target | h) over the whole vocabulary in fp32: h [T, H], weight [V, H], targets [T]."""
+    logp = torch.log_softmax(h.float() @ weight.float().T, -1)
+    return logp.gather(1, torch.tensor(targets, device=h.device)[:, None])[:, 0]
+
+
+def tag_logits(policy_model, prompts, micro_batch=0):
+    """TagPolicy's outputs for many prompts, `micro_batch` per forward (0: all at once), without
+    grad, on the CPU: {"tag_logits": [B, N], "log_mass": [B]}."""
+    step, parts = micro_batch or len(prompts), []
+    with torch.no_grad():
+        for s in range(0, len(prompts), step):
+            parts.append({k: v.cpu() for k, v in policy_model(prompts[s:s + step]).items()})
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def log_policy(tag_logits, temperature=1.0):
+    """log pi(i | x): [B, N], the tag logits renormalised over the N tags at `temperature`."""
+    return torch.log_softmax(tag_logits.float() / temperature, dim=-1)
 
 
 def kl_to_start(logpi, logpi_start):
@@ -53,7 +122,17 @@ def entropy(logpi):
 
 @torch.no_grad()
 def choose_tags(logpi, count, greedy, generator):
-    """[B, count] tag indices: every one the argmax of pi (greedy), or drawn independently from pi."""
+    """[B, count] tag indices: every one the argmax of pi (greedy), or drawn independently from pi
+    with a CPU generator (the draw is on the CPU whatever the model's device)."""
     if greedy:
         return logpi.argmax(-1, keepdim=True).expand(-1, count)
-    return torch.multinomial(logpi.exp().float().cpu(), count, replacement=True, generator=generator)
+    return torch.multinomial(logpi.exp().float().cpu(), count, replacement=True,
+                             generator=generator)
+
+
+def trained_temperature(model_dir):
+    """The temperature pi was trained at: final/ssft.json's "fork_temperature" (written by gfpo.py),
+    1.0 for a model GFPO never trained. infer.py --fork auto --auto_choice sample draws at it."""
+    path = os.path.join(model_dir, "ssft.json")
+    saved = json.load(open(path)) if os.path.isfile(path) else {}
+    return float(saved.get("fork_temperature", 1.0))

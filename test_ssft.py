@@ -143,7 +143,7 @@ def test_run_metrics_on_a_hand_made_run(tmp_path):
 def test_every_figure_gives_one_colour_to_one_meaning():
     """Variants, styles and select_token.py's edge and curve colours never share a colour, and every
     variant and style toy_compare.py draws has its own."""
-    tables = [toy_compare.VARIANT_COLOURS, toy_compare.STYLE_COLOURS, figures.COLOURS]
+    tables = [toy_compare.VARIANT_COLOURS, toy_compare.STYLE_COLOURS, toy_compare.GFPO_COLOURS, figures.COLOURS]
     colours = [c for table in tables for c in table.values()]
     assert len(colours) == len(set(colours)), tables
     assert set(toy_compare.Config.variants.split(",")) <= set(toy_compare.VARIANT_COLOURS)

@@ -41,6 +41,8 @@ STYLES = ["left", "right", "place", "direct"]
 TRACES_PER_QUESTION = 4
 REPEAT_PROB = 0.25  # fraction of questions in which one style appears twice
 LOW, HIGH = 10, 29  # operand range: two digits each, so every digit sits at a fixed position
+KINDS = {"tens": (3, LOW, HIGH), "ones": (5, 1, 9)}  # question kind: (operands, lowest, highest)
+ONES_SHARE = 0.5  # fraction of questions of the kind "ones"
 HELD_OUT_SEED = 10_000  # seed of the held-out questions (infer.py --data toy, toy_compare.py)
 
 # train.py's defaults for --model toy: 500 steps of 64 sequences, the run toy_compare.py makes of each variant.
@@ -63,28 +65,32 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 
 
 def solve(numbers, style):
-    """The trace of one style for `numbers` (three ints)."""
-    a, b, c = numbers
-    total = a + b + c
+    """The trace of one style for `numbers` (three or more ints)."""
+    total = sum(numbers)
     end = f"The answer is \\boxed{{{total}}}."
+    sums = [sum(numbers[:k + 1]) for k in range(len(numbers))]
     if style == "left":  # a running sum from the first operand
-        return f"Left to right: {a}+{b}={a + b}, {a + b}+{c}={total}. {end}"
+        steps = (f"{s}+{n}={s + n}" for s, n in zip(sums, numbers[1:]))
+        return "Left to right: " + ", ".join(steps) + f". {end}"
     if style == "right":  # a running sum from the last operand: other partial sums, other errors
-        return f"Right to left: {c}+{b}={c + b}, then {c + b}+{a}={total}. {end}"
+        back = numbers[::-1]
+        steps = [f"{sum(back[:k + 1])}+{n}={sum(back[:k + 2])}" for k, n in enumerate(back[1:])]
+        return "Right to left: " + ", then ".join(steps) + f". {end}"
     if style == "place":  # column addition: one-digit sums and an explicit carry
-        ones = a % 10 + b % 10 + c % 10
-        tens = a // 10 + b // 10 + c // 10 + ones // 10
-        return (f"By place value: ones {a % 10}+{b % 10}+{c % 10}={ones}, carry {ones // 10}, "
-                f"tens {a // 10}+{b // 10}+{c // 10}+{ones // 10}={tens}, so {total}. {end}")
+        ones = sum(n % 10 for n in numbers)
+        tens = sum(n // 10 for n in numbers) + ones // 10
+        digits = ["+".join(str(n // 10 ** place % 10) for n in numbers) for place in (0, 1)]
+        return (f"By place value: ones {digits[0]}={ones}, carry {ones // 10}, "
+                f"tens {digits[1]}+{ones // 10}={tens}, so {total}. {end}")
     if style == "direct":
         return f"Directly: {end}"
     raise ValueError(f"unknown style {style!r}")
 
 
 STYLE_PATTERNS = {
-    "left": r"Left to right: \d+\+\d+=\d+, \d+\+\d+=\d+\. ",
-    "right": r"Right to left: \d+\+\d+=\d+, then \d+\+\d+=\d+\. ",
-    "place": r"By place value: ones \d\+\d\+\d=\d+, carry \d, tens \d\+\d\+\d\+\d=\d+, so \d+\. ",
+    "left": r"Left to right: \d+\+\d+=\d+(, \d+\+\d+=\d+)+\. ",
+    "right": r"Right to left: \d+\+\d+=\d+(, then \d+\+\d+=\d+)+\. ",
+    "place": r"By place value: ones \d(\+\d)+=\d+, carry \d, tens \d(\+\d)+=\d+, so \d+\. ",
     "direct": r"Directly: ",
 }
 
@@ -95,6 +101,12 @@ def recognise(text):
         if re.fullmatch(pattern + r"The answer is \\boxed\{\d+\}\.", text.strip()):
             return style
     return "other"
+
+
+def kind_of(prompt):
+    """The question kind of a prompt ("Add 28+19+11." -> "tens", "Add 2+5+2+8+8." -> "ones")."""
+    count = prompt.count("+") + 1
+    return next(kind for kind, (operands, _, _) in KINDS.items() if operands == count)
 
 
 def is_held_out(prompt):
@@ -108,12 +120,13 @@ def make_questions(num_questions, seed, held_out=False):
     rng = random.Random(seed)
     rows = []
     while len(rows) < num_questions:
-        numbers = [rng.randint(LOW, HIGH) for _ in range(3)]
+        kind = "ones" if rng.random() < ONES_SHARE else "tens"
+        numbers = [rng.randint(*KINDS[kind][1:]) for _ in range(KINDS[kind][0])]
         styles = STYLES[:]
         rng.shuffle(styles)
         if rng.random() < REPEAT_PROB:
             styles[rng.randrange(4)] = rng.choice(STYLES)
-        prompt = "Add {}+{}+{}.".format(*numbers)
+        prompt = "Add " + "+".join(map(str, numbers)) + "."
         if is_held_out(prompt) == held_out:
             rows.append({"prompt": prompt, "traces": [solve(numbers, s) for s in styles[:TRACES_PER_QUESTION]],
                          "answer": str(sum(numbers)), "sources": styles[:TRACES_PER_QUESTION]})
@@ -128,6 +141,13 @@ def held_out_questions(num_questions):
             rows.append(q)
             seen.add(q["prompt"])
     return rows
+
+
+def training_records(num_questions, seed):
+    """[(where, row)] of training questions as a file reader gives them: what gfpo.py --data toy
+    reads (plumbing/evalfiles.load_problems)."""
+    return [(f"toy:{i + 1}", {"prompt": q["prompt"], "answer": q["answer"], "id": i})
+            for i, q in enumerate(make_questions(num_questions, seed))]
 
 
 def held_out_records(num_questions):

@@ -50,12 +50,16 @@ def checkpoint_layers(lm):
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def shard(lm, device, wrap=None, activation_checkpointing=False, cpu_offload=False, cuda_policy=None):
+def shard(lm, device, wrap=None, activation_checkpointing=False, cpu_offload=False, cuda_policy=None,
+          trainable=None):
     """wrap(lm) (the stage's module around the causal LM, e.g. match.SequenceNLL; lm itself without
     one) under FSDP2, the canonical recipe: fully_shard each decoder layer, then the root
     (embeddings, final norm, lm_head). bf16 compute with fp32 gradient reduction on GPU.
     cuda_policy: that mixed precision on any device (default: on CUDA only); plumbing/simulate.py
-    asks for it on the fake CPU tensors that stand for a CUDA run's."""
+    asks for it on the fake CPU tensors that stand for a CUDA run's.
+    trainable(name) -> bool: the parameters that keep requires_grad (None: all)."""
+    for name, p in lm.named_parameters() if trainable else ():
+        p.requires_grad_(trainable(name))
     if activation_checkpointing:
         checkpoint_layers(lm)
     model = wrap(lm) if wrap else lm
@@ -72,11 +76,12 @@ def shard(lm, device, wrap=None, activation_checkpointing=False, cpu_offload=Fal
 
 
 def load_model(source, rank, device, wrap=None, layout="batch", seed=0, activation_checkpointing=False,
-               cpu_offload=False, trust_remote_code=False, edit=None):
+               cpu_offload=False, trust_remote_code=False, edit=None, untie=False, trainable=None):
     """Returns (wrap(lm) under FSDP2, hf_config). source: a Hugging Face id or folder, or a function
     that builds a fresh model (the toy's random-init tiny Qwen2, seeded by `seed`). edit(full_model):
     run on rank 0 on the full model before it is sharded (train.py initialises the forking-token
-    rows there); it may resize the vocabulary.
+    rows there); it may resize the vocabulary. untie: a model that ties its output rows to its input
+    embeddings gets its own output matrix, a copy (gfpo.py --trainable tag_rows); trainable: as shard's.
 
     Only rank 0 reads the weights (a 32B model is not loaded as 8 CPU copies); the other ranks
     build the model on the meta device, and the full state dict is broadcast from rank 0 while
@@ -95,6 +100,9 @@ def load_model(source, rank, device, wrap=None, layout="batch", seed=0, activati
     if rank == 0:
         if edit is not None:
             edit(full)
+        if untie and full.get_output_embeddings().weight is full.get_input_embeddings().weight:
+            full.get_output_embeddings().weight = torch.nn.Parameter(full.get_input_embeddings().weight.detach().clone())
+            full.config.tie_word_embeddings = False
         config.vocab_size = full.get_input_embeddings().weight.shape[0]
         state = full.state_dict()
         buffers = {k: v for k, v in full.named_buffers()}
@@ -102,10 +110,11 @@ def load_model(source, rank, device, wrap=None, layout="batch", seed=0, activati
     dist.broadcast(rows, src=0)  # all ranks agree on the (possibly resized) vocabulary
     config.vocab_size = int(rows)
     config.use_cache = False
+    config.tie_word_embeddings = config.tie_word_embeddings and not untie
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=torch.float32,
                                               trust_remote_code=trust_remote_code)
-    model = shard(lm, device, wrap, activation_checkpointing, cpu_offload)
+    model = shard(lm, device, wrap, activation_checkpointing, cpu_offload, trainable=trainable)
     model.to_empty(device="cpu" if cpu_offload else device)
     prefix = next(name for name, module in model.named_modules() if module is lm)  # "lm" inside SequenceNLL
     state = {(f"{prefix}." if prefix else "") + k: v for k, v in state.items()} if rank == 0 else {}

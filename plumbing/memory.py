@@ -41,6 +41,7 @@ MixedPrecisionPolicy, CPUOffloadPolicy), the Qwen2 modelling code of transformer
 checks the parameter count and the saved-activation bytes against real modules on the CPU.
 """
 import json
+import math
 import os
 
 GIB = 2 ** 30
@@ -206,3 +207,41 @@ def infer_plan(s, streams, context, weight_bytes=2):
     kv = streams * context * s["layers"] * 2 * s["kv_heads"] * s["head_dim"] * weight_bytes
     return num_params(s) * weight_bytes / GIB, kv / GIB
 
+
+# ----------------------------------------------------------------------------- GFPO's rollouts (gfpo.py)
+
+LINK_GBPS = 400  # all-gather bandwidth per GPU, GB/s (NVLink 4: 900 GB/s both ways; NCCL reaches about this)
+
+
+def hbm_tbps(gib):
+    """HBM bandwidth, TB/s, of the GPU by its memory: H200 (141 GB) 4.8, H100 (80 GB) 3.35."""
+    return 4.8 if gib > 100 else 3.35
+
+
+def gfpo_plan(s, gpus, gib, rows, context, cpu_offload=False):
+    """gfpo.py's rollout phase per GPU: its `rows` responses (B / gpus x G) of up to `context` tokens
+    (prompt + max_new_tokens) decoded in batches that fit beside the weights, either with each layer
+    gathered by every forward (FSDP's default) or with every layer kept gathered for the whole phase.
+    Per way: the weights held, the responses at once, the batches, a decode step's seconds (sharded:
+    the all-gather of the bf16 layers over LINK_GBPS; gathered: reading the weights and the cache
+    from HBM) and the phase's hours if every response runs to `context`. The state held meanwhile:
+    fp32 weights and AdamW moments, 12P / gpus (host memory with cpu_offload; gradients are freed
+    between steps). "keep_gathered": the faster way of the two that fits at least one response."""
+    P, h, v = num_params(s), s["hidden"], s["vocab"]
+    state = 0 if cpu_offload else 12 * P / gpus
+    kv_row = context * s["layers"] * 2 * s["kv_heads"] * s["head_dim"] * 2  # K and V, bf16
+    row = kv_row + 3 * v * 4  # + the sampler's fp32 logits, probabilities and sorted copy
+    root = 2 * v * h * (1 if s["tied"] else 2)
+    ways = {}
+    for way, weights in (("sharded", root + 2 * 2 * layer_params(s)), ("gathered", 2 * P)):
+        at_once = int(max(0, gib * GIB - CONTEXT_GIB * GIB - state - weights) // row)
+        at_once = min(rows, at_once)
+        batches = math.ceil(rows / at_once) if at_once else 0
+        read = (2 * P + at_once * kv_row / 2) / (hbm_tbps(gib) * 1e12)  # on average half a full cache
+        step_s = read + (2 * P * (gpus - 1) / gpus / (LINK_GBPS * 1e9) if way == "sharded" else 0)
+        ways[way] = {"weights_gib": weights / GIB, "at_once": at_once, "batches": batches, "step_s": step_s,
+                     "hours": batches * (context - PROMPT_TOKENS) * step_s / 3600}
+    fits = [w for w in ways if ways[w]["at_once"]]
+    keep = bool(fits) and min(fits, key=lambda w: ways[w]["hours"]) == "gathered"
+    return {"state_gib": state / GIB, "kv_gib_per_response": kv_row / GIB, "params": P, "ways": ways,
+            "keep_gathered": keep, "fits": bool(fits), "rows": rows, "context": context}

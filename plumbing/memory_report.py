@@ -1,6 +1,6 @@
 """The memory plan as the scripts report it: `--plan GPUSxGiB` (the table, the JSON line, exit 0 if it
 fits, 3 if not; with `--simulate`, the peaks measured on fake tensors beside it), the refusal on CUDA
-before the weights load, and infer.py's check of weights and KV cache. The arithmetic is memory.py's,
+before the weights load, infer.py's check of weights and KV cache, and gfpo.py's rollout plan. The arithmetic is memory.py's,
 the measurement simulate.py's.
 """
 import json
@@ -105,3 +105,20 @@ def format_comparison(plan, sim, world):
     out.append(f"  not simulated: the plan's {plan['context_gib']:g} GiB of CUDA context, NCCL and slack, "
                "the allocator's fragmentation, kernels' workspaces")
     return out
+
+
+def format_gfpo_plan(plan, gpus, gib):
+    """The lines gfpo.py --plan prints: both ways and the one gfpo.py takes."""
+    out = [f"GFPO rollout plan per GPU ({gpus} GPUs of {gib:g} GiB, {plan['params'] / 1e9:.2f}B parameters, "
+           f"{plan['rows']} responses per rank of up to {plan['context']} tokens):",
+           f"  {'sharded state (fp32 weights, AdamW moments)':<52s} {plan['state_gib']:7.1f} GiB",
+           f"  {'KV cache of one response':<52s} {plan['kv_gib_per_response']:7.1f} GiB"]
+    for way, what in (("sharded", "layers gathered by each forward"),
+                      ("gathered", "every layer kept gathered")):
+        w = plan["ways"][way]
+        out.append(f"  {what:<33s} weights {w['weights_gib']:5.1f} GiB, " + (
+            f"{w['at_once']:3d} responses at once, {w['batches']} batches, {w['step_s']:.3f} s a decode "
+            f"step: {w['hours']:.1f} h" if w["at_once"] else "no room for one response"))
+    verdict = "does NOT fit" if not plan["fits"] else \
+        "every layer kept gathered" if plan["keep_gathered"] else "layers gathered by each forward"
+    return out + [f"  gfpo.py takes: {verdict}"]

@@ -1,9 +1,11 @@
 """The CUDA code paths, each once: FlexAttention's tree mask (--layout concat), the bf16 FSDP2 step
-against fp32, NCCL, --cpu_offload, and infer.py's decoding on the GPU against the CPU. Skipped on a
-machine without CUDA; gpu_check.sh runs them on one GPU before bench.py.
+against fp32, NCCL, --cpu_offload, infer.py's decoding on the GPU against the CPU, and GFPO's rollouts
+and update in bf16 and a gfpo.py run under torchrun. Skipped on a machine without CUDA; gpu_check.sh
+runs them on one GPU before bench.py.
 
     python -m pytest -q -rs test_gpu.py
 """
+import copy
 import json
 import math
 import os
@@ -14,8 +16,10 @@ import pytest
 import torch
 
 import data
+import gfpo
 import infer
 import match
+import policy
 import toy
 import train
 from plumbing import concat, decoding
@@ -154,3 +158,55 @@ def test_simulated_peak_is_within_10_percent_of_cuda_max_memory_allocated_of_one
     print(f"{flags}: CUDA max_memory_allocated {cuda['peak_gib']:.3f} GiB, "
           f"simulated {sim['peak_gib']:.3f} GiB ({sim['phases']})")
     assert abs(sim["peak_gib"] - cuda["peak_gib"]) <= 0.1 * cuda["peak_gib"], (cuda, sim)
+
+
+def test_gfpo_rollouts_and_update_run_on_cuda_in_bf16(tiny):
+    """GFPO's rollouts at T = 0.7 on the GPU: the responses' generator lives on the device (a CPU
+    generator, as gfpo.py once built, raises "Expected a 'cuda' device type for generator" at the first
+    sampled token); the update in bf16 reaches no output row but the tags' and the prompts'."""
+    tok, model, fork_ids = tiny
+    lm = copy.deepcopy(model).to("cuda", torch.bfloat16)
+    scorer = policy.TagPolicy(lm, [[f] for f in fork_ids], tok.pad_token_id)
+    qs = toy.make_questions(3, seed=2)
+    prompts = [data.encode_prompt(tok, q["prompt"]) for q in qs]
+    golds = [{"gold": q["answer"], "kind": "math", "prompt": q["prompt"]} for q in qs]
+    cfg = gfpo.Config(group_size=4, max_new_tokens=8, micro_batch=2, temperature=0.7)
+    ctx = {"fork_ids": [[f] for f in fork_ids], "stop_ids": {tok.eos_token_id}, "tokenizer": tok,
+           "banned": list(fork_ids), "pad_id": tok.pad_token_id, "device": torch.device("cuda"), "rows": 5,
+           "keep_gathered": True}
+    tag_generators = [torch.Generator().manual_seed(i) for i in range(3)]
+    out = gfpo.rollouts(scorer, prompts, golds, tag_generators, torch.Generator("cuda").manual_seed(0), cfg, ctx)
+    assert out["tags"].shape == out["rewards"].shape == out["tokens"].shape == (3, 4) and out["tokens"].sum() > 0
+    with pytest.raises(RuntimeError, match="generator"):
+        gfpo.rollouts(scorer, prompts, golds, tag_generators, torch.Generator(), cfg, ctx)
+    gfpo.policy_update(scorer, prompts, out["tags"], torch.randn(3, 4), out["logpi"], 0.1, 1.0, 3, 2)
+    others = torch.ones(lm.config.vocab_size, dtype=torch.bool)
+    others[[t for p in prompts for t in p] + list(fork_ids)] = False
+    grad = lm.get_output_embeddings().weight.grad
+    assert grad[others.cuda()].abs().max() == 0 and grad[list(fork_ids)].abs().max() > 0
+
+
+def test_gfpo_py_runs_on_one_gpu_with_nccl(tmp_path):
+    """torchrun gfpo.py on a tiny SSFT-like model: FSDP2 in bf16, the rollout memory plan on the device,
+    responses decoded with every layer kept gathered, the held-out Pass@1, final/ written."""
+    torch.manual_seed(0)
+    tok = toy.make_tokenizer()
+    lm = toy.make_model(tok, hidden=32)
+    num_trained = len(tok)
+    data.init_fork_rows(lm, data.add_fork_tokens(tok, 4), num_trained, seed=0)
+    ssft = tmp_path / "ssft"
+    lm.save_pretrained(ssft)
+    tok.save_pretrained(ssft)
+    (ssft / "ssft.json").write_text(json.dumps({"fork_style": "special", "num_forks": 4}))
+    out = tmp_path / "gfpo"
+    for trainable in ("all", "tag_rows"):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                               "1", "gfpo.py", "--model", str(ssft), "--out_dir", str(out / trainable), "--steps", "2",
+                               "--batch_size", "4", "--toy_questions", "16", "--max_new_tokens", "8",
+                               "--eval_every", "1", "--eval_questions", "4", "--trainable", trainable],
+                              cwd=HERE, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "on cuda" in done.stdout and "GFPO rollout plan" in done.stdout and "layers kept gathered" in done.stdout
+        steps = [json.loads(line) for line in open(out / trainable / "metrics.jsonl")]
+        assert len(steps) == 2 and all(math.isfinite(s["loss"]) and "held_out_pass@1" in s for s in steps)
+        assert (out / trainable / "final" / "ssft.json").exists()

@@ -14,6 +14,7 @@ import torch
 
 import data
 import infer
+import policy
 import toy
 from plumbing import decoding, evalfiles, files
 
@@ -98,6 +99,47 @@ def test_shared_prefix_generation_equals_independent_generation_under_greedy(noi
     for batch_size in (0, 4):
         got = decoding.generate(model, prefix, starts, 12, 0.0, 1.0, {stop}, torch.Generator(), batch_size)
         assert got == cut
+
+
+def test_many_prompts_decoded_together_equal_each_prompt_decoded_alone_under_greedy(noisy):
+    """decoding.generate_many (gfpo.py's rollouts: prompts of different lengths left-padded in one
+    batch, max_rows at a time) == decoding.generate prompt by prompt, stop token and tag ban included."""
+    tokenizer, model, fork_ids = noisy
+    prompts = [data.encode_prompt(tokenizer, p) for p in ("Add 12+23+14.", "Add 1+2+3+4+5, then more words.", "Hi")]
+    starts = [[[f] for f in fork_ids], [[fork_ids[1]], [fork_ids[2]]], [[fork_ids[3]]] * 3]
+    free = decoding.generate(model, prompts[0], starts[0], 12, 0.0, 1.0, set(), torch.Generator())
+    banned = {free[0][0][0]}  # the first token of a response: the ban changes it
+
+    def each_alone(stop_ids):
+        return [decoding.generate(model, p, s, 12, 0.0, 1.0, stop_ids, torch.Generator(), banned=banned)
+                for p, s in zip(prompts, starts)]
+    stop = next(t for row in each_alone(set()) for ids, _ in row for t in ids[3:] if t not in ids[:3])
+    alone = each_alone({stop})
+    assert any(done for row in alone for _, done in row) and all(t not in banned for row in alone
+                                                                  for ids, _ in row for t in ids)
+    for max_rows in (0, 2, 5):
+        assert decoding.generate_many(model, prompts, starts, 12, 0.0, 1.0, {stop}, torch.Generator(), max_rows,
+                                      banned, tokenizer.pad_token_id) == alone, max_rows
+
+
+def test_fork_auto_samples_at_the_temperature_gfpo_trained(model_dir, tmp_path):
+    """--auto_choice sample draws at final/ssft.json's fork_temperature (gfpo.py writes it), not at
+    T = 1: at T = 0.01 every draw is the most likely tag."""
+    sharp = tmp_path / "sharp"
+    shutil.copytree(model_dir, sharp)
+    saved = json.loads((sharp / "ssft.json").read_text()) if (sharp / "ssft.json").exists() else {}
+    (sharp / "ssft.json").write_text(json.dumps({"fork_style": "special", "num_forks": NUM_FORKS, **saved,
+                                                 "fork_temperature": 0.01}))
+    assert policy.trained_temperature(str(sharp)) == 0.01 and policy.trained_temperature(str(model_dir)) == 1.0
+    for i, (path, spread) in enumerate(((sharp, False), (model_dir, True))):
+        output = tmp_path / f"rows{i}.jsonl"
+        infer.main(infer.parse_config(["--model", str(path), "--data", write_problems(tmp_path / "p.jsonl"),
+                                       "--fork", "auto", "--auto_choice", "sample", "--samples", "16",
+                                       "--max_new_tokens", "2", "--output", str(output)]))
+        rows = [json.loads(line) for line in open(output)]
+        forks = [{c["fork"] for c in r["completions"]} for r in rows]
+        best = [{max(r["fork_policy"], key=r["fork_policy"].get)} for r in rows]
+        assert (forks != best) == spread, (path, forks, [r["fork_policy"] for r in rows])
 
 
 # ----------------------------------------------------------------------------- infer.py end to end

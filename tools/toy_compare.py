@@ -20,10 +20,19 @@ and initialisation), as {"mean", "ci95", "per_seed"}. toy_compare.png draws them
 configuration counts (Figure 7) and the matching gap (Figure 10).
 
 SSFT + GFPO (--gfpo, on by default): each seed's SSFT model then runs gfpo.py with its toy defaults
-(on the same seed's training questions) and infer.py --fork auto answers the held-out questions with
-the model's own tag, greedy. summary.json's "gfpo" holds, over seeds, pass@1_own (after GFPO),
-pass@1_own_before (the SSFT model's own greedy tag, no GFPO: the control), the final tag choice,
-and the differences paired by seed to SSFT's Eq. 6 token, SSFT's mean over tokens and SFT.
+(on the same seed's training questions), once per --gfpo_trainable (all, tag_rows), and infer.py
+--fork auto answers the held-out questions with the model's own tag, greedy, before GFPO and after.
+summary.json's "gfpo" holds, over seeds, the own tag's Pass@1 after GFPO and the baselines a choice
+of tag is measured against, and their differences paired by seed:
+    own_before        the SSFT model's own tag (no GFPO)
+    best_tag          the best single tag, chosen on half of each tag's responses and scored on the
+                      other half, both ways (cross-fitted, so that choosing on the scored responses
+                      does not flatter it)
+    mean_over_tags    SSFT's Pass@1 (its tokens in turn);  eq6: the Eq. 6 token's
+    oracle            per question the tag most accurate on one half, scored on the other: the room
+                      a router over tags has (cross-fitted as best_tag)
+and, per question kind (toy.kind_of), each style's accuracy under SSFT and the styles the own tag
+takes before and after GFPO: whether the best tag depends on the question, and whether GFPO learns it.
 
     python tools/toy_compare.py                    # 3 variants x 3 seeds (timings in the README)
     python tools/toy_compare.py --seeds 5          # tighter intervals
@@ -56,6 +65,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 # others, and figures.COLOURS others again (a test keeps the three apart). A new variant adds
 # its entry here (tab:purple is free).
 VARIANT_COLOURS = {"hungarian": "tab:blue", "random": "tab:orange", "sft": "tab:green"}
+GFPO_COLOURS = {"all": "tab:purple", "tag_rows": "gold"}  # the GFPO runs, by --trainable
 STYLE_COLOURS = {"left": "tab:brown", "right": "tab:pink", "place": "tab:olive", "direct": "tab:red", "other": "tab:gray"}
 
 
@@ -71,6 +81,7 @@ class Config:
     max_new_tokens: int = 64  # the longest trace has 45 tokens
     jobs: int = 2  # runs at a time, sharing the CPU cores (tiny models run best on one core each)
     gfpo: bool = True  # also SSFT + GFPO: gfpo.py (toy defaults) on each seed's SSFT model, then infer --fork auto
+    gfpo_trainable: str = "all,tag_rows"  # gfpo.py --trainable modes, each a run per seed
     plot_only: bool = False  # run nothing: redraw <out_dir>/toy_compare.png from <out_dir>/summary.json
 
 
@@ -89,8 +100,17 @@ def run_variant(variant, seed, cfg):
                      "--samples", str(cfg.samples), "--limit", str(cfg.eval_questions), "--temperature", "0.7",
                      "--top_p", "0.95", "--max_new_tokens", str(cfg.max_new_tokens), "--set_size", "4",
                      "--seed", str(seed), "--output", os.path.join(run_dir, "eval.jsonl")])
+    if variant == "hungarian" and cfg.gfpo:  # the SSFT model's own tag, before any GFPO
+        commands.append(["infer.py", "--model", os.path.join(run_dir, "final"), *own_tag_flags(cfg, seed),
+                         "--output", os.path.join(run_dir, "own.jsonl")])
     run_commands(commands, run_dir, f"{variant} seed {seed}", cfg.jobs)
     return run_dir
+
+
+def own_tag_flags(cfg, seed):
+    """infer.py's flags for the held-out questions answered with the model's own tag, greedy."""
+    return ["--data", "toy", "--fork", "auto", "--samples", str(cfg.samples), "--limit", str(cfg.eval_questions),
+            "--temperature", "0.7", "--top_p", "0.95", "--max_new_tokens", str(cfg.max_new_tokens), "--seed", str(seed)]
 
 
 def run_commands(commands, run_dir, name, jobs):
@@ -107,43 +127,97 @@ def run_commands(commands, run_dir, name, jobs):
                 raise RuntimeError(f"{' '.join(command)} failed: see {log.name}")
 
 
-def run_gfpo(ssft_dir, seed, cfg):
-    """GFPO on one seed's SSFT model, then the held-out questions answered with the model's own tag
-    (infer.py --fork auto, greedy), before GFPO (the control) and after. Returns the run's directory."""
-    run_dir = os.path.join(cfg.out_dir, "runs", f"gfpo_seed{seed}")
+def run_gfpo(ssft_dir, seed, trainable, cfg):
+    """GFPO (gfpo.py --trainable `trainable`) on one seed's SSFT model, then the held-out questions
+    answered with the model's own tag (infer.py --fork auto, greedy). Returns the run's directory."""
+    run_dir = os.path.join(cfg.out_dir, "runs", f"gfpo_{trainable}_seed{seed}")
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
-    evaluate = ["--data", "toy", "--fork", "auto", "--samples", str(cfg.samples), "--limit", str(cfg.eval_questions),
-                "--temperature", "0.7", "--top_p", "0.95", "--max_new_tokens", str(cfg.max_new_tokens), "--seed", str(seed)]
-    commands = [["infer.py", "--model", os.path.join(ssft_dir, "final"), *evaluate,
-                 "--output", os.path.join(run_dir, "before.jsonl")],
-                ["gfpo.py", "--model", os.path.join(ssft_dir, "final"), "--seed", str(seed), "--out_dir", run_dir,
-                 "--toy_questions", str(cfg.toy_questions)],
-                ["infer.py", "--model", os.path.join(run_dir, "final"), *evaluate, "--output", os.path.join(run_dir, "eval.jsonl")]]
-    run_commands(commands, run_dir, f"gfpo seed {seed}", cfg.jobs)
+    commands = [["gfpo.py", "--model", os.path.join(ssft_dir, "final"), "--seed", str(seed), "--out_dir", run_dir,
+                 "--toy_questions", str(cfg.toy_questions), "--trainable", trainable],
+                ["infer.py", "--model", os.path.join(run_dir, "final"), *own_tag_flags(cfg, seed),
+                 "--output", os.path.join(run_dir, "eval.jsonl")]]
+    run_commands(commands, run_dir, f"gfpo {trainable} seed {seed}", cfg.jobs)
     return run_dir
 
 
-def gfpo_metrics(run_dir):
-    """One GFPO run's numbers: Pass@1 with the model's own tag after and before GFPO, and the mean
-    tag choice of its last step."""
-    after, before = (score.aggregate(evalfiles.read_rows(os.path.join(run_dir, f)), set_size=4)["pass@1"]
-                     for f in ("eval.jsonl", "before.jsonl"))
-    last = [m for _, m in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))][-1]
-    return {"pass@1_own": after, "pass@1_own_before": before, "tag_choice": last["tag_choice"]}
+def own_tag_metrics(path, styles):
+    """Pass@1 of a --fork auto file, and per question kind its Pass@1 and the share of questions whose
+    own tag starts each style (styles: {tag: its majority style in the SSFT run})."""
+    rows = evalfiles.read_rows(path)
+    out = {"pass@1": score.aggregate(rows, set_size=4)["pass@1"], "kinds": {}}
+    for kind in toy.KINDS:
+        mine = [r for r in rows if toy.kind_of(r["prompt"]) == kind]
+        chosen = Counter(styles.get(r["completions"][0]["fork"]) for r in mine)
+        out["kinds"][kind] = {"pass@1": float(np.mean([c["correct"] for r in mine for c in r["completions"]])),
+                              "own_style": {s: chosen[s] / len(mine) for s in toy.STYLES}}
+    return out
 
 
-def gfpo_summary(results, gfpo_runs):
-    """summary.json's "gfpo": over seeds, and paired by seed with the same seed's SSFT and SFT runs."""
-    out = {k: over_seeds([r[k] for r in gfpo_runs]) for k in ("pass@1_own", "pass@1_own_before")}
-    out["tag_choice"] = [r["tag_choice"] for r in gfpo_runs]
+def tag_choice_metrics(run_dir, per_token):
+    """From an SSFT run's --fork all responses (each tag's in turn): each question kind's accuracy of
+    each style (its tag's majority style), and, cross-fitted (choose on the first half of each tag's
+    responses to a question, score on the second, and the other way round), the best single tag and
+    the oracle (per question the tag most accurate on the choosing half; ties to the tag best overall)."""
+    rows = evalfiles.read_rows(os.path.join(run_dir, "eval.jsonl"))
+    tokens = list(per_token)
+    halves = []  # per question: ({tag: [correct]} of the first half, of the second)
+    for r in rows:
+        seen, half = Counter(), ({t: [] for t in tokens}, {t: [] for t in tokens})
+        count = Counter(c["fork"] for c in r["completions"])
+        for c in r["completions"]:
+            half[seen[c["fork"]] >= count[c["fork"]] / 2][c["fork"]].append(c["correct"])
+            seen[c["fork"]] += 1
+        halves.append(half)
+    best, oracle = [], []
+    for pick, scored in ((0, 1), (1, 0)):
+        acc = [{t: np.mean(h[pick][t]) for t in tokens} for h in halves]
+        overall = {t: np.mean([a[t] for a in acc]) for t in tokens}
+        top = max(tokens, key=overall.get)
+        best.append(np.mean([np.mean(h[scored][top]) for h in halves]))
+        oracle.append(np.mean([np.mean(h[scored][max(tokens, key=lambda t: (a[t], overall[t]))])
+                               for h, a in zip(halves, acc)]))
+    kinds = {}
+    for kind in toy.KINDS:
+        mine = [r for r in rows if toy.kind_of(r["prompt"]) == kind]
+        kinds[kind] = {t: float(np.mean([c["correct"] for r in mine for c in r["completions"] if c["fork"] == t]))
+                       for t in tokens}
+    styles = {t: per_token[t]["majority"] for t in tokens}
+    return {"best_tag": float(np.mean(best)), "oracle": float(np.mean(oracle)), "kind_tag_accuracy": kinds,
+            "styles": styles}
+
+
+def gfpo_summary(results, hungarian_dirs, gfpo_dirs):
+    """summary.json's "gfpo": over seeds, and paired by seed with the same seed's SSFT run: for each
+    --gfpo_trainable, the own tag after GFPO against the SSFT model's own tag, the best single tag,
+    the mean over tags, the Eq. 6 token and the oracle; and per kind and style the accuracies."""
     ssft = results["hungarian"]
-    against = {"SSFT Eq. 6 token": [r["pass@1_selected"] for r in ssft], "SSFT mean over tokens": [r["pass@1"] for r in ssft],
-               "SSFT own tag, no GFPO": [r["pass@1_own_before"] for r in gfpo_runs]}
-    if "sft" in results:
-        against["SFT"] = [r["pass@1"] for r in results["sft"]]
-    out["differences"] = {name: over_seeds([g["pass@1_own"] - v for g, v in zip(gfpo_runs, values)])
-                          for name, values in against.items()}
+    choice = [tag_choice_metrics(d, r["per_token"]) for d, r in zip(hungarian_dirs, ssft)]
+    before = [own_tag_metrics(os.path.join(d, "own.jsonl"), c["styles"]) for d, c in zip(hungarian_dirs, choice)]
+    baselines = {"own_before": [b["pass@1"] for b in before], "best_tag": [c["best_tag"] for c in choice],
+                 "mean_over_tags": [r["pass@1"] for r in ssft], "eq6": [r["pass@1_selected"] for r in ssft],
+                 "oracle": [c["oracle"] for c in choice]}
+    out = {"baselines": {k: over_seeds(v) for k, v in baselines.items()}, "runs": {}, "kinds": {}}
+    for kind in toy.KINDS:  # each style's accuracy under SSFT on this kind, over seeds
+        out["kinds"][kind] = {"style_accuracy": {s: over_seeds([next((a for t, a in c["kind_tag_accuracy"][kind].items()
+                                                                      if c["styles"][t] == s), np.nan) for c in choice])
+                                                 for s in toy.STYLES},
+                              "own_style_before": {s: float(np.mean([b["kinds"][kind]["own_style"][s] for b in before]))
+                                                   for s in toy.STYLES}}
+    for trainable, dirs in gfpo_dirs.items():
+        after = [own_tag_metrics(os.path.join(d, "eval.jsonl"), c["styles"]) for d, c in zip(dirs, choice)]
+        steps = [[m for _, m in read_jsonl(os.path.join(d, "metrics.jsonl"))] for d in dirs]
+        own = [a["pass@1"] for a in after]
+        out["runs"][trainable] = {
+            "own_after": over_seeds(own),
+            "differences": {k: over_seeds([x - y for x, y in zip(own, v)]) for k, v in baselines.items()},
+            "held_out_curve": [[(m["step"] + 1, m["held_out_pass@1"]) for m in s if "held_out_pass@1" in m]
+                               for s in steps],
+            "mutual_info": over_seeds([s[-1]["mutual_info"] for s in steps]),
+            "tag_choice": [s[-1]["tag_choice"] for s in steps],
+            "kinds": {kind: {"pass@1": over_seeds([a["kinds"][kind]["pass@1"] for a in after]),
+                             "own_style": {st: float(np.mean([a["kinds"][kind]["own_style"][st] for a in after]))
+                                           for st in toy.STYLES}} for kind in toy.KINDS}}
     return out
 
 
@@ -195,11 +269,12 @@ def compare(cfg):
         # one queue, so that no core idles between the stages: the GFPO runs, which need their seed's
         # SSFT model, go in before the SFT runs, by when the SSFT runs queued first have finished
         futures = {r: pool.submit(run_variant, *r, cfg) for r in runs if r[0] != "sft"}
-        gfpo_futures = [pool.submit(lambda s: run_gfpo(futures["hungarian", s].result(), s, cfg), s)
-                        for s in range(cfg.seeds)] if gfpo else []
+        trainables = cfg.gfpo_trainable.split(",") if gfpo else []
+        gfpo_futures = {t: [pool.submit(lambda s, t: run_gfpo(futures["hungarian", s].result(), s, t, cfg), s, t)
+                            for s in range(cfg.seeds)] for t in trainables}
         futures.update({r: pool.submit(run_variant, *r, cfg) for r in runs if r[0] == "sft"})
         dirs = [futures[r].result() for r in runs]
-        gfpo_dirs = [f.result() for f in gfpo_futures]
+        gfpo_dirs = {t: [f.result() for f in fs] for t, fs in gfpo_futures.items()}
     results = {v: [run_metrics(v, d, cfg.samples) for (v2, _), d in zip(runs, dirs) if v2 == v] for v in variants}
     keys = ["purity", "distinct_styles", "pass@1", "pass@1_selected", "native_cons@N"] + \
         [f"{m}@{k}" for m in ("cons", "pass") for k in range(1, cfg.samples + 1)]
@@ -218,7 +293,7 @@ def compare(cfg):
     summary["differences"] = {f"{a} - {b}": {k: over_seeds([x[k] - y[k] for x, y in zip(results[a], results[b])])
                                              for k in keys[2:5] + [f"cons@{cfg.samples}"]} for a, b in pairs}
     if gfpo_dirs:
-        summary["gfpo"] = gfpo_summary(results, [gfpo_metrics(d) for d in gfpo_dirs])
+        summary["gfpo"] = gfpo_summary(results, [d for (v, _), d in zip(runs, dirs) if v == "hungarian"], gfpo_dirs)
     write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     print_table(summary)
     print(f"{cfg.seeds} seed(s), {summary['time_s']:.0f} s, {os.cpu_count()} CPUs, load average before "
@@ -236,13 +311,33 @@ def print_table(summary):
     for pair, d in summary["differences"].items():  # paired by seed
         print(f"| {pair} | " + " | ".join(f"{d[k]['mean']:+.3f} ± {d[k]['ci95']:.3f}" if k in d else ""
                                          for k in shown) + " |")
-    if "gfpo" in summary:  # Pass@1 with the model's own tag (infer.py --fork auto, greedy)
-        g = summary["gfpo"]
-        print(f"\n| SSFT + GFPO | Pass@1, own tag |\n|---|---:|\n| after GFPO | {g['pass@1_own']['mean']:.3f} ± "
-              f"{g['pass@1_own']['ci95']:.3f} |\n| SSFT's own tag, before GFPO | {g['pass@1_own_before']['mean']:.3f} ± "
-              f"{g['pass@1_own_before']['ci95']:.3f} |")
-        for name, d in g["differences"].items():
-            print(f"| GFPO own tag - {name} | {d['mean']:+.3f} ± {d['ci95']:.3f} |")
+    if "gfpo" in summary:
+        print_gfpo_tables(summary["gfpo"])
+
+
+def print_gfpo_tables(g):
+    """The choice of tag: the own tag after GFPO against the baselines, differences paired by seed;
+    per question kind, each style's accuracy and the style the own tag takes."""
+    trainables = list(g["runs"])
+    names = {"own_before": "SSFT's own tag (no GFPO)", "best_tag": "best single tag (cross-fitted)",
+             "mean_over_tags": "mean over tags", "eq6": "Eq. 6 token", "oracle": "oracle per question (cross-fitted)"}
+    print("\n| Pass@1, held-out | mean ± 95% | " + " | ".join(f"GFPO {t} - it" for t in trainables) + " |\n|---|---:|"
+          + "---:|" * len(trainables))
+    for t in trainables:
+        print(f"| own tag after GFPO ({t}) | {fmt(g['runs'][t]['own_after'])} |" + " |" * len(trainables))
+    for k, name in names.items():
+        print(f"| {name} | {fmt(g['baselines'][k])} | "
+              + " | ".join(fmt(g["runs"][t]["differences"][k], sign=True) for t in trainables) + " |")
+    print("\n| kind | " + " | ".join(toy.STYLES) + " | own tag's style: SSFT | "
+          + " | ".join(f"GFPO {t}" for t in trainables) + " |\n|---|" + "---:|" * len(toy.STYLES) + "---|" * (1 + len(trainables)))
+    for kind, k in g["kinds"].items():
+        shares = [k["own_style_before"]] + [g["runs"][t]["kinds"][kind]["own_style"] for t in trainables]
+        print(f"| {kind} | " + " | ".join(fmt(k["style_accuracy"][s]) for s in toy.STYLES) + " | "
+              + " | ".join(", ".join(f"{s} {v:.2f}" for s, v in share.items() if v >= 0.05) for share in shares) + " |")
+
+
+def fmt(d, sign=False):
+    return f"{d['mean']:{'+' if sign else ''}.3f} ± {d['ci95']:.3f}"
 
 
 def plot(summary, path):
@@ -254,7 +349,8 @@ def plot(summary, path):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
     variants = summary["variants"]
-    fig, axes = plt.subplots(2, 3, figsize=(14, 8))
+    gfpo = summary.get("gfpo")
+    fig, axes = plt.subplots(3 if gfpo else 2, 3, figsize=(14, 12 if gfpo else 8))
     k = np.arange(1, summary["config"]["samples"] + 1)
     for v, s in variants.items():
         mean = np.array([s[f"pass@{i}"]["mean"] for i in k])
@@ -305,10 +401,47 @@ def plot(summary, path):
         axis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10], min_n_ticks=1))
     for ax in (axes[0][0], axes[0][1], axes[1][1], axes[1][2]):
         ax.legend(fontsize=8)
+    if gfpo:
+        plot_gfpo(gfpo, axes[2])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"figure: {path}")
+
+
+def plot_gfpo(g, axes):
+    """The choice of tag: each style's accuracy per question kind (SSFT), held-out Pass@1 with the
+    model's own tag over GFPO's steps against the baselines, and the styles the own tag takes."""
+    kinds, width = list(g["kinds"]), 0.8 / len(toy.STYLES)
+    for i, style in enumerate(toy.STYLES):
+        acc = [g["kinds"][k]["style_accuracy"][style] for k in kinds]
+        axes[0].bar(np.arange(len(kinds)) + i * width, [a["mean"] for a in acc], width, yerr=[a["ci95"] for a in acc],
+                    color=STYLE_COLOURS[style], label=style)
+    axes[0].set_xticks(np.arange(len(kinds)) + 0.4 - width / 2, kinds)
+    axes[0].set(ylabel="Pass@1 under the style's tag (SSFT)", title="which style is best depends on the kind")
+    axes[0].legend(fontsize=7)
+    for t, run in g["runs"].items():
+        curves = np.array([[p for _, p in c] for c in run["held_out_curve"]])
+        steps = [s for s, _ in run["held_out_curve"][0]]
+        axes[1].plot(steps, curves.mean(0), marker="o", color=GFPO_COLOURS[t], label=f"own tag, GFPO {t}")
+    for k, style in (("best_tag", "--"), ("oracle", ":"), ("own_before", "-.")):
+        axes[1].axhline(g["baselines"][k]["mean"], color="dimgray", linestyle=style, label=k.replace("_", " "))
+    axes[1].set(xlabel="GFPO step", ylabel="held-out Pass@1 (mean over seeds)", title="GFPO: the model's own tag")
+    axes[1].legend(fontsize=7)
+    bars = [("SSFT", {k: g["kinds"][k]["own_style_before"] for k in kinds})] + \
+        [(f"GFPO {t}", {k: r["kinds"][k]["own_style"] for k in kinds}) for t, r in g["runs"].items()]
+    x, ticks = 0, {}
+    for name, shares in bars:
+        for kind in kinds:
+            bottom = 0
+            for style in toy.STYLES:
+                axes[2].bar(x, shares[kind][style], bottom=bottom, color=STYLE_COLOURS[style])
+                bottom += shares[kind][style]
+            ticks[x] = f"{name}\n{kind}"
+            x += 1
+        x += 0.5
+    axes[2].set_xticks(list(ticks), list(ticks.values()), fontsize=7)
+    axes[2].set(ylabel="share of held-out questions", title="the style of the own tag, per kind", ylim=(0, 1))
 
 
 if __name__ == "__main__":
