@@ -10,8 +10,10 @@ Each variant runs in a process of its own (its peak resident memory is its own),
             checkpointing), clip, AdamW; the model loaded and wrapped by fsdp.load_model as train.py does
     ssft_nockpt  the same without activation checkpointing
 Phases: load (model + tokenizer), first step (AdamW allocates its two states), then --steps more; the
-peak resident set (VmHWM, reset per phase through /proc/self/clear_refs) and the seconds of each phase,
-the matching pass and the training pass apart. Linux only (reads /proc).
+peak resident set (VmHWM, reset per phase through /proc/self/clear_refs), the CPU seconds (of this
+process, steady on a shared machine where wall time is not) and the wall seconds of each phase, the
+matching and training passes apart. Throughput counts trained (trace) tokens, the same in every
+variant. Linux only (reads /proc).
 
     python tools/profile_real.py --model models/SmolLM2-135M-Instruct --data data/gsm8k_styles.train.jsonl
 """

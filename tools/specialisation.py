@@ -10,12 +10,17 @@ Figures 7-8), for an SSFT run and its random-matching control trained on the sam
              question: mean cost of each tag on each teacher's traces; the spread of a trace's cost
              across tags against the spread of a tag's cost across teachers; the held-out optimal
              matchings' purity.
+  step 0     with --base (this alone): the optimal matchings of the first run's training questions
+             before any step, the new rows as train.py starts them for each --init_seeds: is the symmetry
+             between the tags already broken there, and by what?
   responses  with --responses (infer.py rows of the final model, one response per tag, greedy), the
              style of each tag's response, read from its first line (styles of tools/gsm8k_styles.py).
 Prints markdown tables, writes OUT.json, OUT_gap.png (matching gap per step) and OUT_costs.png.
 
-    python tools/specialisation.py --runs out/smol-ssft out/smol-random \\
-        --held_out data/gsm8k_styles.heldout.jsonl --out docs/real_model
+    python tools/specialisation.py --runs out/smol-hungarian out/smol-random --out out/specialisation \\
+        --responses eval/smol-hungarian/heldout.all.jsonl eval/smol-random/heldout.all.jsonl
+    python tools/specialisation.py --runs out/smol-hungarian --base models/SmolLM2-135M-Instruct \\
+        --init_seeds 0 1 2 --out out/step0
 """
 import dataclasses
 import json
@@ -39,6 +44,9 @@ class Config:
     held_out: str = "data/gsm8k_styles.heldout.jsonl"  # questions never trained on, with traces and sources
     limit: int = 0  # only the first `limit` held-out questions (0: all)
     responses: list = field(default_factory=list)  # infer.py rows JSONL per run, in --runs order (optional)
+    base: str = ""  # the runs' --model: with it, the optimal matchings at step 0, new rows as train.py starts them
+    init_seeds: list = field(default_factory=lambda: ["0"])  # the --seed values (init noise) measured at step 0
+    init_questions: int = 0  # training questions matched at step 0 (0: all of the first run's)
     sims: int = 2000  # random matchings simulated for each chance level
     out: str = "out/specialisation"  # OUT.json, OUT_gap.png, OUT_costs.png
 
@@ -79,16 +87,31 @@ def chance_purity(question_sources, num_forks, sources, sims, seed=0):
 
 # ----------------------------------------------------------------------------- held-out costs
 
-def held_out_costs(model_dir, questions, match_tokens, fork_style, num_forks):
-    """[Q, N, M] cost matrices (Eq. 4) of the held-out questions under the final model, one question's
-    N x M branches per forward (concat layout, the prompt once)."""
+def load_final(model_dir):
+    """(causal LM in fp32, eval mode, tokenizer) of a train.py final/ folder."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
+    return lm.eval(), AutoTokenizer.from_pretrained(model_dir)
+
+
+def initial_model(base, num_forks, seed):
+    """(causal LM, tokenizer) of --model `base` with its forking-token rows as train.py starts them
+    (data.init_fork_rows: the mean embedding plus a noise of 1% of its std, seeded), before any step."""
+    lm, tok = load_final(base)
+    import data
+    num_trained = len(tok)
+    data.init_fork_rows(lm, data.add_fork_tokens(tok, num_forks), num_trained, seed)
+    return lm, tok
+
+
+def question_costs(lm, tok, questions, match_tokens, fork_style, num_forks):
+    """[Q, N, M] cost matrices (Eq. 4) of `questions` under `lm`, one question's N x M branches per
+    forward (concat layout, the prompt once)."""
+    import torch
     import data
     import match
     from plumbing import concat
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     nll = match.SequenceNLL(lm).eval()
     fork_ids = data.fork_ids(tok, num_forks, fork_style)
     costs = []
@@ -120,6 +143,16 @@ def cost_tables(costs, question_sources, sources):
             "spread_over_tags": float((costs.max(1) - costs.min(1)).mean()),
             "spread_over_traces": float((costs.max(2) - costs.min(2)).mean()),
             "optimal_counts": optimal.tolist()}
+
+
+def configurations(costs, question_sources):
+    """Counter of the optimal configurations of [Q, N, M] costs, each a tuple of (tag, source) edges."""
+    from scipy.optimize import linear_sum_assignment
+    found = Counter()
+    for c, qs in zip(costs, question_sources):
+        forks, traces = linear_sum_assignment(c)
+        found[tuple(sorted((int(f), qs[j]) for f, j in zip(forks, traces)))] += 1
+    return found
 
 
 # ----------------------------------------------------------------------------- responses
@@ -167,7 +200,7 @@ def draw(runs, path_gap, path_costs, sources, fork_names):
     ax.legend()
     fig.savefig(path_gap, dpi=150, bbox_inches="tight")
     plt.close(fig)
-    fig, axes = plt.subplots(1, len(runs), figsize=(4.2 * len(runs), 3.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.4 * len(runs), 3.6), squeeze=False, layout="constrained")
     for ax, r in zip(axes[0], runs):
         m = np.array(r["held_out"]["mean_cost"])
         centred = m - m.mean(0, keepdims=True)  # each teacher's column centred: what differs between tags
@@ -178,9 +211,72 @@ def draw(runs, path_gap, path_costs, sources, fork_names):
         ax.set_xticks(range(len(sources)), sources, rotation=30)
         ax.set_yticks(range(len(fork_names)), fork_names)
         ax.set_title(f"{r['name']}: held-out cost", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, label="minus the teacher's mean over tags")
+        fig.colorbar(im, ax=ax, fraction=0.046, label="colour: cost - teacher's mean")
     fig.savefig(path_costs, dpi=150, bbox_inches="tight")
     plt.close(fig)
+
+
+def run_report(run, held, sims, responses=None):
+    """Everything measured of one training run (see the module docstring), and its markdown lines."""
+    log, conf = read_json(os.path.join(run, "matching.json")), read_json(os.path.join(run, "config.json"))
+    questions = [r for _, r in read_jsonl(conf["data"])]
+    sources = sorted({s for q in questions for s in q["sources"]})
+    names, last = log["fork_tokens"], log["epochs"][-1]
+    counts = edge_counts(last, names, sources)
+    overall, per_tag = purity(counts)
+    chance = chance_purity([q["sources"] for q in questions], len(names), sources, sims)
+    lm, tok = load_final(os.path.join(run, "final"))
+    costs = question_costs(lm, tok, held, conf["match_tokens"], conf["fork_style"], len(names))
+    held_tables = cost_tables(costs, [q["sources"] for q in held], sources)
+    held_purity = purity(held_tables["optimal_counts"])
+    held_chance = chance_purity([q["sources"] for q in held], len(names), sources, sims)
+    r = {"name": f"{os.path.basename(run.rstrip('/'))} ({log['matching']})", "run": run, "sources": sources,
+         "fork_tokens": names, "matching": log["matching"], "questions": len(questions), "epochs": len(log["epochs"]),
+         "configurations_per_epoch": [len(e["configurations"]) for e in log["epochs"]],
+         "mean_gap_per_epoch": [e["mean_gap"] for e in log["epochs"]],
+         "counts": counts.tolist(), "purity": overall, "purity_per_tag": per_tag, "chance": chance,
+         "held_out": {**held_tables, "questions": len(held), "purity": held_purity[0],
+                      "purity_per_tag": held_purity[1], "chance": held_chance},
+         "metrics": [m for _, m in read_jsonl(os.path.join(run, "metrics.jsonl"))]}
+    lines = [f"## {r['name']}: {len(questions)} questions, {r['epochs']} epochs, configurations per epoch "
+             f"{r['configurations_per_epoch']}, mean gap per epoch " + ", ".join(f"{g:.4f}" for g in r["mean_gap_per_epoch"]),
+             f"purity (last epoch, optimal matchings) {overall:.3f}; chance {chance[0]:.3f} (95th percentile "
+             f"{chance[1]:.3f}); held-out optimal matchings {held_purity[0]:.3f}, chance {held_chance[0]:.3f} "
+             f"({held_chance[1]:.3f}); held-out cost spread over tags {held_tables['spread_over_tags']:.4f}, "
+             f"over a question's traces {held_tables['spread_over_traces']:.4f}",
+             table("last epoch: tag x source (purity)", [f"{n} ({p:.2f})" if p is not None else n
+                                                         for n, p in zip(names, per_tag)],
+                   sources, [[str(x) for x in row] for row in counts]),
+             table("held-out optimal matchings", [f"{n} ({p:.2f})" if p is not None else n
+                                                  for n, p in zip(names, held_purity[1])],
+                   sources, [[str(x) for x in row] for row in held_tables["optimal_counts"]]),
+             table("held-out mean cost", names, sources, [[f"{x:.3f}" for x in row] for row in held_tables["mean_cost"]])]
+    if responses:
+        styles = response_styles(responses, names, sources)
+        r["response_styles"], r["response_purity"] = styles.tolist(), purity(styles)[0]
+        lines.append(table(f"greedy response style (purity {r['response_purity']:.2f})", names, sources,
+                           [[str(x) for x in row] for row in styles]))
+    return r, lines
+
+
+def step0_report(base, run, seed, init_questions):
+    """The optimal matchings of a run's training questions before any step, the new rows as train.py
+    starts them with --seed `seed`: is the symmetry between the tags broken there already?"""
+    conf = read_json(os.path.join(run, "config.json"))
+    questions = [r for _, r in read_jsonl(conf["data"])][:init_questions or None]
+    sources = sorted({s for q in questions for s in q["sources"]})
+    lm, tok = initial_model(base, conf["num_forks"], seed)
+    costs = question_costs(lm, tok, questions, conf["match_tokens"], "special", conf["num_forks"])
+    tables = cost_tables(costs, [q["sources"] for q in questions], sources)
+    found = configurations(costs, [q["sources"] for q in questions])
+    r = {"seed": seed, "questions": len(questions), "purity": purity(tables["optimal_counts"])[0],
+         "configurations": [[list(map(list, c)), n] for c, n in found.most_common()],
+         "spread_over_tags": tables["spread_over_tags"], "spread_over_traces": tables["spread_over_traces"],
+         "counts": tables["optimal_counts"], "mean_cost": tables["mean_cost"]}
+    top, n = found.most_common(1)[0]
+    return r, [f"step 0, --seed {seed}: {len(found)} optimal configurations over {len(questions)} questions, the most "
+               f"frequent {n} times: {dict(top)}; purity {r['purity']:.3f}; cost spread over tags "
+               f"{r['spread_over_tags']:.5f}, over a question's traces {r['spread_over_traces']:.3f}"]
 
 
 def main(argv=None):
@@ -189,53 +285,26 @@ def main(argv=None):
     if not cfg.runs:
         sys.exit("error: need --runs OUT_DIR [OUT_DIR ...]")
     print(json.dumps(dataclasses.asdict(cfg)))
-    held = [r for _, r in read_jsonl(cfg.held_out)][:cfg.limit or None]
-    reports, sources = [], None
-    for k, run in enumerate(cfg.runs):
-        log, conf = read_json(os.path.join(run, "matching.json")), read_json(os.path.join(run, "config.json"))
-        questions = [r for _, r in read_jsonl(conf["data"])]
-        sources = sources or sorted({s for q in questions for s in q["sources"]})
-        names, last = log["fork_tokens"], log["epochs"][-1]
-        counts = edge_counts(last, names, sources)
-        overall, per_tag = purity(counts)
-        chance = chance_purity([q["sources"] for q in questions], len(names), sources, cfg.sims)
-        costs = held_out_costs(os.path.join(run, "final"), held, conf["match_tokens"], conf["fork_style"], len(names))
-        held_tables = cost_tables(costs, [q["sources"] for q in held], sources)
-        held_purity = purity(held_tables["optimal_counts"])
-        held_chance = chance_purity([q["sources"] for q in held], len(names), sources, cfg.sims)
-        report = {"name": f"{os.path.basename(run.rstrip('/'))} ({log['matching']})", "run": run,
-                  "matching": log["matching"], "epochs": len(log["epochs"]), "last_epoch_questions": last["questions"],
-                  "configurations_per_epoch": [len(e["configurations"]) for e in log["epochs"]],
-                  "mean_gap_per_epoch": [e["mean_gap"] for e in log["epochs"]],
-                  "counts": counts.tolist(), "purity": overall, "purity_per_tag": per_tag, "chance": chance,
-                  "held_out": {**held_tables, "purity": held_purity[0], "purity_per_tag": held_purity[1],
-                               "chance": held_chance},
-                  "metrics": [m for _, m in read_jsonl(os.path.join(run, "metrics.jsonl"))]}
-        if k < len(cfg.responses):
-            styles = response_styles(cfg.responses[k], names, sources)
-            report["response_styles"] = styles.tolist()
-            report["response_purity"] = purity(styles)[0]
-        reports.append(report)
-        print(f"\n## {report['name']}: {len(questions)} questions, {report['epochs']} epochs, "
-              f"configurations per epoch {report['configurations_per_epoch']}, mean gap per epoch "
-              + ", ".join(f"{g:.4f}" for g in report["mean_gap_per_epoch"]))
-        print(f"purity (last epoch, optimal matchings) {overall:.3f}; chance {chance[0]:.3f} (95th percentile "
-              f"{chance[1]:.3f}); held-out optimal matchings {held_purity[0]:.3f}, chance {held_chance[0]:.3f} "
-              f"({held_chance[1]:.3f}); held-out cost spread over tags {held_tables['spread_over_tags']:.4f}, "
-              f"over a question's traces {held_tables['spread_over_traces']:.4f}")
-        print(table("last epoch: tag x source (purity)", [f"{n} ({p:.2f})" if p is not None else n
-                                                          for n, p in zip(names, per_tag)],
-                    sources, [[str(x) for x in row] for row in counts]))
-        print(table("held-out mean cost", names, sources,
-                    [[f"{x:.3f}" for x in row] for row in held_tables["mean_cost"]]))
-        if "response_styles" in report:
-            print(table(f"greedy response style (purity {report['response_purity']:.2f})", names, sources,
-                        [[str(x) for x in row] for row in report["response_styles"]]))
     os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+    if cfg.base:  # step 0 only
+        reports = []
+        for seed in cfg.init_seeds:
+            r, lines = step0_report(cfg.base, cfg.runs[0], int(seed), cfg.init_questions)
+            reports.append(r)
+            print("\n".join(lines), flush=True)
+        with open(cfg.out + ".json", "w") as f:
+            json.dump({"config": dataclasses.asdict(cfg), "step0": reports}, f, indent=1)
+        return print(f"\nwrote {cfg.out}.json")
+    held = [r for _, r in read_jsonl(cfg.held_out)][:cfg.limit or None]
+    reports = []
+    for k, run in enumerate(cfg.runs):
+        r, lines = run_report(run, held, cfg.sims, cfg.responses[k] if k < len(cfg.responses) else None)
+        reports.append(r)
+        print("\n" + "\n".join(lines), flush=True)
     with open(cfg.out + ".json", "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "sources": sources,
-                   "runs": [{k: v for k, v in r.items() if k != "metrics"} for r in reports]}, f, indent=1)
-    draw(reports, cfg.out + "_gap.png", cfg.out + "_costs.png", sources, names)
+        json.dump({"config": dataclasses.asdict(cfg), "runs": [{k: v for k, v in r.items() if k != "metrics"}
+                                                               for r in reports]}, f, indent=1)
+    draw(reports, cfg.out + "_gap.png", cfg.out + "_costs.png", reports[0]["sources"], reports[0]["fork_tokens"])
     print(f"\nwrote {cfg.out}.json, {cfg.out}_gap.png, {cfg.out}_costs.png")
 
 
