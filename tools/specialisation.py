@@ -14,7 +14,8 @@ Figures 7-8), for an SSFT run and its random-matching control trained on the sam
              before any step, the new rows as train.py starts them for each --init_seeds: is the symmetry
              between the tags already broken there, and by what?
   responses  with --responses (infer.py rows of the final model, one response per tag, greedy), the
-             style of each tag's response, read from its first line (styles of tools/gsm8k_styles.py).
+             style of each tag's response, read from its first line (styles of tools/gsm8k_styles.py),
+             and how many distinct styles the tags' most frequent ones are.
 Prints markdown tables, writes OUT.json, OUT_gap.png (matching gap per step) and OUT_costs.png.
 
     python tools/specialisation.py --runs out/smol-hungarian out/smol-random --out out/specialisation \\
@@ -211,7 +212,7 @@ def draw(runs, path_gap, path_costs, sources, fork_names):
         ax.set_xticks(range(len(sources)), sources, rotation=30)
         ax.set_yticks(range(len(fork_names)), fork_names)
         ax.set_title(f"{r['name']}: held-out cost", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, label="colour: cost - teacher's mean")
+        fig.colorbar(im, ax=ax, fraction=0.046, label="colour: cost - teacher's mean (own scale)")
     fig.savefig(path_costs, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
@@ -253,9 +254,11 @@ def run_report(run, held, sims, responses=None):
              table("held-out mean cost", names, sources, [[f"{x:.3f}" for x in row] for row in held_tables["mean_cost"]])]
     if responses:
         styles = response_styles(responses, names, sources)
-        r["response_styles"], r["response_purity"] = styles.tolist(), purity(styles)[0]
-        lines.append(table(f"greedy response style (purity {r['response_purity']:.2f})", names, sources,
-                           [[str(x) for x in row] for row in styles]))
+        # not a purity: tags that all write one style are pure and not specialised; count the distinct styles
+        r["response_styles"] = styles.tolist()
+        r["response_top_styles"] = [sources[int(np.argmax(row))] if row.sum() else None for row in styles]
+        lines.append(table(f"greedy response style ({len(set(r['response_top_styles']) - {None})} distinct top styles)",
+                           names, sources, [[str(x) for x in row] for row in styles]))
     return r, lines
 
 
