@@ -44,7 +44,7 @@ import data
 import policy
 import toy
 from plumbing import decoding, evalfiles, figures, fsdp, gfporun, grader, memory_report, runs
-from plumbing.files import DataError
+from plumbing.files import DataError, model_problem
 from plumbing.flags import check, parse_flags
 from plumbing.ranks import all_sum, close_distributed, init_distributed, print0, stage_run
 
@@ -103,8 +103,8 @@ def parse_config(argv=None):
     cfg = Config(**{**(toy.GFPO_DEFAULTS if toy_run else {}), **given})
     decay = "--trainable tag_rows needs --weight_decay 0 (decay would move every row)" \
         if cfg.trainable == "tag_rows" and cfg.weight_decay else None
-    check(parser, cfg, RULES, [runs.check_reporter(cfg.report_to), memory_report.plan_problem(cfg.plan),
-                               decay])
+    check(parser, cfg, RULES, [model_problem(cfg.model), memory_report.plan_problem(cfg.plan),
+                               runs.check_reporter(cfg.report_to), decay])
     return cfg
 
 

@@ -37,7 +37,7 @@ import policy
 import score
 import toy
 from plumbing import decoding, evalfiles, grader, memory_report
-from plumbing.files import DataError, append_jsonl, read_json, write_json
+from plumbing.files import DataError, append_jsonl, model_problem, read_json, write_json
 from plumbing.flags import check, parse_flags
 from plumbing.ranks import close_distributed, init_distributed, print0
 
@@ -87,7 +87,7 @@ def parse_config(argv=None):
         samples = evalfiles.official_samples(data_path, fork)
         preset = {**evalfiles.OFFICIAL, "samples": samples}
     cfg = Config(**{**preset, **given})  # flags given win over the preset
-    check(parser, cfg, RULES)
+    check(parser, cfg, RULES, [model_problem(cfg.model)])
     return cfg
 
 

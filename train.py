@@ -36,7 +36,7 @@ import match
 import toy
 from plumbing import concat, datafiles, fsdp, memory, memory_report, runs, simulate
 from plumbing.batching import IGNORE, balance, collate, micro_batches, num_micro_batches, pad_item
-from plumbing.files import DataError, write_json
+from plumbing.files import DataError, model_problem, write_json
 from plumbing.matchstats import MatchingStats
 from plumbing.flags import check, parse_flags
 from plumbing.ranks import all_max, all_sum, close_distributed, init_distributed, print0, stage_run
@@ -96,8 +96,8 @@ def parse_config(argv=None):
     toy_run = given.get("model", Config.model) == "toy"
     cfg = Config(**{**(toy.train_defaults(given.get("layout")) if toy_run else {}), **given})
     simulate_alone = "--simulate needs --plan GPUSxGiB" if cfg.simulate and not cfg.plan else None
-    check(parser, cfg, RULES, [memory_report.plan_problem(cfg.plan), simulate_alone,
-                               runs.check_reporter(cfg.report_to)])
+    check(parser, cfg, RULES, [model_problem(cfg.model), memory_report.plan_problem(cfg.plan),
+                               simulate_alone, runs.check_reporter(cfg.report_to)])
     return cfg
 
 

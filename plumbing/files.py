@@ -110,6 +110,15 @@ def regular_file(path):
         raise DataError(f"{path}: not a regular file")
 
 
+def model_problem(model):
+    """The --model problem for flags.check, or None: a GGUF file is not loaded as it stands (every stage
+    takes a Hugging Face folder or hub name); tools/smollm2.py makes a folder of it once."""
+    if model.endswith(".gguf"):
+        return (f"--model {model} is a GGUF file: make a folder of it once, then pass the folder: "
+                f"python tools/smollm2.py --gguf {model} --out models/NAME")
+    return None
+
+
 def read_json(path):
     """A JSON file we wrote earlier; DataError naming the file if it is not JSON."""
     try:

@@ -198,7 +198,7 @@ def test_resume_refuses_other_generation_settings_before_loading_a_model(model_d
         run_infer(model_dir, data_path, tmp_path / "out.jsonl", "--temperature", "1.0")
 
 
-def test_bad_input_names_the_file_and_line_or_flag(model_dir, tmp_path):
+def test_bad_input_names_the_file_and_line_or_flag(model_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "1 + 1?", "answer": "2"}\n{"problem": "2 + 2?"}\n')
     with pytest.raises(data.DataError, match=f"{bad}:2: need a prompt"):
@@ -208,6 +208,9 @@ def test_bad_input_names_the_file_and_line_or_flag(model_dir, tmp_path):
         run_infer(model_dir, str(bad), tmp_path / "out.jsonl")
     with pytest.raises(SystemExit, match="--fork <think9>"):
         run_infer(model_dir, write_problems(tmp_path / "ok.jsonl", n=1), tmp_path / "out.jsonl", "--fork", "<think9>")
+    with pytest.raises(SystemExit):  # a GGUF file is pointed to tools/smollm2.py
+        infer.parse_config(["--model", str(tmp_path / "m.gguf"), "--data", "toy"])
+    assert "is a GGUF file: make a folder of it once" in capsys.readouterr().err
 
 
 def test_bad_model_or_ids_give_one_line_and_a_refused_start_leaves_nothing_behind(model_dir, tmp_path, capsys):
