@@ -154,7 +154,8 @@ def test_epoch_batches_pack_whole_questions_up_to_batch_size():
 
 
 def test_hungarian_random_and_sft_take_the_same_steps(tmp_path, run):
-    """10 questions x 4 traces, --batch_size 8: 5 optimiser steps of 2 questions in every mode."""
+    """10 questions x 4 traces, --batch_size 8: 5 optimiser steps of 2 questions in every mode; with 2
+    forking tokens a matching trains 2 traces a question, so a step packs 4 questions (sft: still 2)."""
     path = tmp_path / "ten.jsonl"
     path.write_text("".join(json.dumps(q) + "\n" for q in toy.make_questions(10, seed=4)))
     for mode in ("hungarian", "random", "sft"):
@@ -164,6 +165,12 @@ def test_hungarian_random_and_sft_take_the_same_steps(tmp_path, run):
         assert "steps 0..5 of 5 (5 per epoch of <= 8 sequences)" in out.stdout, out.stdout
         records = [json.loads(line) for line in open(tmp_path / mode / "metrics.jsonl")]
         assert [(r["questions"], r["sequences"]) for r in records] == [(2, 8)] * 5
+    for mode, steps in (("hungarian", 3), ("sft", 5)):  # M = 4 > N = 2: a matching trains 2 a question
+        out = run([sys.executable, "train.py", "--data", str(path), "--batch_size", "8", "--epochs", "1",
+                   "--num_forks", "2", "--matching", mode, "--out_dir", str(tmp_path / f"{mode}_n2")])
+        assert out.returncode == 0, out.stderr
+        records = [json.loads(line) for line in open(tmp_path / f"{mode}_n2" / "metrics.jsonl")]
+        assert [r["sequences"] for r in records] == ([8, 8, 4] if mode == "hungarian" else [8] * 5)
 
 
 def write_varied_data(path):
