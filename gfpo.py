@@ -75,7 +75,7 @@ class Config:
     grad_clip: float = 1.0  # clip the global gradient norm to this
     seed: int = 0  # question order, tag draws and responses all derive from it
     save_every: int = 5  # a resumable checkpoint every this many steps (0: only at the end)
-    eval_every: int = 0  # held-out own-tag Pass@1 every this many steps and at the end (toy: 10)
+    eval_every: int = 0  # held-out own-tag Pass@1 every this many steps and at the end (0: never)
     eval_data: str = ""  # held-out questions ('': with --data toy the toy's held-out ones)
     eval_questions: int = 100  # held-out questions used (the first ones)
     eval_samples: int = 4  # responses per held-out question, all with the model's own tag
@@ -103,8 +103,9 @@ def parse_config(argv=None):
     cfg = Config(**{**(toy.GFPO_DEFAULTS if toy_run else {}), **given})
     decay = "--trainable tag_rows needs --weight_decay 0 (decay would move every row)" \
         if cfg.trainable == "tag_rows" and cfg.weight_decay else None
+    unused = "--eval_data needs --eval_every >= 1" if cfg.eval_data and not cfg.eval_every else None
     check(parser, cfg, RULES, [model_problem(cfg.model), memory_report.plan_problem(cfg.plan),
-                               runs.check_reporter(cfg.report_to), decay])
+                               runs.check_reporter(cfg.report_to), decay, unused])
     return cfg
 
 

@@ -1,7 +1,8 @@
 """Parallel reasoning with global forking tokens (Section 2.3): one response per tag, then a vote.
 
 Each response of a problem is prompted with one forking tag after the prompt, <think1> .. <thinkN>
-in turn, and its answer joins the vote (Cons@k, score.py). Without aggregation every response takes
+in turn, and its answer joins the vote (Cons@k, score.py; infer.py prints score.py's default, the
+vote expected over the order of each tag's responses; `score.py --cons first` is the paper's own). Without aggregation every response takes
 one tag: the token of largest coverage (--fork <thinkK>, Eq. 6: select_token.py), or the tag the
 model itself chooses after the prompt (--fork auto: policy.py's pi, trained by gfpo.py). A model
 without forking tokens (an SFT baseline) samples from the plain prompt (--fork none). The prompt is

@@ -17,7 +17,7 @@ training's matching: every cost sequence of a batch of questions in one queue of
 then one assignment per question. `cost_matrix` is the same Eq. 4 for one question, the readable
 reference that the tests hold the batched pass to.
 
-    python -m pytest -q test_ssft.py -k "hungarian or cost_matrix or match_questions"
+    python -m pytest -q tests/test_match.py
 """
 import math
 from dataclasses import dataclass
@@ -165,9 +165,10 @@ class NonFiniteCost(FloatingPointError):
 class Matching:
     """One question's matching. Trace traces[k] trains under fork forks[k] (Eq. 5); the optimal
     matching is what the statistics count in every mode (Figure 7a counts the optimum under random
-    matching too); None where no cost was computed (sft)."""
-    forks: list  # fork indices, one per matched trace, sorted by trace
-    traces: list  # trace indices, len(forks) == len(traces) == min(num_forks, num_traces)
+    matching too). Under sft every one of the M traces trains under fork 0, and the optimal matching
+    is the cost-free argmin of a matrix of zeros (no cost pass runs)."""
+    forks: list  # fork indices, one per trained trace, sorted by trace
+    traces: list  # trace indices: min(num_forks, num_traces) of them when matched, all M under sft
     optimal_forks: list
     optimal_traces: list
     gap: float = None  # matching_gap of the optimum (None under sft)

@@ -68,7 +68,9 @@ def load_log(path, epoch):
     except (KeyError, TypeError, ValueError):
         raise SystemExit(f"error: {path}: not a matching log (expected fork_tokens and epochs of "
                          "configurations [{edges: [[fork, key], ...], count}] with 0 <= fork < N)")
-    if not 0 <= epoch <= len(epochs) or not epochs:
+    if not epochs:
+        raise SystemExit(f"error: {path}: no epoch logged yet (the run has not finished one)")
+    if not 0 <= epoch <= len(epochs):
         raise SystemExit(f"error: --epoch {epoch}: {path} has epochs 1..{len(epochs)} "
                          "(0: the last)")
     return log, epochs[epoch - 1]

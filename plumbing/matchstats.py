@@ -1,4 +1,4 @@
-"""The matching statistics of a run (Appendix A.2, Figures 7 and 10), kept by train.py in
+"""The matching statistics of a run (Appendix A.2 and A.3.3, Figures 7 and 10), kept by train.py in
 <out_dir>/matching.json and in every checkpoint: per epoch, how often each optimal configuration
 occurred, the edge counts, and the summed matching gap. select_token.py reads them (Eq. 6).
 """

@@ -380,6 +380,9 @@ def test_bad_input_is_named_before_anything_is_written(ssft_dir, full_run, tmp_p
     with pytest.raises(SystemExit):
         gfpo.parse_config(["--model", str(tmp_path / "m.gguf")])
     assert "is a GGUF file: make a folder of it once" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gfpo.parse_config(["--model", str(ssft_dir), "--eval_data", str(rows), "--eval_every", "0"])
+    assert "--eval_data needs --eval_every >= 1" in capsys.readouterr().err
 
 
 def test_dapo_rows_give_the_user_message_and_the_ground_truth(tmp_path):

@@ -77,6 +77,9 @@ def test_select_token_rejects_a_malformed_log(tmp_path):
                                             '[{"edges": [[3, "a"]], "count": 1}]}]}')
     with pytest.raises(SystemExit, match="matching.json: not a matching log"):
         select_token.main(select_token.parse_config(["--out_dir", str(tmp_path)]))
+    (tmp_path / "matching.json").write_text('{"fork_tokens": ["<think1>"], "epochs": []}')
+    with pytest.raises(SystemExit, match="matching.json: no epoch logged yet"):
+        select_token.main(select_token.parse_config(["--out_dir", str(tmp_path)]))
 
 
 def test_a_tie_for_the_top_source_is_shown_as_a_tie(tmp_path, capsys):
