@@ -1,6 +1,9 @@
 """The built-in synthetic task and tiny model: SSFT on a laptop, with nothing downloaded.
 
-Each question asks for the sum of three two-digit numbers from 10..29 ("Add 28+19+11."). Four
+Each question asks for a sum, of one of two kinds: three two-digit numbers from 10..29 ("Add
+28+19+11.", kind "tens") or five one-digit numbers from 1..9 ("Add 2+5+2+8+8.", kind "ones"), half
+of the questions each. The most accurate style differs between the kinds, so the best tag depends
+on the question: what a per-question choice of tag (GFPO) can learn and a global prior cannot. Four
 "teachers" solve it in four styles that differ in structure, in length and in how they compute, so
 that their errors are not the same errors, like the distinct reasoning modes of the paper's
 teachers (Section 3.3):
@@ -17,8 +20,8 @@ questions one style repeated in place of another (the paper's mixed data also re
 `recognise` maps any generated text to the style whose whole structure it follows, or to "other".
 
 The operands are small and fixed-width so that the tiny model learns to copy them from the prompt
-and add them within about a minute of CPU training: held-out accuracy is learned, not at chance.
-Of the 8,000 possible questions, one in eight is held out (`is_held_out`): training never draws it,
+and add them within minutes of CPU training: held-out accuracy is learned, not at chance.
+Of the possible questions, one in eight is held out (`is_held_out`): training never draws it,
 whatever the seed, and every evaluation (infer.py --data toy, toy_compare.py) uses only those.
 
 The model is a tiny Qwen2 built from a config, with a byte-level BPE tokenizer trained in-process
