@@ -2,13 +2,13 @@
 
 Each response of a problem is prompted with one forking tag after the prompt, <think1> .. <thinkN>
 in turn, and its answer joins the vote (Cons@k, score.py; infer.py prints score.py's default, the
-vote expected over the order of each tag's responses; `score.py --cons first` is the paper's own). Without aggregation every response takes
-one tag: the token of largest coverage (--fork <thinkK>, Eq. 6: select_token.py), or the tag the
-model itself chooses after the prompt (--fork auto: policy.py's pi, trained by gfpo.py). A model
-without forking tokens (an SFT baseline) samples from the plain prompt (--fork none). The prompt is
-the one training used (data.build_text): its part before the tag is prefilled once and its KV cache
-shared by all the problem's responses (plumbing/decoding.py). The rows are scored by score.py into
-<output>.metrics.json.
+vote expected over the order of each tag's responses; `score.py --cons first` is the paper's own).
+Without aggregation every response takes one tag: the token of largest coverage (--fork <thinkK>,
+Eq. 6: select_token.py), or the tag the model itself chooses after the prompt (--fork auto:
+policy.py's pi, trained by gfpo.py). A model without forking tokens (an SFT baseline) samples from
+the plain prompt (--fork none). The prompt is the one training used (data.build_text): its part
+before the tag is prefilled once and its KV cache shared by all the problem's responses
+(plumbing/decoding.py). The rows are scored by score.py into <output>.metrics.json.
 
 Evaluation files get the prompts of the paper's evaluation (LightEval's math and multiple-choice
 prompts); training layouts and the toy get theirs as trained. --protocol official prompts the

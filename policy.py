@@ -47,10 +47,11 @@ class TagPolicy(nn.Module):
         self.shared = common_prefix(self.fork_ids)
         self.candidates = sorted({t[self.shared] for t in self.fork_ids})  # where the tags differ
         self.choice = [self.candidates.index(t[self.shared]) for t in self.fork_ids]  # [N]
-        self.one_row = all(len(t) == self.shared + 1 for t in self.fork_ids)  # none after the choice
+        self.one_row = all(len(t) == self.shared + 1 for t in self.fork_ids)  # none after it
 
     def rows(self, prompts):
-        """The forward's rows: prompt + the tags' shared tokens (one a question), or prompt + tag (N)."""
+        """The forward's rows: prompt + the tags' shared tokens (one a question), or prompt + tag
+        (N a question)."""
         if self.one_row:
             return [p + self.fork_ids[0][:self.shared] for p in prompts]
         return [p + t for p in prompts for t in self.fork_ids]

@@ -113,11 +113,11 @@ def lr_at(step, total, peak, warmup):
 
 def epoch_batches(sizes, batch_size, seed, epoch):
     """The optimiser steps of one epoch, each a list of question indices. sizes[q]: the sequences
-    question q trains (its M traces; under a matching min(M, N), the matched ones). Questions are taken
-    in the epoch's seeded order and packed until a step holds batch_size sequences: a question's
-    traces stay in one step (its matching needs all of them), so a question that would overflow
-    starts the next step, and one larger than batch_size is a step of its own. Every question
-    trains once per epoch."""
+    question q trains (its M traces; under a matching min(M, N), the matched ones). Questions are
+    taken in the epoch's seeded order and packed until a step holds batch_size sequences: a
+    question's traces stay in one step (its matching needs all of them), so a question that would
+    overflow starts the next step, and one larger than batch_size is a step of its own. Every
+    question trains once per epoch."""
     steps, held = [], 0
     for q in np.random.default_rng([seed, epoch]).permutation(len(sizes)).tolist():
         if not steps or held + sizes[q] > batch_size:
@@ -205,8 +205,8 @@ def training_pass(model, rows, micro_batch, layout, pad_id, device):
 def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world, device):
     """Algorithm 1 from the model's loading to final/, on every rank."""
     pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
-    trained = [len(q["traces"]) if cfg.matching == "sft" else min(len(q["traces"]), cfg.num_forks)
-               for q in questions]  # the sequences each question trains: M, or min(M, N) when matched
+    trained = [len(q["traces"]) if cfg.matching == "sft" else  # the sequences a question trains:
+               min(len(q["traces"]), cfg.num_forks) for q in questions]  # M, min(M, N) when matched
     plan = schedule(trained, cfg.batch_size, cfg.seed, cfg.epochs)
     last_step = min(len(plan), cfg.max_steps) if cfg.max_steps else len(plan)
     if runs.is_complete(cfg.out_dir, last_step, rank, rebuild={"matching.json": "matching"}):
