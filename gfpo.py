@@ -58,7 +58,8 @@ class Config:
     steps: int = 10  # optimiser steps, one per rollout batch (SSFT-32B-GFPO: 10) (toy: 40)
     batch_size: int = 32  # B, distinct questions per step over all ranks (toy: 16)
     group_size: int = 8  # G, tags sampled (and responses generated) per question, >= 2
-    lr: float = 1e-6  # Adam learning rate, constant (toy: 1e-5; 3e-5 damaged the toy's responses)
+    lr: float = 1e-6  # Adam learning rate, constant (toy: 1e-5, 1e-3 with tag_rows; 3e-5 damaged
+    # the toy's responses under all)
     beta: float = 0.0  # weight of KL(pi || pi_start) over the N tags
     advantage: str = "std"  # std: (r - mean) / (std + eps), GRPO's; mean: r - mean
     eps: float = 1e-4  # added to the group's standard deviation
@@ -100,7 +101,7 @@ RESUME_FREE = {"save_every", "out_dir", "report_to", "plan"}  # may change on re
 def parse_config(argv=None):
     parser, given = parse_flags(Config, __doc__, argv)
     toy_run = given.get("data", Config.data) == "toy"
-    cfg = Config(**{**(toy.GFPO_DEFAULTS if toy_run else {}), **given})
+    cfg = Config(**{**(toy.gfpo_defaults(given.get("trainable")) if toy_run else {}), **given})
     decay = "--trainable tag_rows needs --weight_decay 0 (decay would move every row)" \
         if cfg.trainable == "tag_rows" and cfg.weight_decay else None
     unused = "--eval_data needs --eval_every >= 1" if cfg.eval_data and not cfg.eval_every else None

@@ -150,6 +150,14 @@ def test_every_figure_gives_one_colour_to_one_meaning():
     assert set(toy.STYLES + ["other"]) == set(toy_compare.STYLE_COLOURS)
 
 
+def test_toy_compare_reuses_only_finished_runs_and_only_when_asked(tmp_path):
+    (tmp_path / "eval.metrics.json").write_text("{}")
+    reuse, fresh = toy_compare.Config(reuse=True), toy_compare.Config()
+    assert toy_compare.finished(str(tmp_path), ["eval"], reuse)
+    assert not toy_compare.finished(str(tmp_path), ["eval"], fresh)  # by default every run is redone
+    assert not toy_compare.finished(str(tmp_path), ["eval", "own"], reuse)  # its own-tag answers missing
+
+
 def test_toy_compare_redraws_its_figure_from_a_saved_summary(tmp_path, run):
     """--plot_only draws toy_compare.png from summary.json alone, running nothing."""
     over = toy_compare.over_seeds

@@ -168,6 +168,13 @@ def train_defaults(layout=None):
     return {**TRAIN_DEFAULTS, "layout": layout, "micro_batch": TRAIN_DEFAULTS["micro_batch"] // TRACES_PER_QUESTION}
 
 
+def gfpo_defaults(trainable=None):
+    """GFPO_DEFAULTS, for --trainable tag_rows with lr 1e-3: only the tags' output rows move and no
+    response can change, so the step that would damage the responses under "all" is safe, and lr
+    1e-5 would move those N rows by about 4e-4 in 40 steps: nothing."""
+    return {**GFPO_DEFAULTS, "lr": 1e-3} if trainable == "tag_rows" else GFPO_DEFAULTS
+
+
 def make_tokenizer(vocab_size=400):
     """A byte-level BPE tokenizer trained on the task's text, with a Qwen-style chat template. 400
     entries make the template's words ("user", "assistant") and the styles' words single tokens."""

@@ -385,6 +385,15 @@ def test_bad_input_is_named_before_anything_is_written(ssft_dir, full_run, tmp_p
     assert "--eval_data needs --eval_every >= 1" in capsys.readouterr().err
 
 
+def test_the_toy_defaults_take_a_larger_step_when_only_the_tag_rows_train():
+    """--trainable tag_rows cannot change a response, so its toy default lr is 1e-3, not 1e-5; a
+    flag given still wins, and a run on other data keeps gfpo.py's own default."""
+    assert gfpo.parse_config(["--trainable", "tag_rows"]).lr == 1e-3
+    assert gfpo.parse_config([]).lr == gfpo.parse_config(["--trainable", "all"]).lr == 1e-5
+    assert gfpo.parse_config(["--trainable", "tag_rows", "--lr", "1e-4"]).lr == 1e-4
+    assert gfpo.parse_config(["--data", "q.jsonl", "--trainable", "tag_rows"]).lr == gfpo.Config.lr
+
+
 def test_dapo_rows_give_the_user_message_and_the_ground_truth(tmp_path):
     path = tmp_path / "dapo.jsonl"
     path.write_text(json.dumps({"data_source": "math_dapo", "prompt": [

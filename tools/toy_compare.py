@@ -37,6 +37,7 @@ takes before and after GFPO: whether the best tag depends on the question, and w
     python tools/toy_compare.py                    # 3 variants x 3 seeds (timings in the README)
     python tools/toy_compare.py --seeds 5          # tighter intervals
     python tools/toy_compare.py --plot_only        # redraw toy_compare.png from a finished run's summary.json
+    python tools/toy_compare.py --seeds 5 --reuse  # only the runs not finished (deleted, or a stage changed)
 """
 import dataclasses
 import json
@@ -83,12 +84,15 @@ class Config:
     gfpo: bool = True  # also SSFT + GFPO: gfpo.py (toy defaults) on each seed's SSFT model, then infer --fork auto
     gfpo_trainable: str = "all,tag_rows"  # gfpo.py --trainable modes, each a run per seed
     plot_only: bool = False  # run nothing: redraw <out_dir>/toy_compare.png from <out_dir>/summary.json
+    reuse: bool = False  # keep the finished runs of an earlier call with the same flags; delete a run to redo it
 
 
 def run_variant(variant, seed, cfg):
     """Trains one variant with train.py, then samples and scores the held-out questions with
     infer.py. Returns the run's directory; its commands' output is in run.log."""
     run_dir = os.path.join(cfg.out_dir, "runs", f"{variant}_seed{seed}")
+    if finished(run_dir, ["eval"] + (["own"] if variant == "hungarian" and cfg.gfpo else []), cfg):
+        return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)  # always a fresh run, never a resumed one
     os.makedirs(run_dir)
     fork = "<think1>" if variant == "sft" else "all"
@@ -105,6 +109,12 @@ def run_variant(variant, seed, cfg):
                          "--output", os.path.join(run_dir, "own.jsonl")])
     run_commands(commands, run_dir, f"{variant} seed {seed}", cfg.jobs)
     return run_dir
+
+
+def finished(run_dir, outputs, cfg):
+    """With --reuse: whether run_dir holds a finished run, every one of its infer.py outputs scored
+    (<output>.metrics.json is written last)."""
+    return cfg.reuse and all(os.path.exists(os.path.join(run_dir, f"{o}.metrics.json")) for o in outputs)
 
 
 def own_tag_flags(cfg, seed):
@@ -131,6 +141,8 @@ def run_gfpo(ssft_dir, seed, trainable, cfg):
     """GFPO (gfpo.py --trainable `trainable`) on one seed's SSFT model, then the held-out questions
     answered with the model's own tag (infer.py --fork auto, greedy). Returns the run's directory."""
     run_dir = os.path.join(cfg.out_dir, "runs", f"gfpo_{trainable}_seed{seed}")
+    if finished(run_dir, ["eval"], cfg):
+        return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
     os.makedirs(run_dir)
     commands = [["gfpo.py", "--model", os.path.join(ssft_dir, "final"), "--seed", str(seed), "--out_dir", run_dir,
