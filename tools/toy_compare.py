@@ -434,8 +434,12 @@ def plot_gfpo(g, axes):
     axes[0].legend(fontsize=7)
     for t, run in g["runs"].items():
         curves = np.array([[p for _, p in c] for c in run["held_out_curve"]])
-        steps = [s for s, _ in run["held_out_curve"][0]]
-        axes[1].plot(steps, curves.mean(0), marker="o", color=GFPO_COLOURS[t], label=f"own tag, GFPO {t}")
+        if curves.size:  # gfpo.py --eval_every: held-out Pass@1 along the run
+            steps = [s for s, _ in run["held_out_curve"][0]]
+            axes[1].plot(steps, curves.mean(0), marker="o", color=GFPO_COLOURS[t], label=f"own tag, GFPO {t}")
+        else:  # only the final model's, as infer.py --fork auto answered (mean and 95% interval)
+            axes[1].errorbar([toy.GFPO_DEFAULTS["steps"]], [run["own_after"]["mean"]], [run["own_after"]["ci95"]],
+                             marker="o", capsize=4, color=GFPO_COLOURS[t], label=f"own tag, GFPO {t}")
     for k, style in (("best_tag", "--"), ("oracle", ":"), ("own_before", "-.")):
         axes[1].axhline(g["baselines"][k]["mean"], color="dimgray", linestyle=style, label=k.replace("_", " "))
     axes[1].set(xlabel="GFPO step", ylabel="held-out Pass@1 (mean over seeds)", title="GFPO: the model's own tag")
