@@ -4,6 +4,7 @@ it (a lock). `DataError` is the one exception for bad input: its message names t
 (or the flag), and every script turns it into one line on stderr and a non-zero exit.
 """
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -101,6 +102,15 @@ def read_jsonl(path, drop_truncated_tail=False):
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: malformed JSON ({e.msg}, column {e.colno})") from None
     return rows
+
+
+def sha256(path):
+    """The hex sha256 of the file at `path`, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def regular_file(path):

