@@ -44,6 +44,7 @@ import data
 import policy
 import toy
 from plumbing import decoding, evalfiles, figures, fsdp, gfporun, grader, memory_report, runs
+from plumbing.batching import pad_id_of
 from plumbing.files import DataError, model_problem
 from plumbing.flags import check, parse_flags
 from plumbing.ranks import all_sum, close_distributed, init_distributed, print0, stage_run
@@ -254,7 +255,7 @@ def train(cfg, run, rank, world, device):
     if runs.is_complete(cfg.out_dir, cfg.steps):
         return
     tokenizer = run["tokenizer"]
-    pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    pad_id = pad_id_of(tokenizer)
     model, hf_config, optimizer, start, logpi_start = gfporun.load(
         cfg, plan, lambda lm: policy.TagPolicy(lm, fork_ids, pad_id), lambda m, ps:
         policy.log_policy(policy.tag_logits(m, ps, cfg.micro_batch)["tag_logits"]), prompts, rank,

@@ -38,6 +38,7 @@ import policy
 import score
 import toy
 from plumbing import decoding, evalfiles, grader, memory_report
+from plumbing.batching import pad_id_of
 from plumbing.files import DataError, append_jsonl, model_problem, read_json, write_json
 from plumbing.flags import check, parse_flags
 from plumbing.ranks import close_distributed, init_distributed, print0
@@ -148,7 +149,7 @@ def choose_forks(model, tokenizer, prompt_ids, tag_ids, count, choice, seed, tem
     every response the most likely tag, sample draws each response's tag from pi at `temperature`
     (the one GFPO trained it at, policy.trained_temperature; seeded)."""
     names = list(tag_ids)
-    pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    pad_id = pad_id_of(tokenizer)
     scorer = policy.TagPolicy(model, list(tag_ids.values()), pad_id)
     tag_logits = policy.tag_logits(scorer, [prompt_ids])["tag_logits"]
     logpi = policy.log_policy(tag_logits)

@@ -35,7 +35,8 @@ import data
 import match
 import toy
 from plumbing import concat, datafiles, fsdp, memory, memory_report, runs, simulate
-from plumbing.batching import IGNORE, balance, collate, micro_batches, num_micro_batches, pad_item
+from plumbing.batching import (IGNORE, balance, collate, micro_batches, num_micro_batches,
+                               pad_id_of, pad_item)
 from plumbing.files import DataError, model_problem, write_json
 from plumbing.matchstats import MatchingStats
 from plumbing.flags import check, parse_flags
@@ -204,7 +205,7 @@ def training_pass(model, rows, micro_batch, layout, pad_id, device):
 
 def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world, device):
     """Algorithm 1 from the model's loading to final/, on every rank."""
-    pad_id = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+    pad_id = pad_id_of(tokenizer)
     trained = [len(q["traces"]) if cfg.matching == "sft" else  # the sequences a question trains:
                min(len(q["traces"]), cfg.num_forks) for q in questions]  # M, min(M, N) when matched
     plan = schedule(trained, cfg.batch_size, cfg.seed, cfg.epochs)

@@ -9,6 +9,11 @@ import torch
 IGNORE = -100  # label of tokens that carry no loss
 
 
+def pad_id_of(tokenizer):
+    """The token that pads rows: the tokenizer's pad token, or its eos when it has none."""
+    return tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+
 def collate(sequences, pad_id):
     """List of (input_ids, labels) -> input_ids, labels, attention_mask: [B, L], right-padded.
     A PAD sequence is ([pad_id], [IGNORE]): one token, no loss."""

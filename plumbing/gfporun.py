@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from plumbing import decoding, fsdp, memory, memory_report
+from plumbing import batching, decoding, fsdp, memory, memory_report
 from plumbing.files import DataError, read_json, write_json
 from plumbing.ranks import all_max, print0
 
@@ -161,7 +161,7 @@ def decoding_setup(cfg, run, model, world, device):
     elif cfg.keep_gathered == "auto":
         keep = True
     tokenizer = run["tokenizer"]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = batching.pad_id_of(tokenizer)
     special = run["forks"]["fork_style"] == "special"
     return {"fork_ids": run["fork_ids"], "stop_ids": decoding.stop_ids(tokenizer, model.lm),
             "tokenizer": tokenizer,
