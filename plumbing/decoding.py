@@ -8,6 +8,8 @@ import inspect
 
 import torch
 
+from plumbing import files
+
 
 def sample(logits, temperature, top_p, generator):
     """logits: [B, V] -> next token ids [B]. Temperature 0 is greedy; otherwise nucleus sampling from
@@ -145,10 +147,8 @@ def load_model(model, device):
 
 
 def load_tokenizer(model):
-    """The tokenizer of a folder or hub name; SystemExit naming --model when it cannot load."""
-    from transformers import AutoTokenizer
+    """files.load_tokenizer of --model, SystemExit with its one line when it cannot load."""
     try:
-        return AutoTokenizer.from_pretrained(model)
-    except (OSError, ValueError, TypeError) as e:
-        raise SystemExit(f"error: --model {model}: not a model directory or hub name "
-                         f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        return files.load_tokenizer(model)
+    except files.DataError as e:
+        raise SystemExit(f"error: {e}") from None

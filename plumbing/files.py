@@ -129,6 +129,17 @@ def model_problem(model):
     return None
 
 
+def load_tokenizer(model, trust_remote_code=False):
+    """The tokenizer of a Hugging Face folder or hub name (every stage's --model). Raises DataError
+    naming --model and the first line of the cause."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"--model {model}: cannot load a tokenizer ({why})") from None
+
+
 def read_json(path):
     """A JSON file we wrote earlier; DataError naming the file if it is not JSON."""
     try:

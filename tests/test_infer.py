@@ -219,7 +219,7 @@ def test_bad_model_or_ids_give_one_line_and_a_refused_start_leaves_nothing_behin
     not_a_model = tmp_path / "empty"
     not_a_model.mkdir()
     for model in (str(not_a_model), problems):
-        with pytest.raises(SystemExit, match=f"--model {model}: not a model directory"):
+        with pytest.raises(SystemExit, match=f"--model {model}: cannot load a tokenizer"):
             run_infer(model, problems, out)
     with pytest.raises(SystemExit):
         run_infer(model_dir, problems, out, "--temperature", "nan")
