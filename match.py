@@ -12,14 +12,12 @@ algorithm), and the training loss is the NTP loss of every trace under its match
     --matching random      ablation: a uniformly random injective matching each step
     --matching sft         SFT-mixed baseline: every trace paired with the first token, <think1>
 
-`match_questions` is the matching pass as train.py runs it, the way DETR's HungarianMatcher is its
-training's matching: every cost sequence of a batch of questions in one queue of no-grad forwards,
-then one assignment per question. `cost_matrix` is the same Eq. 4 for one question, the readable
-reference that the tests hold the batched pass to.
+`match_questions` is the matching pass as train.py runs it (as DETR's HungarianMatcher): every cost
+sequence of a batch of questions in one queue of no-grad forwards, then one assignment per question.
+`cost_matrix` is Eq. 4 for one question, the reference the tests hold the batched pass to.
 
     python -m pytest -q tests/test_match.py
 """
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,16 +30,14 @@ from torch.utils.checkpoint import checkpoint
 from data import make_sequence
 from plumbing import concat
 from plumbing.batching import IGNORE, collate, micro_batches, num_micro_batches, pad_item
+from plumbing.matchstats import matching_gap
 
 
 class SequenceNLL(nn.Module):
     """Wraps a Hugging Face causal LM to return, per sequence, the summed NLL of its labelled tokens
-    and their count: the quantity behind both the matching cost (Eq. 4) and the loss (Eq. 5).
-
-    The vocabulary projection runs only on labelled positions, `ce_chunk` tokens at a time (each
-    chunk under activation checkpointing when grads are on), so the [tokens, vocab] fp32 logits of
-    a 152k vocabulary never exist for a whole batch at once.
-    """
+    and their count: the quantity behind both the matching cost (Eq. 4) and the loss (Eq. 5). The
+    vocabulary projection runs on labelled positions only, `ce_chunk` tokens at a time (checkpointed
+    under grad): the [tokens, vocab] fp32 logits of a 152k vocabulary never exist for a batch."""
 
     def __init__(self, lm, ce_chunk=1024):
         super().__init__()
@@ -163,10 +159,9 @@ class NonFiniteCost(FloatingPointError):
 
 @dataclass
 class Matching:
-    """One question's matching. Trace traces[k] trains under fork forks[k] (Eq. 5); the optimal
-    matching is what the statistics count in every mode (Figure 7a counts the optimum under random
-    matching too). Under sft every one of the M traces trains under fork 0, and the optimal matching
-    is the cost-free argmin of a matrix of zeros (no cost pass runs)."""
+    """One question's matching: trace traces[k] trains under fork forks[k] (Eq. 5). The statistics
+    count the optimal matching in every mode (Figure 7a counts it under random matching too); under
+    sft all M traces train under fork 0 and no cost pass runs."""
     forks: list  # fork indices, one per trained trace, sorted by trace
     traces: list  # trace indices: min(num_forks, num_traces) of them when matched, all M under sft
     optimal_forks: list
@@ -179,11 +174,10 @@ def match_questions(nll_model, questions, fork_ids, mode, match_tokens, batch_si
                     rngs, num_batches=None, layout="batch"):
     """Eq. 3-4 for a batch of encoded questions ([{"prompt_ids", "trace_ids"}]): every question's N
     x M cost sequences in one queue of no-grad forwards of `batch_size` sequences, then one
-    assignment per question. rngs[k] draws question k's random matching. num_batches: the number of
-    forwards to run (>= what is needed; every rank must run the same number under FSDP), PAD batches
-    filling the rest. layout "concat" computes each prompt once (concat.branch_costs). Returns one
-    Matching per question, in order; raises NonFiniteCost (after all the forwards) if a cost is NaN
-    or inf."""
+    assignment per question (rngs[k]: question k's random matching). num_batches: the forwards to
+    run, PAD batches filling the rest (every rank runs as many under FSDP); layout "concat" computes
+    each prompt once (concat.branch_costs). Returns one Matching per question, in order; raises
+    NonFiniteCost (after all the forwards) if a cost is NaN or inf."""
     costs = None
     if mode != "sft" and layout == "concat":
         costs = concat.branch_costs(nll_model, questions, fork_ids, match_tokens, batch_size,
@@ -207,20 +201,4 @@ def match_questions(nll_model, questions, fork_ids, mode, match_tokens, batch_si
         matched.append(Matching([int(f) for f in forks], [int(j) for j in traces],
                                 [int(f) for f in optimal[0]], [int(j) for j in optimal[1]], gap))
     return matched
-
-
-def matching_gap(cost, forks, traces):
-    """Mean cost per matched pair of all the other injective matchings minus the optimal one's
-    (Appendix A.3.3, Figure 10). Exact without enumeration: under a uniform injective matching each
-    trace's token is uniform over the tokens (or each token's trace over the traces, if M > N), so
-    the mean over all A matchings is E = sum of column (row) means, and the mean over the others is
-    E + (E - optimal) / (A - 1)."""
-    cost = np.asarray(cost, dtype=np.float64)
-    n, m = cost.shape
-    optimal = cost[forks, traces].sum()
-    expected = cost.mean(0).sum() if n >= m else cost.mean(1).sum()
-    count = math.perm(max(n, m), min(n, m))
-    if count == 1:
-        return 0.0
-    return float((expected - optimal) * count / (count - 1) / min(n, m))
 

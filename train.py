@@ -11,9 +11,7 @@ batch of 32 sequences, Appendix A.3.2), shares them over the ranks and runs
     python train.py --matching random      # the random-matching ablation
     python train.py --layout concat        # Appendix A.5's rows: each prompt computed once
     torchrun --standalone --nproc_per_node 8 train.py --model Qwen/Qwen2.5-32B-Instruct \\
-        --data s1k_4mixed.jsonl --out_dir out/ssft-32b   # Appendix A.3.2 defaults
-    # two nodes: the same on each, with --nnodes 2 --node_rank {0,1} --rdzv_backend c10d
-    #   --rdzv_endpoint HOST0:29500 --rdzv_id ssft in place of --standalone
+        --data s1k_4mixed.jsonl --out_dir out/ssft-32b  # Appendix A.3.2; 2 nodes: docs/scaling.md
 
 Rerunning the same command on an existing --out_dir resumes from its last complete checkpoint. What
 keeps a run alive (resume, signals, the lock, equal forwards on every rank, the memory plan) is in
@@ -34,7 +32,7 @@ import torch.distributed as dist
 import data
 import match
 import toy
-from plumbing import concat, datafiles, fsdp, memory, memory_report, runs, simulate
+from plumbing import concat, datafiles, files, fsdp, matchstats, memory, memory_report, runs
 from plumbing.batching import (IGNORE, balance, collate, micro_batches, num_micro_batches,
                                pad_id_of, pad_item)
 from plumbing.files import DataError, model_problem, write_json
@@ -54,15 +52,12 @@ class Config:
     matching: str = "hungarian"  # hungarian (SSFT) | random (ablation) | sft (one token, SFT-mixed)
     layout: str = "batch"  # batch: a row per (token, trace); concat: a row per question (App. A.5)
     epochs: int = 6  # passes over the questions (toy: 4)
-    max_steps: int = 0  # stop after this many optimiser steps in all (0: all epochs). The lr
-    # schedule still spans all epochs: a run stopped early ends before its decay (fewer: --epochs)
+    max_steps: int = 0  # stop after this many steps in all (0: all epochs); lr spans all epochs
     lr: float = 1e-5  # peak learning rate, 5% linear warm-up then cosine to 0 (toy: 3e-3)
     batch_size: int = 32  # sequences (traces) per step over all ranks; whole questions (toy: 64)
-    micro_batch: int = 1  # rows per forward/backward in the training pass: sequences (batch
-    # layout) or questions (concat layout) (toy: 32 sequences, or 8 questions)
+    micro_batch: int = 1  # rows a training forward: sequences, or concat questions (toy: 32, 8)
     match_batch: int = 8  # sequences per no-grad forward in the matching pass (toy: 256)
-    max_len: int = 32768  # tokens of a row: prompt + tag + trace (batch), prompt + every tag +
-    # trace (concat); traces are cut to fit (toy: 256)
+    max_len: int = 32768  # tokens of a row (prompt, tags, traces); traces cut to fit (toy: 256)
     seed: int = 0  # data order, random matchings and new embedding rows all derive from it
     save_every: int = 50  # a resumable checkpoint every this many steps (0: only at the end)
     keep_checkpoints: int = 2  # complete checkpoints kept, the newest (0: all)
@@ -75,8 +70,7 @@ class Config:
     toy_questions: int = 2000  # number of training questions of the toy task
     trust_remote_code: bool = False  # let transformers run code shipped with the model
     report_to: str = ""  # tensorboard: also log the metrics to <out_dir>/tensorboard (needs it)
-    plan: str = ""  # GPUSxGiB, e.g. 8x80: print the memory plan of these flags from config.json
-    # alone, exit 0 if it fits, 3 if not
+    plan: str = ""  # GPUSxGiB, e.g. 8x80: print the memory plan; exit 0 if it fits, 3 if not
     simulate: bool = False  # with --plan: also measure this step on fake tensors on the CPU
 
 
@@ -114,11 +108,9 @@ def lr_at(step, total, peak, warmup):
 
 def epoch_batches(sizes, batch_size, seed, epoch):
     """The optimiser steps of one epoch, each a list of question indices. sizes[q]: the sequences
-    question q trains (its M traces; under a matching min(M, N), the matched ones). Questions are
-    taken in the epoch's seeded order and packed until a step holds batch_size sequences: a
-    question's traces stay in one step (its matching needs all of them), so a question that would
-    overflow starts the next step, and one larger than batch_size is a step of its own. Every
-    question trains once per epoch."""
+    question q trains (M; min(M, N) under a matching). Questions are packed in the epoch's seeded
+    order until a step holds batch_size sequences; a question stays whole (its matching needs all
+    its traces), so one that would overflow starts the next step. Each trains once per epoch."""
     steps, held = [], 0
     for q in np.random.default_rng([seed, epoch]).permutation(len(sizes)).tolist():
         if not steps or held + sizes[q] > batch_size:
@@ -233,15 +225,9 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
     if rank == 0:  # rebuilt from the checkpoint's statistics
         write_json(os.path.join(cfg.out_dir, "matching.json"), stats.to_json())
     print0(json.dumps(dataclasses.asdict(cfg)))
-    per_epoch = sorted({sum(e == epoch for e, _ in plan) for epoch in range(cfg.epochs)})
-    per_epoch = f"{per_epoch[0]}" + (f" to {per_epoch[-1]}" if len(per_epoch) > 1 else "")
-    first, last = (data.fork_tag(name, cfg.fork_style) for name in (fork_names[0], fork_names[-1]))
-    print0(f"{len(questions)} questions, {sum(len(q['traces']) for q in questions)} traces "
-           f"({sum(e['truncated'] for e in encoded)} truncated to --max_len {cfg.max_len}), "
-           f"{world} rank(s) on {device.type}, steps {start}..{last_step} of {len(plan)} "
-           f"({per_epoch} per epoch of <= {cfg.batch_size} sequences), forking tags "
-           f"{first!r}..{last!r} = ids {fork_ids[0]}..{fork_ids[-1]}, {cfg.layout} layout, "
-           f"{fsdp.attention_backend(cfg.layout, device)} attention")
+    tags = [data.fork_tag(name, cfg.fork_style) for name in fork_names]
+    print0(matchstats.run_line(cfg, questions, encoded, plan, start, last_step, tags, fork_ids,
+                               world, device, fsdp.attention_backend(cfg.layout, device)))
 
     def checkpoint(step):  # resumable: the model, AdamW and the matching statistics
         return fsdp.save_checkpoint(model, optimizer, step, {"matching": stats.to_json()},
@@ -285,18 +271,10 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
             m = matched[q]
             stats.update(epoch, m.optimal_forks, m.optimal_traces, questions[q]["sources"], m.gap)
         stats.end_step(epoch)
-        gaps = [m.gap for m in matched.values() if m is not None and m.gap is not None]
-        record = {"step": step, "epoch": epoch, "questions": len(batch),
-                  "sequences": sum(len(m.forks) for m in matched.values() if m is not None),
-                  "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                  "gap": float(np.mean(gaps)) if gaps else None, "pad_fraction": pad,
-                  "skipped": skipped, "tokens_per_s": tokens / (time.time() - t0),
-                  "time_s": time.time() - t0}
+        record = matchstats.step_record(step, epoch, batch, matched, loss, lr, grad_norm, pad,
+                                        skipped, tokens, time.time() - t0)
         log.write(record, files={"matching.json": stats.to_json()})
-        print0(f"step {step + 1:5d}/{last_step} | loss {loss:.4f} | lr {lr:.2e} | gap "
-               f"{record['gap'] if record['gap'] is not None else float('nan'):.4f} | "
-               f"{record['tokens_per_s']:6.0f} tok/s | pad {pad:.2f} | "
-               f"{log.time_left(step, last_step)} left")
+        print0(matchstats.step_line(record, last_step, log.time_left(step, last_step)))
         runs.stop_or_save(step, last_step, cfg.save_every, checkpoint, device)
 
     checkpoint(last_step)
@@ -308,15 +286,13 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
            f"final/ (Hugging Face model + tokenizer with {fork_names[0]}..{fork_names[-1]})")
 
 
-
 # --------------------------------------------- around the loop: loading, checks, the memory plan
 
 def load_tokenizer(cfg):
     """(tokenizer with the forking tokens, the token ids of each forking tag, the vocabulary size
     before any was added)."""
-    from transformers import AutoTokenizer
     tokenizer = toy.make_tokenizer() if cfg.model == "toy" else \
-        AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        files.load_tokenizer(cfg.model, cfg.trust_remote_code)  # DataError naming --model
     num_trained = len(tokenizer)
     return tokenizer, data.fork_ids(tokenizer, cfg.num_forks, cfg.fork_style), num_trained
 
@@ -342,50 +318,29 @@ def prepare(cfg):
     questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" else \
         datafiles.load_questions(cfg.data)
     runs.check_out_dir(cfg.out_dir, cfg, RESUME_FREE, cfg.max_steps)  # before the slow tokenising
-    try:
-        tokenizer, fork_ids, num_trained = load_tokenizer(cfg)
-    except (OSError, ValueError) as e:
-        raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({e})") from None
+    tokenizer, fork_ids, num_trained = load_tokenizer(cfg)
     tag_len = max(map(len, fork_ids))
     encoded = [data.encode_question(tokenizer, q, cfg.max_len, tag_len, cfg.layout)
                for q in questions]
     return questions, encoded, tokenizer, fork_ids, num_trained
 
 
+def model_config(cfg):
+    """What --plan reads of --model: its folder or hub id (config.json), or the toy's config."""
+    toy_config = cfg.model == "toy" and toy.make_model(toy.make_tokenizer()).config.to_dict()
+    return toy_config or cfg.model
+
+
 def memory_plan(cfg, gpus, traces=4):
-    """memory.train_plan of this run's flags on `gpus` GPUs from --model's config.json alone (fused
-    AdamW: train.py's optimiser on CUDA). traces: M, the most traces of a question."""
-    config = memory.read_shape(cfg.model if cfg.model != "toy" else
-                               toy.make_model(toy.make_tokenizer()).config.to_dict())
-    return memory.train_plan(config, gpus, cfg.layout, cfg.max_len, cfg.micro_batch,
-                             cfg.match_batch, cfg.match_tokens, cfg.num_forks, traces,
-                             cfg.activation_checkpointing, cfg.cpu_offload, fused_adamw=True)
+    """memory.train_plan of this run's flags on `gpus` GPUs (traces: M, the most of a question)."""
+    return memory_report.train_plan(cfg, model_config(cfg), gpus, traces)
 
 
 def simulated_step(cfg, device=torch.device("cpu"), traces=4):
-    """(build, step) of this file's optimiser step for plumbing/simulate.py (--plan --simulate): the
-    model of --model's config.json cut to a few layers, and the matching pass, training pass,
-    clipping and fused AdamW on questions of the plan's worst case (simulate.worst_case)."""
-    config = memory.read_config(cfg.model)[0] if cfg.model != "toy" else \
-        toy.make_model(toy.make_tokenizer()).config.to_dict()
-    build = simulate.builder(config, device, match.SequenceNLL, cfg.activation_checkpointing,
-                             cfg.cpu_offload, cfg.lr, cfg.weight_decay)
-    encoded, fork_ids = simulate.worst_case(cfg.max_len, cfg.layout, traces, cfg.num_forks,
-                                            cfg.matching, cfg.micro_batch)
-
-    def step(model, optimizer, phase):
-        phase("matching pass")
-        rngs = [np.random.default_rng([cfg.seed, q]) for q in range(len(encoded))]
-        matched = match.match_questions(model, encoded, fork_ids, cfg.matching, cfg.match_tokens,
-                                        cfg.match_batch, 0, device, rngs, None, cfg.layout)
-        phase("training pass")
-        rows = training_rows(encoded, matched, fork_ids, cfg.layout)
-        training_pass(model, rows, cfg.micro_batch, cfg.layout, 0, device)
-        phase("optimizer step")
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return build, step
+    """(build, step) of this file's optimiser step, for --plan --simulate (plumbing/simulate.py)."""
+    return memory_report.simulated_train_step(cfg, model_config(cfg), device, traces,
+                                              match.SequenceNLL, match.match_questions,
+                                              training_rows, training_pass)
 
 
 def main(cfg):

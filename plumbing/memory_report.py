@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 from plumbing import memory, simulate
 
 
@@ -46,6 +48,41 @@ def plan_exit(make_plan, gpus, gib, settings, simulated_step=None):
                       "host_gib_per_rank": round(plan["host_gib_per_rank"], 1), "fits": fits, "gpus": gpus,
                       "gib_per_gpu": gib, **settings, **measured}))
     sys.exit(0 if fits else 3)
+
+
+def train_plan(cfg, config, gpus, traces=4):
+    """memory.train_plan of train.py's flags `cfg` on `gpus` GPUs from the model's config.json alone
+    (`config`: memory.read_config's argument), with fused AdamW (train.py's optimiser on CUDA).
+    traces: M, the most traces of a question. Raises ValueError naming a bad config."""
+    return memory.train_plan(memory.read_shape(config), gpus, cfg.layout, cfg.max_len, cfg.micro_batch,
+                             cfg.match_batch, cfg.match_tokens, cfg.num_forks, traces,
+                             cfg.activation_checkpointing, cfg.cpu_offload, fused_adamw=True)
+
+
+def simulated_train_step(cfg, config, device, traces, wrap, match_questions, training_rows, training_pass):
+    """(build, step) of train.py's optimiser step for simulate.simulate (--plan --simulate): the model of
+    `config` cut to a few layers and wrap()ped (match.SequenceNLL), and one step on questions of the plan's
+    worst case (simulate.worst_case): the matching pass (match_questions), the training pass
+    (training_rows, training_pass: train.py's own), clipping and fused AdamW."""
+    import torch
+    build = simulate.builder(memory.read_config(config)[0], device, wrap, cfg.activation_checkpointing,
+                             cfg.cpu_offload, cfg.lr, cfg.weight_decay)
+    encoded, fork_ids = simulate.worst_case(cfg.max_len, cfg.layout, traces, cfg.num_forks, cfg.matching,
+                                            cfg.micro_batch)
+
+    def step(model, optimizer, phase):
+        phase("matching pass")
+        rngs = [np.random.default_rng([cfg.seed, q]) for q in range(len(encoded))]
+        matched = match_questions(model, encoded, fork_ids, cfg.matching, cfg.match_tokens, cfg.match_batch,
+                                  0, device, rngs, None, cfg.layout)
+        phase("training pass")
+        training_pass(model, training_rows(encoded, matched, fork_ids, cfg.layout), cfg.micro_batch,
+                      cfg.layout, 0, device)
+        phase("optimizer step")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return build, step
 
 
 def refuse_unless_fits(plan, world, device):

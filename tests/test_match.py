@@ -11,7 +11,7 @@ import torch
 import data
 import match
 import toy
-from plumbing import batching
+from plumbing import batching, matchstats
 
 
 
@@ -48,7 +48,7 @@ def test_matching_gap_equals_mean_over_enumerated_other_assignments():
         best = cost[forks, traces].sum()
         others = sorted(totals)[1:]  # all but the optimum
         expected = (np.mean(others) - best) / min(n, m)
-        assert math.isclose(match.matching_gap(cost, forks, traces), expected, rel_tol=1e-9)
+        assert math.isclose(matchstats.matching_gap(cost, forks, traces), expected, rel_tol=1e-9)
 
 
 def test_random_matching_is_injective_and_seeded():
@@ -110,7 +110,7 @@ def test_match_questions_equals_cost_matrix_and_assignment_per_question(tiny, mo
             cost = match.cost_matrix(nll, enc["prompt_ids"], tags, enc["trace_ids"], k, 3, tok.pad_token_id).numpy()
             optimal = match.hungarian(cost)
             assert [m.optimal_forks, m.optimal_traces] == [optimal[0].tolist(), optimal[1].tolist()]
-            assert math.isclose(m.gap, match.matching_gap(cost, *optimal), rel_tol=1e-4, abs_tol=1e-6)
+            assert math.isclose(m.gap, matchstats.matching_gap(cost, *optimal), rel_tol=1e-4, abs_tol=1e-6)
             pairs = match.random_matching(4, len(enc["trace_ids"]), np.random.default_rng(q)) \
                 if mode == "random" else optimal
             assert [m.forks, m.traces] == [pairs[0].tolist(), pairs[1].tolist()]
