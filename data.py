@@ -15,10 +15,9 @@ For a Qwen2.5 tokenizer and the special style that is exactly
     <|im_start|>system\\nYou are Qwen, ...<|im_end|>\\n<|im_start|>user\\n{prompt}<|im_end|>\\n
     <|im_start|>assistant\\n<think3>{trace}<|im_end|>
 
-(newlines shown as \\n; no space around the tag). A tokenizer without a chat template falls back to
-"Question: {prompt}\\nAnswer: ". Only trace tokens (and the closing eos) carry loss (Eq. 1-2); the
-tag's tokens are prompt. The files a question comes from (JSONL or Parquet; canonical, s1K-1.1 and
-sampled layouts) and the pool-to-mixed recipe are read by plumbing/datafiles.py.
+(newlines shown as \\n; no space around the tag; no chat template: "Question: {prompt}\\nAnswer: ").
+Only trace tokens and the closing eos carry loss (Eq. 1-2). Data files (JSONL, Parquet, their
+layouts) and the pool-to-mixed recipe: plumbing/datafiles.py.
 
     python data.py --data ../shared/data/math_cot_100x8.jsonl --model toy  # a file's statistics
     python data.py mix --pool gpt_oss.jsonl s1k.parquet claude.jsonl --traces 4 --per_source 2 \\
@@ -26,15 +25,18 @@ sampled layouts) and the pool-to-mixed recipe are read by plumbing/datafiles.py.
 """
 import torch
 
-from plumbing import concat, datafiles
+from plumbing import concat, datafiles, files
 from plumbing.batching import IGNORE
 from plumbing.files import DataError
-from plumbing.flags import parse_flags
 
 FORK_TOKEN = "<think{}>"  # <think1> ... <thinkN>: the global forking tokens g_1..g_N
 TEXT_TAG = "<|im_start|>{}\n"  # --fork_style text: the tag around a token's name, as plain text
 FORK_STYLES = ("special", "text")
 FALLBACK_PROMPT = "Question: {}\nAnswer: "
+
+
+# ----------------------------------------------------------------------------- forking tokens
+
 def fork_tokens(num_forks):
     return [FORK_TOKEN.format(i + 1) for i in range(num_forks)]
 
@@ -52,8 +54,6 @@ def count_fork_tokens(tokenizer):
         n += 1
     return n
 
-
-# ----------------------------------------------------------------------------- forking tokens
 
 def fork_ids(tokenizer, num_forks, style="special"):
     """The token ids of each forking tag, [[ids of g_1], ..., [ids of g_N]]: one reserved special
@@ -85,15 +85,10 @@ def add_fork_tokens(tokenizer, num_forks):
 
 
 def init_fork_rows(model, fork_ids, num_trained, seed):
-    """Makes room for the forking tokens and initialises their embedding rows.
-
-    Qwen2.5 checkpoints carry spare rows (152064 rows for a ~151665-token tokenizer): we use them
-    and keep the checkpoint's shapes, since a resized vocabulary breaks serving engines that read
-    the shapes from the config. Only when the ids do not fit is the embedding resized (to a multiple
-    of 64). The rows (input and, if untied, output) start at the mean of the first `num_trained`
-    rows, which keeps them in-distribution, plus a tiny seeded noise so that the N tokens are not
-    exactly equal and the first matchings are not decided by tie-breaking.
-    """
+    """Initialises the forking tokens' embedding rows (input and, if untied, output): the mean of
+    the first `num_trained` rows (in-distribution) plus a tiny seeded noise (so that the first
+    matchings are not decided by tie-breaking). Qwen2.5's spare rows (152064 for ~151665 tokens)
+    are used as they are, keeping the shapes serving engines read; only ids past them resize."""
     if max(fork_ids) >= model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(max(fork_ids) + 1, pad_to_multiple_of=64, mean_resizing=False)
     g = torch.Generator().manual_seed(seed)
@@ -140,13 +135,11 @@ def build_text(tokenizer, prompt, tag, trace=""):
 
 
 def encode_question(tokenizer, q, max_len, tag_len=1, layout="batch"):
-    """Token ids of one question: {"prompt_ids", "trace_ids": [...], "truncated": int}.
-
-    Tokenising the prompt, the tag and each trace apart gives the ids of `build_text`'s string
-    (the tokenizer splits at a special token, and a text tag ends in a newline), and lets a
-    question's M traces share one tokenised prompt. Traces are cut so that prompt + tag + trace <=
-    max_len tokens, for tags of up to `tag_len` tokens; under the concat layout so that the whole
-    row, prompt + M x (tag + trace), fits max_len (concat_room: the room is shared out evenly).
+    """Token ids of one question: {"prompt_ids", "trace_ids": [...], "truncated": int}. The prompt,
+    tag and each trace tokenised apart give `build_text`'s ids (a special token splits, a text tag
+    ends in a newline), the M traces sharing one prompt. Traces are cut so that prompt + tag + trace
+    <= max_len for tags of <= `tag_len` tokens; under concat, prompt + M x (tag + trace) (the room
+    shared out evenly, concat.concat_room). DataError naming the question when a prompt leaves none.
     """
     prompt_ids, where = encode_prompt(tokenizer, q["prompt"]), q.get("where", "a question")
     room = max_len - len(prompt_ids) - tag_len
@@ -181,27 +174,14 @@ def make_sequence(prompt_ids, tag_ids, trace_ids, max_trace_tokens=None):
 
 def main(argv):
     """python data.py --data FILE [--model M]: the file's questions, traces per source and, with a
-    tokenizer, token lengths; python data.py mix ...: the pool-to-mixed recipe
-    (datafiles.mix_main)."""
+    tokenizer, token lengths; python data.py mix ...: the pool-to-mixed recipe (datafiles.mix)."""
     if argv[:1] == ["mix"]:
         return datafiles.mix_main(argv[1:])
-    parser, given = parse_flags(datafiles.CheckConfig, __doc__, argv)
-    cfg = datafiles.CheckConfig(**given)
-    if not cfg.data:
-        parser.error("need --data FILE")
-    tokenizer = None
-    if cfg.model == "toy":
+
+    def load_tokenizer(model):
         import toy
-        tokenizer = toy.make_tokenizer()
-    elif cfg.model:
-        from transformers import AutoTokenizer
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        except (OSError, ValueError) as e:
-            raise DataError(f"--model {cfg.model}: cannot load a tokenizer ({e})") from None
-    questions = datafiles.load_questions(cfg.data)
-    prompts = [prompt_text(tokenizer, q["prompt"]) for q in questions] if tokenizer else None
-    print(f"{cfg.data}: " + "\n".join(datafiles.summary(questions, tokenizer, prompts)))
+        return toy.make_tokenizer() if model == "toy" else files.load_tokenizer(model)
+    datafiles.check_main(argv, __doc__, load_tokenizer, prompt_text)
 
 
 if __name__ == "__main__":

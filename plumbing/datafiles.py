@@ -182,6 +182,19 @@ class MixConfig:
     out: str = "mixed.jsonl"  # the mixed file, in the canonical layout (prompt, traces, sources, answer)
 
 
+def check_main(argv, doc, load_tokenizer, prompt_text):
+    """python data.py --data FILE [--model M]: prints the file's summary. load_tokenizer(model): the
+    tokenizer of --model (raising DataError); prompt_text(tokenizer, prompt): data.prompt_text."""
+    parser, given = parse_flags(CheckConfig, doc, argv)
+    cfg = CheckConfig(**given)
+    if not cfg.data:
+        parser.error("need --data FILE")
+    tokenizer = load_tokenizer(cfg.model) if cfg.model else None
+    questions = load_questions(cfg.data)
+    prompts = [prompt_text(tokenizer, q["prompt"]) for q in questions] if tokenizer else None
+    print(f"{cfg.data}: " + "\n".join(summary(questions, tokenizer, prompts)))
+
+
 def mix_main(argv):
     """python data.py mix --pool FILE ... --out FILE: the recipe's command line."""
     parser, given = parse_flags(MixConfig, mix.__doc__, argv)
