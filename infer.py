@@ -1,19 +1,14 @@
 """Parallel reasoning with global forking tokens (Section 2.3): one response per tag, then a vote.
 
 Each response of a problem is prompted with one forking tag after the prompt, <think1> .. <thinkN>
-in turn, and its answer joins the vote (Cons@k, score.py; infer.py prints score.py's default, the
-vote expected over the order of each tag's responses; `score.py --cons first` is the paper's own).
+in turn, and its answer joins the vote (Cons@k: score.py, whose default vote infer.py prints).
 Without aggregation every response takes one tag: the token of largest coverage (--fork <thinkK>,
 Eq. 6: select_token.py), or the tag the model itself chooses after the prompt (--fork auto:
 policy.py's pi, trained by gfpo.py). A model without forking tokens (an SFT baseline) samples from
-the plain prompt (--fork none). The prompt is the one training used (data.build_text): its part
-before the tag is prefilled once and its KV cache shared by all the problem's responses
-(plumbing/decoding.py). The rows are scored by score.py into <output>.metrics.json.
-
-Evaluation files get the prompts of the paper's evaluation (LightEval's math and multiple-choice
-prompts); training layouts and the toy get theirs as trained. --protocol official prompts the
-authors' released checkpoint their way (text tags, block order, their sample counts):
-plumbing/evalfiles.py and docs/reproducing.md.
+the plain prompt (--fork none). The prompt is the one training used (data.build_text), prefilled
+once for all the problem's responses (plumbing/decoding.py). Evaluation files get the paper's
+prompts (LightEval's), training layouts and the toy theirs as trained; --protocol official prompts
+the authors' released checkpoint their way (plumbing/evalfiles.py, docs/reproducing.md).
 
     python infer.py --model out/ssft/final --data toy --samples 16 --max_new_tokens 64  # the toy
     python infer.py --model out/ssft/final --data ../shared/data/aime24.jsonl           # Cons@k
@@ -25,37 +20,30 @@ plumbing/evalfiles.py and docs/reproducing.md.
 
 Rows go to --output as each problem finishes; rerunning the same command resumes where it stopped.
 """
-import dataclasses
-import json
-import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 import data
 import policy
 import score
 import toy
-from plumbing import decoding, evalfiles, grader, memory_report
+from plumbing import decoding, evalfiles, grader, inferrun, memory_report
 from plumbing.batching import pad_id_of
-from plumbing.files import DataError, append_jsonl, model_problem, read_json, write_json
+from plumbing.files import DataError, model_problem
 from plumbing.flags import check, parse_flags
-from plumbing.ranks import close_distributed, init_distributed, print0
+from plumbing.ranks import close_distributed, init_distributed
 
 
 @dataclass
 class Config:
     model: str = "out/ssft/final"  # a final/ directory from train.py, or any Hugging Face causal LM
-    data: str = "../shared/data/math500.jsonl"  # MATH-500/AIME/AMC/GSM8K/GPQA/training JSONL or
-    # Parquet, or toy (its held-out questions)
+    data: str = "../shared/data/math500.jsonl"  # evaluation or training JSONL/Parquet, or toy
     output: str = ""  # rows JSONL ('' = eval/<model name>/<data name>.<fork>.jsonl), metrics beside
-    fork: str = "all"  # all: every forking token in --tag_order; <thinkK>: all responses use it;
-    # none: the plain prompt (a baseline); auto: the model's own choice (policy.py)
+    fork: str = "all"  # all (in --tag_order) | <thinkK> for all | none (plain prompt) | auto
     auto_choice: str = "greedy"  # --fork auto: greedy (every response the most likely tag) | sample
     tag_order: str = "cycle"  # cycle: response i gets token i mod N; block: token k the k-th block
-    fork_style: str = "auto"  # special | text (data.py) | auto: the model's (final/ssft.json, else
-    # its reserved tokens)
+    fork_style: str = "auto"  # special | text (data.py) | auto: the model's (final/ssft.json)
     num_forks: int = 0  # N for --fork_style text (0: the model's, from final/ssft.json)
     protocol: str = "ours"  # ours | official: the authors' evaluation of their released checkpoint
     instruction: str = "auto"  # auto | none | a template holding {question} (else appended to it)
@@ -97,26 +85,9 @@ def parse_config(argv=None):
 
 def model_tags(tokenizer, cfg):
     """({name: token ids of its tag} of the model's forking tokens <think1>..<thinkN>, the style).
-    The style and N come from the flags, else from the model: final/ssft.json, else its reserved
-    tokens. SystemExit naming the flag when they cannot be found."""
-    saved = os.path.join(cfg.model, "ssft.json")
-    saved = read_json(saved) if os.path.isfile(saved) else {}
-    official = cfg.protocol == "official"
-    default_style, default_n = evalfiles.OFFICIAL_TAGS if official else ("special", 0)
-    style = cfg.fork_style if cfg.fork_style != "auto" else saved.get("fork_style", default_style)
-    reserved = data.count_fork_tokens(tokenizer)
-    n = cfg.num_forks or saved.get("num_forks") or (reserved if style == "special" else default_n)
-    baseline = ("--fork none samples it from the plain prompt, a baseline; a model trained on text "
-                "tags (the authors' released checkpoint) takes --fork_style text --num_forks N, or "
-                "--protocol official")
-    if style == "special" and not n:
-        raise SystemExit(f"error: --model {cfg.model} holds no forking tokens: {baseline}")
-    if style == "special" and n > reserved:
-        raise SystemExit(f"error: --model {cfg.model} holds {reserved} reserved forking tokens, "
-                         f"not {n}")
-    if not n:
-        raise SystemExit("error: --fork_style text needs --num_forks N (the model has no ssft.json "
-                         "to tell it)")
+    The style and N come from the flags, else from the model (inferrun.tag_style). SystemExit naming
+    the flag when they cannot be found."""
+    style, n = inferrun.tag_style(cfg, data.count_fork_tokens(tokenizer))
     names = data.fork_tokens(n)
     try:
         ids = data.fork_ids(tokenizer, n, style) if style == "text" else \
@@ -149,15 +120,12 @@ def choose_forks(model, tokenizer, prompt_ids, tag_ids, count, choice, seed, tem
     every response the most likely tag, sample draws each response's tag from pi at `temperature`
     (the one GFPO trained it at, policy.trained_temperature; seeded)."""
     names = list(tag_ids)
-    pad_id = pad_id_of(tokenizer)
-    scorer = policy.TagPolicy(model, list(tag_ids.values()), pad_id)
+    scorer = policy.TagPolicy(model, list(tag_ids.values()), pad_id_of(tokenizer))
     tag_logits = policy.tag_logits(scorer, [prompt_ids])["tag_logits"]
-    logpi = policy.log_policy(tag_logits)
-    generator = torch.Generator().manual_seed(seed)
-    logpi_t = policy.log_policy(tag_logits, temperature)
-    picks = policy.choose_tags(logpi_t, count, choice == "greedy", generator)[0]
-    pi = dict(zip(names, logpi[0].exp().tolist()))
-    return [names[i] for i in picks.tolist()], {"fork_policy": pi}
+    picks = policy.choose_tags(policy.log_policy(tag_logits, temperature), count,
+                               choice == "greedy", torch.Generator().manual_seed(seed))[0]
+    pi = policy.log_policy(tag_logits)[0].exp().tolist()
+    return [names[i] for i in picks.tolist()], {"fork_policy": dict(zip(names, pi))}
 
 
 # ----------------------------------------------------------------------------- one problem
@@ -193,10 +161,7 @@ def show_prompts(tokenizer, problem, forks, tag_ids, style, auto_choice="greedy"
     """Prints the exact prompt of every forking tag for `problem`, and its token ids: a format can
     be checked by eye before any weights load. --fork auto: every tag the model chooses among."""
     if forks[0] == AUTO:
-        print(f"--fork auto: the model scores each tag below after the prompt, pi(tag | prompt) = "
-              f"softmax over the {len(tag_ids)} tags of log p(tag's tokens | prompt), and "
-              + ("every response takes the most likely tag" if auto_choice == "greedy" else
-                 "each response draws its tag from pi") + " (the row records pi as fork_policy)")
+        print(inferrun.auto_note(len(tag_ids), auto_choice))
         forks = list(tag_ids)
     for fork in dict.fromkeys(forks):
         tag = data.fork_tag(fork, style) if fork else ""
@@ -209,12 +174,10 @@ def show_prompts(tokenizer, problem, forks, tag_ids, style, auto_choice="greedy"
 # ----------------------------------------------------------------------------- main
 
 def main(cfg):
-    from tqdm import tqdm
     # every check before the model loads, on every rank alike; nothing is written before it loads
     records = toy.held_out_records(cfg.limit or 100) if cfg.data == "toy" else None
     problems = evalfiles.load_problems(cfg.data, cfg.instruction, cfg.limit, records)
-    name = f"{os.path.splitext(os.path.basename(cfg.data))[0]}.{cfg.fork.strip('<>')}.jsonl"
-    output = cfg.output or os.path.join("eval", evalfiles.model_name(cfg.model), name)
+    output = inferrun.output_path(cfg)
     tokenizer = decoding.load_tokenizer(cfg.model)
     tag_ids, style = model_tags(tokenizer, cfg) if cfg.fork != "none" else ({}, None)
     forks = response_forks(list(tag_ids), cfg)
@@ -228,30 +191,12 @@ def main(cfg):
         memory_report.refuse_unless_infer_fits(cfg.model, streams, cfg.max_new_tokens, device)
         model = decoding.load_model(cfg.model, device)
         stop_ids = decoding.stop_ids(tokenizer, model)
-        print0(json.dumps(dataclasses.asdict(cfg)))
-        if rank == 0:
-            os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-            write_json(output.removesuffix(".jsonl") + ".config.json", dataclasses.asdict(cfg))
         todo = [(i, p) for i, p in enumerate(problems) if p["id"] not in done]
-        print0(f"{len(problems)} problems, {len(problems) - len(todo)} already in {output}, "
-               f"{cfg.samples} responses each, forking tags ({style}, {cfg.tag_order} order): "
-               + (f"chosen by the model ({cfg.auto_choice}) among {list(tag_ids)}"
-                  if forks[0] == AUTO else
-                  f"{[data.fork_tag(f, style) if f else None for f in dict.fromkeys(forks)]}"))
-
-        bar = tqdm(total=len(todo), disable=rank != 0, desc="problems")
-        # problems strided over ranks; rank 0 alone writes, so each round's rows are gathered to it
-        for start in range(0, len(todo), world):
-            mine = todo[start + rank] if start + rank < len(todo) else None
-            row = None if mine is None else \
-                solve(model, tokenizer, mine[1], forks, tag_ids, stop_ids, cfg, cfg.seed + mine[0])
-            rows = [None] * world if rank == 0 else None
-            dist.gather_object(row, rows, dst=0)
-            if rank == 0:
-                for r in filter(None, rows):
-                    append_jsonl(output, r)
-                bar.update(sum(r is not None for r in rows))
-        bar.close()
+        tags = [data.fork_tag(f, style) if f else None for f in dict.fromkeys(forks)]
+        inferrun.start(cfg, problems, todo, output, style, tags, list(tag_ids), rank)
+        inferrun.solve_all(todo, lambda i, problem: solve(model, tokenizer, problem, forks, tag_ids,
+                                                          stop_ids, cfg, cfg.seed + i),
+                           output, rank, world)
         if rank == 0:  # the rows of this run's problems, scored
             by_id = {r.get("id"): r for r in evalfiles.read_rows(output)}
             return score.score_rows([by_id[p["id"]] for p in problems], output, cfg.set_size)
