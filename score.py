@@ -30,9 +30,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
-
-from plumbing import evalfiles
+from plumbing import evalfiles, votes
 from plumbing.files import DataError, write_json
 from plumbing.flags import check, parse_flags
 from plumbing.grader import grader_name, same_answer
@@ -101,54 +99,25 @@ def cons_at_k_first(completions, k):
     return majority_vote(in_turn(completions)[:k])
 
 
-CONS_EXACT = 5000  # cons@k averages every subset the tokens can give when there are at most this
-CONS_DRAWS = 1000  # else this many random draws (standard error <= 0.016 per problem)
-
-
-def cons_at_k(completions, k, draws=CONS_DRAWS):
+def cons_at_k(completions, k, draws=votes.CONS_DRAWS):
     """Cons@k of one problem, in [0, 1], the default: cons_at_k_first in expectation over WHICH of
-    its responses each token gives (each token gives as many as it has among the first k of
-    in_turn), computed in one vectorised pass over the problem's vote_groups. A function of the set
-    of responses, not of their order (the first k would change with a shuffle): the mean over every
-    subset the tokens can give when there are at most CONS_EXACT (k = n: the one subset of all
-    responses), else over `draws` uniform draws without replacement from a fixed-seed generator over
-    the responses sorted by content. completions: [{"pred", "correct", "fork"}]; raises ValueError
-    unless 1 <= k <= n."""
+    its responses each token gives (as many as it has among the first k of in_turn), so that the
+    order of the responses does not matter. The mean over every subset the tokens can give when
+    there are at most votes.CONS_EXACT (k = n: the one subset of all responses), else over `draws`
+    uniform draws of seed 0 (plumbing/votes.py). completions: [{"pred", "correct", "fork"}];
+    ValueError unless 1 <= k <= n."""
     if not 1 <= k <= len(completions):
         raise ValueError(f"cons@{k} needs 1 <= k <= {len(completions)} responses")
     label = {id(c): g for g, members in enumerate(vote_groups(completions)) for c in members}
     forks = forks_in_tag_order(c["fork"] for c in completions)
     give = Counter(c["fork"] for c in in_turn(completions)[:k])
-    # each token's responses by content: equal keys are interchangeable (same group, same grade)
-    by_fork = {f: sorted((c for c in completions if c["fork"] == f),
-                         key=lambda c: (c["pred"] or "", bool(c["correct"]))) for f in forks}
-    subsets = [math.comb(len(by_fork[f]), give[f]) for f in forks]
-    exact = math.prod(subsets) <= CONS_EXACT
-    draws = math.prod(subsets) if exact else draws
-    rng = np.random.default_rng(0)
-    votes = np.zeros((draws, max(label.values(), default=0) + 1))  # [draws, groups]: responses
-    right = np.zeros_like(votes)  # [draws, groups]: of them graded correct
-    for position, f in enumerate(forks):  # in tag order: nothing depends on the responses' order
-        mine = by_fork[f]
-        if exact:  # draw d takes the subsets numbered by unravelling d over the subset counts
-            choices = np.array(list(itertools.combinations(range(len(mine)), give[f])), dtype=int)
-            # [subsets of this token, responses it gives]
-            choices = choices.reshape(subsets[position], give[f])
-            picks = choices[np.unravel_index(np.arange(draws), subsets)[position]]
-        else:
-            picks = rng.random((draws, len(mine))).argsort(axis=1)[:, :give[f]]
-        # -1: no answer, never votes
-        groups = np.array([label.get(id(c), -1) for c in mine], dtype=int)[picks]
-        correct = np.array([bool(c["correct"]) for c in mine], dtype=float)[picks]
-        rows = np.broadcast_to(np.arange(draws)[:, None], picks.shape)
-        voting = groups >= 0
-        np.add.at(votes, (rows[voting], groups[voting]), 1)
-        np.add.at(right, (rows[voting], groups[voting]), correct[voting])
-    top = votes.max(axis=1, keepdims=True)
-    tied = (votes == top) & (top > 0)  # the largest groups; none when no response has an answer
-    worth = np.where(tied, right / np.maximum(votes, 1), 0).sum(axis=1)
-    worth = worth / np.maximum(tied.sum(axis=1), 1)
-    return float(worth.mean())
+    # each token's responses sorted by content: equal keys are interchangeable (same group, same
+    # grade), so no draw depends on the order in which the responses came
+    by_fork = [sorted((c for c in completions if c["fork"] == f),
+                      key=lambda c: (c["pred"] or "", bool(c["correct"]))) for f in forks]
+    return votes.mean_vote([[label.get(id(c), -1) for c in mine] for mine in by_fork],  # -1: none
+                           [[bool(c["correct"]) for c in mine] for mine in by_fork],
+                           [give[f] for f in forks], draws)
 
 
 # ----------------------------------------------------------------------------- metrics
