@@ -26,12 +26,11 @@ import itertools
 import math
 import os
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass
 
 from plumbing import evalfiles, votes
-from plumbing.files import DataError, write_json
+from plumbing.files import DataError
 from plumbing.flags import check, parse_flags
 from plumbing.grader import grader_name, same_answer
 
@@ -163,48 +162,34 @@ def problem_metrics(completions, set_size, tag_order=None, ks=None, native=True,
 
 
 def aggregate(rows, set_size, cons="expected"):
-    """Means over problems, plus per-fork accuracy and length. The metrics are those of the problem
-    with the most responses; each is averaged over the problems that have it (counts[metric]), and
-    problems with fewer responses are named in a warning on stderr."""
+    """Means over problems of problem_metrics, plus per_fork: each forking token's accuracy and
+    mean length (Figure 5). The metrics are those of the problem with the most responses; each is
+    averaged over the problems that have it (counts[metric]), the others are named on stderr."""
     # a row with fork_policy: the model chose its tags, so no native sets
     per_problem = [problem_metrics(r["completions"], set_size, r.get("tag_order"),
                                    native="fork_policy" not in r, cons=cons) for r in rows]
+    evalfiles.warn_fewer_responses(rows)
     sizes = [len(r["completions"]) for r in rows]
-    short = [str(r.get("id", i)) for i, (r, n) in enumerate(zip(rows, sizes)) if n < max(sizes)]
-    if short:
-        print(f"warning: {len(short)} of {len(rows)} problems have fewer than {max(sizes)} "
-              f"responses ({', '.join(short[:10])}{', ...' if len(short) > 10 else ''}); each "
-              "metric is averaged over the problems that have enough responses (see counts)",
-              file=sys.stderr)
     out, counts = {}, {}
     for k in per_problem[sizes.index(max(sizes))]:
         values = [m[k] for m in per_problem if k in m]
         out[k], counts[k] = sum(values) / len(values), len(values)
     responses = [c for r in rows for c in r["completions"]]
+    forks = forks_in_tag_order(c["fork"] for c in responses)
     out.update(problems=len(rows), responses=len(responses), counts=counts,
-               unparseable=sum(not c["pred"] for c in responses) / len(responses))
-    unit = "tokens" if all("tokens" in c for c in responses) else "chars"
-    out["per_fork"] = {}
-    for fork in [f or "none" for f in forks_in_tag_order(c["fork"] for c in responses)]:
-        mine = [c for c in responses if (c["fork"] or "none") == fork]
-        lengths = [c["tokens"] if unit == "tokens" else len(c["text"]) for c in mine]
-        out["per_fork"][fork] = {"responses": len(mine),
-                                 "accuracy": sum(c["correct"] for c in mine) / len(mine),
-                                 f"mean_{unit}": sum(lengths) / len(mine)}
+               unparseable=sum(not c["pred"] for c in responses) / len(responses),
+               per_fork=evalfiles.per_fork(responses, forks))
     return out
 
 
 def score_rows(rows, path, set_size, out="", cons="expected"):
-    """Metrics of `rows` (one per problem, graded by read_rows or grade), with the grader's name,
-    written to `out` (default: beside the rows file `path`) and printed."""
+    """Metrics of `rows` (one per problem, graded by read_rows or grader.grade) with the grader's
+    name, written to `out` (default: beside the rows file `path`) and printed; DataError for no
+    rows."""
     if not rows:
         raise DataError(f"{path}: no rows to score")
     metrics = {**aggregate(rows, set_size, cons), "grader": grader_name(), "cons": cons}
-    if evalfiles.label_agreement(rows) is not None:
-        metrics["label_agreement"] = evalfiles.label_agreement(rows)
-    write_json(out or path.removesuffix(".jsonl") + ".metrics.json", metrics)
-    evalfiles.print_table(metrics, path)
-    return metrics
+    return evalfiles.report(metrics, rows, path, out)
 
 
 # ----------------------------------------------------------------------------- main

@@ -7,13 +7,16 @@ prompts for evaluation files, the question as it is for training layouts (as in 
 authors' protocol for their released checkpoint (`OFFICIAL`: text tags, block order, their sample
 counts) is defined here too. Rows (`read_rows`): infer.py's rows, sampled responses with labels
 (math_cot_100x8.jsonl) and several models' solutions (gsm8k_test_4models.jsonl), each graded afresh.
+score.py's report of them is here too: the warning for short problems, the per-fork summary, the
+metrics file and the printed table.
 """
 import json
 import os
 import random
+import sys
 
 from plumbing import datafiles, grader
-from plumbing.files import DataError, changed_settings, read_jsonl
+from plumbing.files import DataError, changed_settings, read_jsonl, write_json
 
 
 # LightEval's prompts, verbatim (two spaces after "clearly."); {question} is the problem's text
@@ -219,3 +222,39 @@ def label_agreement(rows):
     without labels."""
     labelled = [c for r in rows for c in r["completions"] if isinstance(c.get("label"), bool)]
     return sum(c["label"] == bool(c["correct"]) for c in labelled) / len(labelled) if labelled else None
+
+
+def warn_fewer_responses(rows):
+    """Names on stderr the problems with fewer responses than the most any row has: score.py
+    averages each metric over the problems that have it (its counts)."""
+    sizes = [len(r["completions"]) for r in rows]
+    short = [str(r.get("id", i)) for i, (r, n) in enumerate(zip(rows, sizes)) if n < max(sizes)]
+    if short:
+        print(f"warning: {len(short)} of {len(rows)} problems have fewer than {max(sizes)} "
+              f"responses ({', '.join(short[:10])}{', ...' if len(short) > 10 else ''}); each "
+              "metric is averaged over the problems that have enough responses (see counts)",
+              file=sys.stderr)
+
+
+def per_fork(responses, forks):
+    """{fork or "none": {"responses", "accuracy", "mean_tokens" or "mean_chars"}} of graded
+    responses, for `forks` in the order given (score.py: tag order; Figure 5). The length is in
+    tokens where every response has its count, else in characters."""
+    unit = "tokens" if all("tokens" in c for c in responses) else "chars"
+    out = {}
+    for fork in [f or "none" for f in forks]:
+        mine = [c for c in responses if (c["fork"] or "none") == fork]
+        lengths = [c["tokens"] if unit == "tokens" else len(c["text"]) for c in mine]
+        out[fork] = {"responses": len(mine), "accuracy": sum(c["correct"] for c in mine) / len(mine),
+                     f"mean_{unit}": sum(lengths) / len(mine)}
+    return out
+
+
+def report(metrics, rows, path, out=""):
+    """score.py's output: `metrics` plus label_agreement where the rows have labels, written as
+    JSON to `out` (default: beside the rows file `path`) and printed as print_table; returned."""
+    if label_agreement(rows) is not None:
+        metrics["label_agreement"] = label_agreement(rows)
+    write_json(out or path.removesuffix(".jsonl") + ".metrics.json", metrics)
+    print_table(metrics, path)
+    return metrics
