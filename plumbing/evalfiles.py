@@ -7,16 +7,13 @@ prompts for evaluation files, the question as it is for training layouts (as in 
 authors' protocol for their released checkpoint (`OFFICIAL`: text tags, block order, their sample
 counts) is defined here too. Rows (`read_rows`): infer.py's rows, sampled responses with labels
 (math_cot_100x8.jsonl) and several models' solutions (gsm8k_test_4models.jsonl), each graded afresh.
-score.py's report of them is here too: the warning for short problems, the per-fork summary, the
-metrics file and the printed table.
 """
 import json
 import os
 import random
-import sys
 
 from plumbing import datafiles, grader
-from plumbing.files import DataError, changed_settings, read_jsonl, write_json
+from plumbing.files import DataError, changed_settings, read_jsonl
 
 
 # LightEval's prompts, verbatim (two spaces after "clearly."); {question} is the problem's text
@@ -197,64 +194,3 @@ def resumable(output, cfg, same_on_resume):
                          f"{', '.join(f'--{k} {v!r}' for k, v in changed.items())}: "
                          "pass the same values to resume, or a new --output")
     return done
-
-
-def print_table(metrics, title):
-    """Prints score.py's metrics table: the problem-level metrics in %, then each forking token's accuracy."""
-    print(f"{title}: {metrics['problems']} problems, {metrics['responses']} responses, "
-          f"{100 * metrics['unparseable']:.1f}% without an answer, graded by {metrics.get('grader', '?')}")
-    n = max(int(k[5:]) for k in metrics if k.startswith("pass@"))
-    shown = [k for k in metrics if k == "pass@1" or k.startswith(("cons@", "native_cons@"))
-             or k.startswith("pass@") and int(k[5:]) in {2 ** i for i in range(n.bit_length())} | {n}]
-    counts = metrics.get("counts", {})
-    for k in shown:
-        over = f"  (over {counts[k]} problems)" if counts.get(k, metrics["problems"]) < metrics["problems"] else ""
-        print(f"  {k:<16} {100 * metrics[k]:6.2f}{over}")
-    for fork, s in metrics["per_fork"].items():
-        length = ", ".join(f"{k[5:]} {v:.0f}" for k, v in s.items() if k.startswith("mean_"))
-        print(f"  {fork:<16} {100 * s['accuracy']:6.2f}  ({s['responses']} responses, mean {length})")
-    if "label_agreement" in metrics:
-        print(f"  graded as the file's labels: {100 * metrics['label_agreement']:.2f}% of responses")
-
-
-def label_agreement(rows):
-    """The share of labelled responses (sampled and models layouts) graded as their labels say; None
-    without labels."""
-    labelled = [c for r in rows for c in r["completions"] if isinstance(c.get("label"), bool)]
-    return sum(c["label"] == bool(c["correct"]) for c in labelled) / len(labelled) if labelled else None
-
-
-def warn_fewer_responses(rows):
-    """Names on stderr the problems with fewer responses than the most any row has: score.py
-    averages each metric over the problems that have it (its counts)."""
-    sizes = [len(r["completions"]) for r in rows]
-    short = [str(r.get("id", i)) for i, (r, n) in enumerate(zip(rows, sizes)) if n < max(sizes)]
-    if short:
-        print(f"warning: {len(short)} of {len(rows)} problems have fewer than {max(sizes)} "
-              f"responses ({', '.join(short[:10])}{', ...' if len(short) > 10 else ''}); each "
-              "metric is averaged over the problems that have enough responses (see counts)",
-              file=sys.stderr)
-
-
-def per_fork(responses, forks):
-    """{fork or "none": {"responses", "accuracy", "mean_tokens" or "mean_chars"}} of graded
-    responses, for `forks` in the order given (score.py: tag order; Figure 5). The length is in
-    tokens where every response has its count, else in characters."""
-    unit = "tokens" if all("tokens" in c for c in responses) else "chars"
-    out = {}
-    for fork in [f or "none" for f in forks]:
-        mine = [c for c in responses if (c["fork"] or "none") == fork]
-        lengths = [c["tokens"] if unit == "tokens" else len(c["text"]) for c in mine]
-        out[fork] = {"responses": len(mine), "accuracy": sum(c["correct"] for c in mine) / len(mine),
-                     f"mean_{unit}": sum(lengths) / len(mine)}
-    return out
-
-
-def report(metrics, rows, path, out=""):
-    """score.py's output: `metrics` plus label_agreement where the rows have labels, written as
-    JSON to `out` (default: beside the rows file `path`) and printed as print_table; returned."""
-    if label_agreement(rows) is not None:
-        metrics["label_agreement"] = label_agreement(rows)
-    write_json(out or path.removesuffix(".jsonl") + ".metrics.json", metrics)
-    print_table(metrics, path)
-    return metrics
