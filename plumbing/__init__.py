@@ -16,4 +16,5 @@
     grader     reading a response's answer and judging it against the gold (math-verify)
     matchstats the configuration counts of Appendix A.2 (matching.json)
     figures    the PNGs select_token.py and gfpo.py draw
+    select_report select_token.py's matching.json checks, its printed table and its figures
 """
