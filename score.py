@@ -1,76 +1,55 @@
 """The paper's metrics: Pass@1, Cons@k, Pass@k and Pass@1 of Native Cons@N (Section 2.3, Table 1).
 
-Each response is graded by plumbing/grader.py (its answer, and whether it equals the gold). The
-metrics are computed per problem and averaged over problems (Table 1, Figures 4 and 5):
+Computed per problem and averaged over problems (Table 1, Figures 4 and 5), from rows read by
+plumbing/evalfiles.py and always re-graded from the text by plumbing/grader.py (docs/grading.md):
     pass@1         mean correctness of the n responses ("average of 32 generations")
-    cons@k         majority vote of k responses taken in turn over the forking tokens (one of each
-                   token, then a second of each, ...), for k = 2, 4, 8, ... and n
+    cons@k         majority vote of k responses taken in turn over the forking tokens, k = 2, 4, 8,
+                   ... n: the paper's first k (--cons first) or its expectation (--cons expected)
     pass@k         Chen et al. (2021)'s unbiased 1 - C(n-c, k) / C(n, k), every k <= n (Figure 4)
     native_cons@N  sets of N responses, one per forking token, majority-voted and averaged over the
                    sets ("Pass@1 of Native Cons@6"; the paper's 11 sets of N = 6 take --samples 66)
     per_fork       accuracy and mean response length of each forking token (Figure 5)
-A vote groups answers the grader finds equal; the largest group wins and is worth the share of its
-responses graded correct, a tie is worth the mean of the tied groups (a fair coin's expectation), a
-response without an answer never votes, and a vote with no answer counts as wrong.
-
-The paper's Cons@k votes the first k responses (`cons_at_k_first`, --cons first). That depends on
-which responses came first; the default (--cons expected, `cons_at_k`) is its expectation over which
-of its responses each token gives, so that no metric changes when the responses are shuffled (for
-k = n the two are one vote). Rows files (infer.py's, sampled, models' solutions) are read by
-plumbing/evalfiles.py; scoring always re-grades from the text (docs/grading.md).
 
     python score.py eval/ssft/aime24.all.jsonl --set_size 6   # eval/ssft/aime24.all.metrics.json
     python score.py ../shared/data/math_cot_100x8.jsonl --set_size 8   # -> eval/math_cot_100x8...
 """
 import itertools
 import math
-import os
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
-
-from plumbing import evalfiles
-from plumbing.files import DataError, write_json
+from plumbing import evalfiles, score_report, votes
+from plumbing.files import DataError
 from plumbing.flags import check, parse_flags
 from plumbing.grader import grader_name, same_answer
 
 
-# ----------------------------------------------------------------------------- votes
-
 def pass_at_k(n, c, k):
     """Unbiased pass@k of Chen et al. (2021): 1 - C(n-c, k) / C(n, k), as a stable product."""
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+    return 1.0 if n - c < k else 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def vote_groups(completions):
-    """The responses that vote, grouped: answers found equal by `same_answer` (in either order of
-    the responses) are one group, and so are chains of them. [[completion, ...], ...], largest
-    first, then by their smallest answer: a function of the set of responses, not of their order."""
+    """The responses that vote, grouped: answers found equal by `same_answer` (in either order) are
+    one group, and so are chains of them. [[completion, ...], ...], largest first, then by their
+    smallest answer: a function of the set of responses, not of their order."""
     answers = sorted({c["pred"] for c in completions if c["pred"]})
     group_of = {}
     for i, a in enumerate(answers):  # connected components: each joins the earlier ones it equals
         linked = {group_of[b] for b in answers[:i] if same_answer(a, b)}
         target = min(linked, default=a)
-        for b, g in group_of.items():
-            if g in linked:
-                group_of[b] = target
-        group_of[a] = target
+        group_of = {b: target if g in linked else g for b, g in group_of.items()} | {a: target}
     groups = {}
-    for c in completions:
-        if c["pred"]:
-            groups.setdefault(group_of[c["pred"]], []).append(c)
+    for c in (c for c in completions if c["pred"]):
+        groups.setdefault(group_of[c["pred"]], []).append(c)
     return [groups[k] for k in sorted(groups, key=lambda k: (-len(groups[k]), k))]
 
 
 def majority_vote(completions):
-    """The vote of `completions` ([{"pred", "correct"}]), in [0, 1]: the largest group's share of
-    correct responses, averaged over the largest groups when they tie; 0.0 when none has an
-    answer."""
+    """The vote of `completions` ([{"pred", "correct"}]), in [0, 1]: the largest vote group's share
+    of correct responses, averaged over the largest groups when they tie (a fair coin's
+    expectation); 0.0 when none has an answer, for a response without one never votes."""
     groups = vote_groups(completions)
     top = [g for g in groups if len(g) == len(groups[0])] if groups else []
     return sum(sum(bool(c["correct"]) for c in g) / len(g) for g in top) / len(top) if top else 0.0
@@ -101,57 +80,23 @@ def cons_at_k_first(completions, k):
     return majority_vote(in_turn(completions)[:k])
 
 
-CONS_EXACT = 5000  # cons@k averages every subset the tokens can give when there are at most this
-CONS_DRAWS = 1000  # else this many random draws (standard error <= 0.016 per problem)
-
-
-def cons_at_k(completions, k, draws=CONS_DRAWS):
+def cons_at_k(completions, k, draws=votes.CONS_DRAWS):
     """Cons@k of one problem, in [0, 1], the default: cons_at_k_first in expectation over WHICH of
-    its responses each token gives (each token gives as many as it has among the first k of
-    in_turn), computed in one vectorised pass over the problem's vote_groups. A function of the set
-    of responses, not of their order (the first k would change with a shuffle): the mean over every
-    subset the tokens can give when there are at most CONS_EXACT (k = n: the one subset of all
-    responses), else over `draws` uniform draws without replacement from a fixed-seed generator over
-    the responses sorted by content. completions: [{"pred", "correct", "fork"}]; raises ValueError
-    unless 1 <= k <= n."""
+    its responses each token gives (as many as among the first k of in_turn), so no shuffle changes
+    it: exact up to votes.CONS_EXACT subsets (k = n: one), else `draws` seeded draws (votes.py).
+    completions: [{"pred", "correct", "fork"}]; ValueError unless 1 <= k <= n."""
     if not 1 <= k <= len(completions):
         raise ValueError(f"cons@{k} needs 1 <= k <= {len(completions)} responses")
     label = {id(c): g for g, members in enumerate(vote_groups(completions)) for c in members}
     forks = forks_in_tag_order(c["fork"] for c in completions)
     give = Counter(c["fork"] for c in in_turn(completions)[:k])
-    # each token's responses by content: equal keys are interchangeable (same group, same grade)
-    by_fork = {f: sorted((c for c in completions if c["fork"] == f),
-                         key=lambda c: (c["pred"] or "", bool(c["correct"]))) for f in forks}
-    subsets = [math.comb(len(by_fork[f]), give[f]) for f in forks]
-    exact = math.prod(subsets) <= CONS_EXACT
-    draws = math.prod(subsets) if exact else draws
-    rng = np.random.default_rng(0)
-    votes = np.zeros((draws, max(label.values(), default=0) + 1))  # [draws, groups]: responses
-    right = np.zeros_like(votes)  # [draws, groups]: of them graded correct
-    for position, f in enumerate(forks):  # in tag order: nothing depends on the responses' order
-        mine = by_fork[f]
-        if exact:  # draw d takes the subsets numbered by unravelling d over the subset counts
-            choices = np.array(list(itertools.combinations(range(len(mine)), give[f])), dtype=int)
-            # [subsets of this token, responses it gives]
-            choices = choices.reshape(subsets[position], give[f])
-            picks = choices[np.unravel_index(np.arange(draws), subsets)[position]]
-        else:
-            picks = rng.random((draws, len(mine))).argsort(axis=1)[:, :give[f]]
-        # -1: no answer, never votes
-        groups = np.array([label.get(id(c), -1) for c in mine], dtype=int)[picks]
-        correct = np.array([bool(c["correct"]) for c in mine], dtype=float)[picks]
-        rows = np.broadcast_to(np.arange(draws)[:, None], picks.shape)
-        voting = groups >= 0
-        np.add.at(votes, (rows[voting], groups[voting]), 1)
-        np.add.at(right, (rows[voting], groups[voting]), correct[voting])
-    top = votes.max(axis=1, keepdims=True)
-    tied = (votes == top) & (top > 0)  # the largest groups; none when no response has an answer
-    worth = np.where(tied, right / np.maximum(votes, 1), 0).sum(axis=1)
-    worth = worth / np.maximum(tied.sum(axis=1), 1)
-    return float(worth.mean())
+    # sorted by content: equal keys are interchangeable (same group, same grade), order is moot
+    by_fork = [sorted((c for c in completions if c["fork"] == f),
+                      key=lambda c: (c["pred"] or "", bool(c["correct"]))) for f in forks]
+    return votes.mean_vote([[label.get(id(c), -1) for c in mine] for mine in by_fork],  # -1: none
+                           [[bool(c["correct"]) for c in mine] for mine in by_fork],
+                           [give[f] for f in forks], draws)
 
-
-# ----------------------------------------------------------------------------- metrics
 
 def fair_split_counts(total, parts):
     """Responses per forking token in the authors' block order: 10 over 3 -> [4, 3, 3]."""
@@ -163,7 +108,7 @@ def native_sets(completions, set_size, tag_order=None):
     """Native Cons@N sets, each using every forking token once. With >= 2 forking tokens, set j =
     the j-th response of each token, whatever the row order (for block order: the authors' {j +
     kS}). Without forks, tag_order "block" splits the n responses into `set_size` token blocks as
-    the authors do and set j takes the j-th of each block; else consecutive blocks of `set_size`."""
+    the authors do and set j takes the j-th of each block; else consecutive `set_size` blocks."""
     forks = forks_in_tag_order(c["fork"] for c in completions if c["fork"])
     if len(forks) >= 2:
         return [list(s) for s in zip(*[[c for c in completions if c["fork"] == f] for f in forks])]
@@ -175,17 +120,14 @@ def native_sets(completions, set_size, tag_order=None):
             for i in range(0, len(completions) - set_size + 1, set_size)]
 
 
-
 def problem_metrics(completions, set_size, tag_order=None, ks=None, native=True, cons="expected"):
-    """{metric: value} of one problem's responses; values in [0, 1]. cons@k for k in `ks` (default
-    2, 4, 8, ... and n; cons_at_k, or cons_at_k_first with cons "first"), pass@k for every k in
-    2..n, native_cons@N over native_sets unless `native` is false (responses whose tags the model
-    chose: infer.py --fork auto)."""
+    """{metric: value in [0, 1]} of one problem's responses: cons@k for k in `ks` (default 2, 4, 8,
+    ... and n; cons_at_k, or cons_at_k_first with cons "first"), pass@k for k in 2..n and
+    native_cons@N over native_sets unless `native` is false (tags the model chose: --fork auto)."""
     n, c = len(completions), sum(bool(x["correct"]) for x in completions)
-    m = {"pass@1": c / n}
-    for k in sorted(ks or {2 ** i for i in range(1, n.bit_length())} | {n}):
-        vote = cons_at_k if cons == "expected" else cons_at_k_first
-        m[f"cons@{k}"] = vote(completions, k)
+    vote = cons_at_k if cons == "expected" else cons_at_k_first
+    ks = sorted(ks or {2 ** i for i in range(1, n.bit_length())} | {n})
+    m = {"pass@1": c / n, **{f"cons@{k}": vote(completions, k) for k in ks}}
     m.update({f"pass@{k}": pass_at_k(n, c, k) for k in range(2, n + 1)})
     sets = native_sets(completions, set_size, tag_order) if native else []
     if sets:
@@ -194,51 +136,23 @@ def problem_metrics(completions, set_size, tag_order=None, ks=None, native=True,
 
 
 def aggregate(rows, set_size, cons="expected"):
-    """Means over problems, plus per-fork accuracy and length. The metrics are those of the problem
-    with the most responses; each is averaged over the problems that have it (counts[metric]), and
-    problems with fewer responses are named in a warning on stderr."""
+    """Means over problems of problem_metrics (Table 1), each over the problems that have it, with
+    per_fork: each forking token's accuracy and mean length (Figure 5). See score_report.summary."""
     # a row with fork_policy: the model chose its tags, so no native sets
     per_problem = [problem_metrics(r["completions"], set_size, r.get("tag_order"),
                                    native="fork_policy" not in r, cons=cons) for r in rows]
-    sizes = [len(r["completions"]) for r in rows]
-    short = [str(r.get("id", i)) for i, (r, n) in enumerate(zip(rows, sizes)) if n < max(sizes)]
-    if short:
-        print(f"warning: {len(short)} of {len(rows)} problems have fewer than {max(sizes)} "
-              f"responses ({', '.join(short[:10])}{', ...' if len(short) > 10 else ''}); each "
-              "metric is averaged over the problems that have enough responses (see counts)",
-              file=sys.stderr)
-    out, counts = {}, {}
-    for k in per_problem[sizes.index(max(sizes))]:
-        values = [m[k] for m in per_problem if k in m]
-        out[k], counts[k] = sum(values) / len(values), len(values)
-    responses = [c for r in rows for c in r["completions"]]
-    out.update(problems=len(rows), responses=len(responses), counts=counts,
-               unparseable=sum(not c["pred"] for c in responses) / len(responses))
-    unit = "tokens" if all("tokens" in c for c in responses) else "chars"
-    out["per_fork"] = {}
-    for fork in [f or "none" for f in forks_in_tag_order(c["fork"] for c in responses)]:
-        mine = [c for c in responses if (c["fork"] or "none") == fork]
-        lengths = [c["tokens"] if unit == "tokens" else len(c["text"]) for c in mine]
-        out["per_fork"][fork] = {"responses": len(mine),
-                                 "accuracy": sum(c["correct"] for c in mine) / len(mine),
-                                 f"mean_{unit}": sum(lengths) / len(mine)}
-    return out
+    forks = forks_in_tag_order(c["fork"] for r in rows for c in r["completions"])
+    return score_report.summary(rows, per_problem, forks)
 
 
 def score_rows(rows, path, set_size, out="", cons="expected"):
-    """Metrics of `rows` (one per problem, graded by read_rows or grade), with the grader's name,
-    written to `out` (default: beside the rows file `path`) and printed."""
+    """aggregate's metrics of `rows` (graded by read_rows or grader.grade) with the grader's name,
+    written to `out` (default: beside the rows file `path`) and printed; DataError for no rows."""
     if not rows:
         raise DataError(f"{path}: no rows to score")
     metrics = {**aggregate(rows, set_size, cons), "grader": grader_name(), "cons": cons}
-    if evalfiles.label_agreement(rows) is not None:
-        metrics["label_agreement"] = evalfiles.label_agreement(rows)
-    write_json(out or path.removesuffix(".jsonl") + ".metrics.json", metrics)
-    evalfiles.print_table(metrics, path)
-    return metrics
+    return score_report.report(metrics, rows, path, out)
 
-
-# ----------------------------------------------------------------------------- main
 
 @dataclass
 class Config:
@@ -260,11 +174,7 @@ def parse_config(argv=None):
 
 def main(cfg):
     rows = evalfiles.read_rows(cfg.rows)
-    beside = cfg.rows.removesuffix(".jsonl") + ".metrics.json"
-    if not cfg.out and any("layout" in r for r in rows):  # a labelled data file: under eval/
-        beside = os.path.join("eval", os.path.basename(beside))
-    out = cfg.out or beside
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    out = score_report.metrics_path(cfg.rows, rows, cfg.out)
     return score_rows(rows, cfg.rows, cfg.set_size, out, cfg.cons)
 
 

@@ -194,28 +194,3 @@ def resumable(output, cfg, same_on_resume):
                          f"{', '.join(f'--{k} {v!r}' for k, v in changed.items())}: "
                          "pass the same values to resume, or a new --output")
     return done
-
-
-def print_table(metrics, title):
-    """Prints score.py's metrics table: the problem-level metrics in %, then each forking token's accuracy."""
-    print(f"{title}: {metrics['problems']} problems, {metrics['responses']} responses, "
-          f"{100 * metrics['unparseable']:.1f}% without an answer, graded by {metrics.get('grader', '?')}")
-    n = max(int(k[5:]) for k in metrics if k.startswith("pass@"))
-    shown = [k for k in metrics if k == "pass@1" or k.startswith(("cons@", "native_cons@"))
-             or k.startswith("pass@") and int(k[5:]) in {2 ** i for i in range(n.bit_length())} | {n}]
-    counts = metrics.get("counts", {})
-    for k in shown:
-        over = f"  (over {counts[k]} problems)" if counts.get(k, metrics["problems"]) < metrics["problems"] else ""
-        print(f"  {k:<16} {100 * metrics[k]:6.2f}{over}")
-    for fork, s in metrics["per_fork"].items():
-        length = ", ".join(f"{k[5:]} {v:.0f}" for k, v in s.items() if k.startswith("mean_"))
-        print(f"  {fork:<16} {100 * s['accuracy']:6.2f}  ({s['responses']} responses, mean {length})")
-    if "label_agreement" in metrics:
-        print(f"  graded as the file's labels: {100 * metrics['label_agreement']:.2f}% of responses")
-
-
-def label_agreement(rows):
-    """The share of labelled responses (sampled and models layouts) graded as their labels say; None
-    without labels."""
-    labelled = [c for r in rows for c in r["completions"] if isinstance(c.get("label"), bool)]
-    return sum(c["label"] == bool(c["correct"]) for c in labelled) / len(labelled) if labelled else None
