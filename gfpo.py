@@ -1,12 +1,11 @@
 """Global Forking Policy Optimization (GFPO, arXiv 2510.05132 v3): after SSFT, reinforcement
 learning on the global forking token only, so that the model picks the reasoning mode per question.
 
-The policy is the model's distribution over its N tags right after the generation prompt,
-renormalised over the tags (policy.py): pi(i | x) = softmax_i log p(g_i | x). Each step takes B
-distinct questions with gold answers and, on every rank alike,
+The policy is pi(i | x) = softmax_i log p(g_i | x), the model's distribution over its N tags right
+after the generation prompt, renormalised over the tags (policy.py). Each step takes B distinct
+questions with gold answers and, on every rank alike,
   1. rollouts (no grad): G tags g_1..g_G drawn from pi (at --fork_temperature), one response per
-     tag (T = 0.7, top_p 0.95), a rank's B/ranks x G responses decoded together, each graded:
-     r_k = 1 if correct else 0;
+     tag (T = 0.7, top_p 0.95), each graded: r_k = 1 if correct else 0;
   2. group-relative advantages, as GRPO: A_k = (r_k - mean r) / (std r + eps) over the question's G
      samples (--advantage mean: r_k - mean r);
   3. one optimiser step (on-policy) on
@@ -18,22 +17,17 @@ distinct questions with gold answers and, on every rank alike,
 
 Left out of GRPO as usually run: the action is one tag, not a response, so there is no ratio or
 clip (one step per rollout batch, exactly on-policy) and no per-token KL. Added: a response cut at
---max_new_tokens gets --truncated_reward; every forward runs in eval mode; a response never samples
-a forking token; --trainable tag_rows trains only the tags' output rows: responses cannot change.
+--max_new_tokens gets --truncated_reward; every forward runs in eval mode; no response samples a
+forking token; --trainable tag_rows trains the tags' output rows alone: responses cannot change.
 
     python train.py && python gfpo.py --model out/ssft/final    # toy: 40 steps of 16 x 8, CPU
     python infer.py --model out/gfpo/final --data toy --fork auto --samples 16 --max_new_tokens 64
     python gfpo.py --model out/ssft-32b/final --plan 8x141       # rollout memory and hours
     torchrun --standalone --nproc_per_node 8 gfpo.py --model out/ssft-32b/final \\
         --data dapo-math-17k.parquet --out_dir out/gfpo-32b          # 10 steps of 32 questions x 8
-
 Rerunning a command on its --out_dir resumes from the last complete checkpoint.
 """
-import dataclasses
-import json
-import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -43,11 +37,11 @@ import torch.distributed as dist
 import data
 import policy
 import toy
-from plumbing import decoding, evalfiles, figures, fsdp, gfporun, grader, memory_report, runs
-from plumbing.batching import pad_id_of
-from plumbing.files import DataError, model_problem
+from plumbing import fsdp, gfporun, grader, memory_report, runs
+from plumbing.files import model_problem
 from plumbing.flags import check, parse_flags
-from plumbing.ranks import all_sum, close_distributed, init_distributed, print0, stage_run
+from plumbing.gfpodecoding import decoding_setup, respond
+from plumbing.ranks import all_sum, print0
 
 
 @dataclass
@@ -59,8 +53,7 @@ class Config:
     steps: int = 10  # optimiser steps, one per rollout batch (SSFT-32B-GFPO: 10) (toy: 40)
     batch_size: int = 32  # B, distinct questions per step over all ranks (toy: 16)
     group_size: int = 8  # G, tags sampled (and responses generated) per question, >= 2
-    lr: float = 1e-6  # Adam learning rate, constant (toy: 1e-5, 1e-3 with tag_rows; 3e-5 damaged
-    # the toy's responses under all)
+    lr: float = 1e-6  # Adam lr, constant (toy: 1e-5, 1e-3 with tag_rows; 3e-5 hurt its responses)
     beta: float = 0.0  # weight of KL(pi || pi_start) over the N tags
     advantage: str = "std"  # std: (r - mean) / (std + eps), GRPO's; mean: r - mean
     eps: float = 1e-4  # added to the group's standard deviation
@@ -149,28 +142,13 @@ def policy_update(model, prompts, tags, advantages, logpi_start, beta, temperatu
 # ----------------------------------------------------------------------------- rollouts
 
 def reward(text, finished, gold, truncated_reward):
-    """1.0 if the response's answer is right, else 0.0. A response cut at --max_new_tokens
-    (finished False): with "grade" the grader's rule for cut responses, as infer.py and score.py
-    grade it (an answer only after a closed </think>: one boxed mid-thought is no answer); with
-    "zero" always 0."""
+    """1.0 if the response's answer is right, else 0.0. A response cut at --max_new_tokens (finished
+    False): "grade" applies the grader's rule for cut responses, as infer.py and score.py do (an
+    answer only after a closed </think>: one boxed mid-thought is no answer); "zero" gives 0."""
     if not finished and truncated_reward == "zero":
         return 0.0
     _, correct = grader.grade(text, gold["gold"], gold["kind"], finished, gold["prompt"])
     return float(correct)
-
-
-def respond(model, prompts, golds, starts, generator, cfg, ctx):
-    """One graded response per entry of starts [B][k] (forced tag token ids), all decoded together,
-    ctx["rows"] at a time, with the weights gathered (gfporun.decoding_weights). Returns (rewards,
-    tokens, truncated): [B, k] each."""
-    with gfporun.decoding_weights(model, ctx["keep_gathered"], ctx["device"], ctx["pad_id"]) as lm:
-        out = decoding.generate_many(lm, prompts, starts, cfg.max_new_tokens, cfg.temperature,
-                                     cfg.top_p, ctx["stop_ids"], generator, ctx["rows"],
-                                     ctx["banned"], ctx["pad_id"])
-    rewards = [[reward(ctx["tokenizer"].decode(ids), done, gold, cfg.truncated_reward)
-                for ids, done in row] for row, gold in zip(out, golds)]
-    return (torch.tensor(rewards), torch.tensor([[len(ids) for ids, _ in row] for row in out]),
-            torch.tensor([[not done for _, done in row] for row in out]))
 
 
 @torch.no_grad()
@@ -183,7 +161,7 @@ def rollouts(model, prompts, golds, tag_generators, generator, cfg, ctx):
     tags = torch.cat([policy.choose_tags(logpi_t[q:q + 1], cfg.group_size, False, g)
                       for q, g in enumerate(tag_generators)])
     starts = [[ctx["fork_ids"][t] for t in row] for row in tags.tolist()]
-    rewards, tokens, truncated = respond(model, prompts, golds, starts, generator, cfg, ctx)
+    rewards, tokens, truncated = respond(model, prompts, golds, starts, generator, cfg, ctx, reward)
     return {"logpi": policy.log_policy(scored["tag_logits"]), "mass": scored["log_mass"].exp(),
             "tags": tags, "rewards": rewards, "tokens": tokens, "truncated": truncated}
 
@@ -192,107 +170,52 @@ def rollouts(model, prompts, golds, tag_generators, generator, cfg, ctx):
 def held_out_pass(model, prompts, golds, generator, cfg, ctx, rank, world):
     """Pass@1 of held-out questions with the model's own tag (the argmax of pi, as infer.py --fork
     auto): --eval_samples responses each, the questions strided over the ranks."""
-    mine = list(range(rank, len(prompts), world))
-    counted = len(mine)
-    mine += [0] * (math.ceil(len(prompts) / world) - counted)  # equal forwards; not counted
+    mine, counted = gfporun.strided(len(prompts), rank, world)  # equal forwards; pads not counted
     prompts, golds = [prompts[i] for i in mine], [golds[i] for i in mine]
     own = policy.tag_logits(model, prompts, cfg.micro_batch)["tag_logits"].argmax(-1).tolist()
     starts = [[ctx["fork_ids"][t]] * cfg.eval_samples for t in own]
-    rewards = respond(model, prompts, golds, starts, generator, cfg, ctx)[0][:counted]
+    rewards = respond(model, prompts, golds, starts, generator, cfg, ctx, reward)[0][:counted]
     right, total = all_sum([rewards.sum().item(), rewards.numel()], ctx["device"])
     return right / total
 
 
 # ----------------------------------------------------------------------------- main
 
-def load_questions(path, cfg, held_out=False):
-    """[{"id", "prompt", "gold", "kind", "template"}] of a question file (evaluation or training
-    layouts, DAPO-Math-17k) or of the toy: its training questions, or its held-out ones."""
-    records = None if path != "toy" else toy.held_out_records(cfg.eval_questions) if held_out \
-        else toy.training_records(cfg.toy_questions, cfg.seed)
-    return evalfiles.load_problems(path, cfg.instruction, cfg.eval_questions * held_out, records)
-
-
 def prepare(cfg):
-    """Every check that needs no model, on every rank alike: the SSFT model's ssft.json and tags,
-    the questions, --out_dir. Returns the run's dict: questions and prompts (training and
-    held-out), tokenizer, fork ids, ssft.json's record."""
-    forks, tokenizer = gfporun.read_ssft(cfg.model, cfg.trainable, data.count_fork_tokens,
-                                         cfg.trust_remote_code)
-    questions = load_questions(cfg.data, cfg)
-    eval_data = cfg.eval_data or ("toy" if cfg.data == "toy" else "")
-    held_out = load_questions(eval_data, cfg, held_out=True) if eval_data and cfg.eval_every else []
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if cfg.batch_size % world or cfg.batch_size > len(questions):
-        raise DataError(f"--batch_size {cfg.batch_size} must be a multiple of the {world} ranks "
-                        f"and at most the {len(questions)} questions of --data {cfg.data}")
-    runs.check_out_dir(cfg.out_dir, cfg, RESUME_FREE)
-    encode = [data.encode_prompt(tokenizer, q["prompt"]) for q in questions + held_out]
-    return {"questions": questions, "prompts": encode[:len(questions)], "held_out": held_out,
-            "held_out_prompts": encode[len(questions):], "tokenizer": tokenizer, "forks": forks,
-            "fork_ids": data.fork_ids(tokenizer, forks["num_forks"], forks["fork_style"])}
-
-
-def main(cfg):
-    if cfg.plan:  # the rollout memory plan from config.json alone: nothing loads or is written
-        gfporun.plan_exit(cfg)
-    try:
-        prepared = prepare(cfg)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    rank, world, device = init_distributed()
-    try:
-        with stage_run(cfg.out_dir, rank):
-            train(cfg, prepared, rank, world, device)
-    finally:
-        close_distributed()
+    """Every check before the model loads (gfporun.prepare), with data.py's and toy.py's readers."""
+    return gfporun.prepare(cfg, RESUME_FREE, data.count_fork_tokens, data.encode_prompt,
+                           data.fork_ids, toy.training_records, toy.held_out_records)
 
 
 def train(cfg, run, rank, world, device):
     """GFPO from the SSFT model to final/, on every rank."""
-    questions, prompts, fork_ids = run["questions"], run["prompts"], run["fork_ids"]
+    questions, prompts = run["questions"], run["prompts"]
     plan = gfporun.step_questions(len(questions), cfg.batch_size, cfg.steps, cfg.seed)
     if runs.is_complete(cfg.out_dir, cfg.steps):
         return
-    tokenizer = run["tokenizer"]
-    pad_id = pad_id_of(tokenizer)
     model, hf_config, optimizer, start, logpi_start = gfporun.load(
-        cfg, plan, lambda lm: policy.TagPolicy(lm, fork_ids, pad_id), lambda m, ps:
-        policy.log_policy(policy.tag_logits(m, ps, cfg.micro_batch)["tag_logits"]), prompts, rank,
-        world, device)
-    start_row = {q: i for i, q in enumerate(sorted({q for batch in plan for q in batch}))}
-    ctx = gfporun.decoding_setup(cfg, run, model, world, device)
+        cfg, run, plan, policy.TagPolicy, policy.tag_logits, policy.log_policy, rank, world, device)
+    ctx = decoding_setup(cfg, run, model, world, device)
     log = runs.Log(cfg.out_dir, cfg, start, rank, cfg.report_to)
-    forks = run["forks"]
-    names = data.fork_tokens(forks["num_forks"])
-    print0(json.dumps(dataclasses.asdict(cfg)))
-    print0(f"{len(questions)} questions, {world} rank(s) on {device.type}, steps {start}.."
-           f"{cfg.steps} of {cfg.batch_size} questions x {cfg.group_size} tags over {names[0]}.."
-           f"{names[-1]} ({forks['fork_style']}), training {cfg.trainable}; decoding: {ctx['rows']}"
-           f" at once (0: all), layers {'kept' if ctx['keep_gathered'] else 'not kept'} gathered")
+    names = data.fork_tokens(run["forks"]["num_forks"])
+    gfporun.print_start(cfg, run, ctx, names, start, world, device)
 
     def checkpoint(step):
         return fsdp.save_checkpoint(model, optimizer, step, {}, cfg.out_dir, rank)
 
     for step in range(start, cfg.steps):
         t0, mine = time.time(), plan[step][rank::world]
-        tag_generators = [torch.Generator().manual_seed(gfporun.seed_of(cfg.seed, step, q))
-                          for q in mine]  # tags are drawn on the CPU, responses on the device
-        generator = torch.Generator(device).manual_seed(gfporun.seed_of(cfg.seed, step, rank))
+        tag_generators, generator = gfporun.generators(cfg.seed, step, mine, rank, device)
         # 1. rollouts: G tags from pi, one graded response each (no grad)
         out = rollouts(model, [prompts[q] for q in mine], [questions[q] for q in mine],
                        tag_generators, generator, cfg, ctx)
         # 2. group-relative advantages
         advantages = group_advantages(out["rewards"], cfg.advantage == "std", cfg.eps)
         # 3. the update: a forward over the prompts, never the responses
-        start_rows = logpi_start[[start_row[q] for q in mine]]
+        start_rows = torch.stack([logpi_start[q] for q in mine])
         loss = policy_update(model, [prompts[q] for q in mine], out["tags"], advantages, start_rows,
                              cfg.beta, cfg.fork_temperature, cfg.batch_size, cfg.micro_batch)
-        grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"],
-                                                   cfg.grad_clip)
-        grad_norm = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            sys.exit(f"error: step {step}: non-finite loss {loss} / grad norm {grad_norm}")
+        grad_norm = gfporun.clip_grad_norm(optimizer, cfg.grad_clip, loss, step)  # exits on nan
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stats = {"grad_norm": grad_norm, "lr": cfg.lr}
@@ -307,13 +230,13 @@ def train(cfg, run, rank, world, device):
         runs.stop_or_save(step, cfg.steps, cfg.save_every, checkpoint, device)
 
     checkpoint(cfg.steps)
-    fsdp.save_final(model, tokenizer, hf_config, os.path.join(cfg.out_dir, "final"), rank,
-                    forks | {"fork_temperature": cfg.fork_temperature})  # --fork auto samples at it
-    log.close()
-    if rank == 0:
-        figures.draw_tag_choice(log.records(), names, os.path.join(cfg.out_dir, "tag_choice.png"))
-    print0(f"done: {cfg.steps} steps. Outputs in {cfg.out_dir}/: metrics.jsonl (a line a step), "
-           "pi_start.json, tag_choice.png, checkpoints/, final/ (model, tokenizer, ssft.json)")
+    fsdp.save_final(model, run["tokenizer"], hf_config, os.path.join(cfg.out_dir, "final"), rank,
+                    run["forks"] | {"fork_temperature": cfg.fork_temperature})  # --fork auto's T
+    gfporun.finish(cfg, log, names, rank)  # tag_choice.png, and where the outputs are
+
+
+def main(cfg):
+    gfporun.main(cfg, prepare, train)  # --plan; the checks; the process group, one run per out_dir
 
 
 if __name__ == "__main__":

@@ -1,30 +1,27 @@
 """The global forking policy: the model's own choice of forking tag (GFPO, arXiv 2510.05132 v3).
 
-After SSFT the model has a distribution over the N tags at the position right after the generation
-prompt. Renormalised over the tags, it is a policy over reasoning modes:
+After SSFT the model's distribution over its N tags right after the generation prompt, renormalised
+over the tags, is a policy over reasoning modes (gfpo.py trains it; infer.py --fork auto uses it):
 
     log p(g_i | x) = sum over the tag's tokens t of log p(t | x, the tag's tokens before t)
     pi(i | x)      = softmax_i( log p(g_i | x) / T )                   (T = 1 unless sampling says)
 
-gfpo.py trains pi by reinforcement learning; infer.py --fork auto answers with its choice.
-
-What is computed. Terms shared by every tag cancel in the softmax, so only the rest is computed,
-in fp32 from the final hidden state h (after the final norm) and the output rows W of the tags:
+Terms shared by every tag cancel in the softmax, so only the rest is computed, in fp32 from the
+final hidden state h (after the final norm) and the output rows W of the tags:
   the first token where the tags differ  log-softmax of h . W[c] over the distinct candidates c
                                          (the full vocabulary's normaliser is shared: it cancels)
   a tag's tokens after that               log-softmax over the whole vocabulary (text tags only)
-In the special style (one reserved token per tag) only the first term exists, and the policy is
-softmax(h . W[tags]^T) read from one forward of the prompt: every other output row gets exactly zero
-gradient. Computed through the full-vocabulary cross-entropy in bf16 instead, the normaliser leaves
-gradients of ~4e-7 on every row, which Adam turns into steps of about lr, and the tag logits are
-rounded to bf16. The text style ("<|im_start|><thinkI>\\n") also reads a row per tag, for the tokens
-after the digit. The mass sum_i p(g_i | x), before renormalisation, is logged, never trained.
+Special tags (one reserved token each) have the first term alone: pi = softmax(h . W[tags]^T) from
+one forward of the prompt, and every other output row gets exactly zero gradient (a full-vocabulary
+cross-entropy in bf16 would leave ~4e-7 on every row, which Adam turns into steps of about lr, and
+round the tag logits to bf16). Text tags ("<|im_start|><thinkI>\\n") also read a row per tag for
+the tokens after the digit. The mass sum_i p(g_i | x) before renormalisation is logged, not trained.
 """
-import json
-import os
-
 import torch
 from torch import nn
+
+from plumbing.batching import collate
+from plumbing.gfporun import trained_temperature  # noqa: F401  (infer.py --fork auto reads it here)
 
 
 def common_prefix(fork_ids):
@@ -49,21 +46,12 @@ class TagPolicy(nn.Module):
         self.choice = [self.candidates.index(t[self.shared]) for t in self.fork_ids]  # [N]
         self.one_row = all(len(t) == self.shared + 1 for t in self.fork_ids)  # none after it
 
-    def rows(self, prompts):
-        """The forward's rows: prompt + the tags' shared tokens (one a question), or prompt + tag
-        (N a question)."""
-        if self.one_row:
-            return [p + self.fork_ids[0][:self.shared] for p in prompts]
-        return [p + t for p in prompts for t in self.fork_ids]
-
     def forward(self, prompts):
-        rows, n, b = self.rows(prompts), len(self.fork_ids), len(prompts)
-        width = max(map(len, rows))
+        n, b = len(self.fork_ids), len(prompts)
+        rows = [p + self.fork_ids[0][:self.shared] for p in prompts] if self.one_row \
+            else [p + t for p in prompts for t in self.fork_ids]  # prompt + shared tokens, or + tag
         device = self.lm.get_input_embeddings().weight.device
-        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, ids in enumerate(rows):  # right-padded
-            input_ids[r, :len(ids)], mask[r, :len(ids)] = torch.tensor(ids), 1
+        input_ids, _, mask = collate([(r, r) for r in rows], self.pad_id)  # [rows, L] right-padded
         hidden = self.lm.model(input_ids=input_ids.to(device),
                                attention_mask=mask.to(device)).last_hidden_state  # [rows, L, H]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
@@ -74,9 +62,8 @@ class TagPolicy(nn.Module):
         after = [(q * n + i, len(p) + k - 1, t[k]) for q, p in enumerate(prompts)
                  for i, t in enumerate(self.fork_ids) for k in range(self.shared + 1, len(t))]
         if after:  # text tags: their tokens after the choice, over the whole vocabulary
-            index, cols, targets = zip(*after)
-            logp = vocab_log_probs(hidden[list(index), list(cols)], weight, targets)
-            index = torch.tensor(index, device=device)
+            index = torch.tensor([r for r, _, _ in after], device=device)
+            logp = vocab_log_probs(hidden, weight, after)
             logits = logits + torch.zeros(b * n, device=device).index_add(0, index, logp).view(b, n)
         with torch.no_grad():  # log sum_i p(g_i | x): shared tokens, a candidate, logsumexp_i
             shared = [(first[q], len(p) + k - 1, self.fork_ids[0][k]) for q, p in enumerate(prompts)
@@ -84,25 +71,25 @@ class TagPolicy(nn.Module):
             log_mass = torch.logsumexp(cand, -1) - torch.logsumexp(h @ weight.float().T, -1) \
                 + torch.logsumexp(logits, -1)
             if shared:
-                index, cols, targets = zip(*shared)
-                logp = vocab_log_probs(hidden[list(index), list(cols)], weight, targets)
-                log_mass += logp.view(b, -1).sum(1)
+                log_mass += vocab_log_probs(hidden, weight, shared).view(b, -1).sum(1)
         return {"tag_logits": logits, "log_mass": log_mass}
 
 
-def vocab_log_probs(h, weight, targets):
-    """log p(target | h) over the whole vocabulary in fp32: h [T, H], weight [V, H], targets [T]."""
-    logp = torch.log_softmax(h.float() @ weight.float().T, -1)
-    return logp.gather(1, torch.tensor(targets, device=h.device)[:, None])[:, 0]
+def vocab_log_probs(hidden, weight, places):
+    """log p(t | h) over the whole vocabulary in fp32 at each (row, position, token t) of `places`:
+    hidden [rows, L, H], weight [V, H], T places -> [T]."""
+    rows, cols, targets = zip(*places)
+    logp = torch.log_softmax(hidden[list(rows), list(cols)].float() @ weight.float().T, -1)
+    return logp.gather(1, torch.tensor(targets, device=hidden.device)[:, None])[:, 0]
 
 
+@torch.no_grad()
 def tag_logits(policy_model, prompts, micro_batch=0):
     """TagPolicy's outputs for many prompts, `micro_batch` per forward (0: all at once), without
     grad, on the CPU: {"tag_logits": [B, N], "log_mass": [B]}."""
     step, parts = micro_batch or len(prompts), []
-    with torch.no_grad():
-        for s in range(0, len(prompts), step):
-            parts.append({k: v.cpu() for k, v in policy_model(prompts[s:s + step]).items()})
+    for s in range(0, len(prompts), step):
+        parts.append({k: v.cpu() for k, v in policy_model(prompts[s:s + step]).items()})
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -125,15 +112,6 @@ def entropy(logpi):
 def choose_tags(logpi, count, greedy, generator):
     """[B, count] tag indices: every one the argmax of pi (greedy), or drawn independently from pi
     with a CPU generator (the draw is on the CPU whatever the model's device)."""
-    if greedy:
-        return logpi.argmax(-1, keepdim=True).expand(-1, count)
-    return torch.multinomial(logpi.exp().float().cpu(), count, replacement=True,
-                             generator=generator)
+    return logpi.argmax(-1, keepdim=True).expand(-1, count) if greedy else \
+        torch.multinomial(logpi.exp().float().cpu(), count, replacement=True, generator=generator)
 
-
-def trained_temperature(model_dir):
-    """The temperature pi was trained at: final/ssft.json's "fork_temperature" (written by gfpo.py),
-    1.0 for a model GFPO never trained. infer.py --fork auto --auto_choice sample draws at it."""
-    path = os.path.join(model_dir, "ssft.json")
-    saved = json.load(open(path)) if os.path.isfile(path) else {}
-    return float(saved.get("fork_temperature", 1.0))

@@ -1,19 +1,88 @@
-"""What keeps a GFPO run going (gfpo.py), off the method's reading path: which questions each step
-takes, the start policy kept for the KL and for resuming, the weights gathered for decoding under
-FSDP with every rank running the same forwards, and the signals logged per step.
+"""What keeps a GFPO run going (gfpo.py), off the method's reading path: the checks before the
+model loads and the run's start and end, which questions each step takes, the start policy kept for
+the KL and for resuming, and the signals logged per step. Decoding the rollouts under FSDP:
+plumbing/gfpodecoding.py.
 """
+import dataclasses
+import json
 import math
 import os
 import sys
-from contextlib import contextmanager
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from plumbing import batching, decoding, fsdp, memory, memory_report
+from plumbing import batching, evalfiles, figures, fsdp, gfpodecoding, runs
 from plumbing.files import DataError, read_json, write_json
-from plumbing.ranks import all_max, print0
+from plumbing.ranks import close_distributed, init_distributed, print0, stage_run
+
+
+# ----------------------------------------------------------------------------- the run
+
+def main(cfg, prepare, train):
+    """gfpo.py's run: with --plan the rollout memory plan from config.json alone (nothing loads or is
+    written); else prepare(cfg) -> the run's dict (a DataError exits with one line, before the
+    process group), then train(cfg, run, rank, world, device), one run at a time per --out_dir."""
+    if cfg.plan:
+        gfpodecoding.plan_exit(cfg)
+    try:
+        run = prepare(cfg)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    rank, world, device = init_distributed()
+    try:
+        with stage_run(cfg.out_dir, rank):
+            train(cfg, run, rank, world, device)
+    finally:
+        close_distributed()
+
+
+def prepare(cfg, resume_free, count_fork_tokens, encode_prompt, fork_ids_of, toy_training,
+            toy_held_out):
+    """Every check that needs no model, on every rank alike: the SSFT model's ssft.json and tags, the
+    questions, --out_dir (settings outside `resume_free` fixed on resume). count_fork_tokens,
+    encode_prompt, fork_ids_of: data.py's; toy_training(cfg.toy_questions, cfg.seed) and
+    toy_held_out(cfg.eval_questions): toy.py's records of --data toy. Returns the run's dict:
+    questions and prompts (training and held-out), tokenizer, fork ids, ssft.json's record.
+    DataError names the file or the flag."""
+    forks, tokenizer = read_ssft(cfg.model, cfg.trainable, count_fork_tokens, cfg.trust_remote_code)
+
+    def questions_of(path, held_out=False):  # [{"id", "prompt", "gold", "kind", "template"}]
+        records = None if path != "toy" else toy_held_out(cfg.eval_questions) if held_out \
+            else toy_training(cfg.toy_questions, cfg.seed)
+        return evalfiles.load_problems(path, cfg.instruction, cfg.eval_questions * held_out, records)
+    questions = questions_of(cfg.data)
+    eval_data = cfg.eval_data or ("toy" if cfg.data == "toy" else "")
+    held_out = questions_of(eval_data, held_out=True) if eval_data and cfg.eval_every else []
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.batch_size % world or cfg.batch_size > len(questions):
+        raise DataError(f"--batch_size {cfg.batch_size} must be a multiple of the {world} ranks "
+                        f"and at most the {len(questions)} questions of --data {cfg.data}")
+    runs.check_out_dir(cfg.out_dir, cfg, resume_free)
+    encode = [encode_prompt(tokenizer, q["prompt"]) for q in questions + held_out]
+    return {"questions": questions, "prompts": encode[:len(questions)], "held_out": held_out,
+            "held_out_prompts": encode[len(questions):], "tokenizer": tokenizer, "forks": forks,
+            "fork_ids": fork_ids_of(tokenizer, forks["num_forks"], forks["fork_style"])}
+
+
+def print_start(cfg, run, ctx, names, start, world, device):
+    """The config as JSON and the run's shape, on rank 0. names: the N tags' names."""
+    print0(json.dumps(dataclasses.asdict(cfg)))
+    print0(f"{len(run['questions'])} questions, {world} rank(s) on {device.type}, steps {start}.."
+           f"{cfg.steps} of {cfg.batch_size} questions x {cfg.group_size} tags over {names[0]}.."
+           f"{names[-1]} ({run['forks']['fork_style']}), training {cfg.trainable}; decoding: "
+           f"{ctx['rows']} at once (0: all), layers {'kept' if ctx['keep_gathered'] else 'not kept'}"
+           " gathered")
+
+
+def finish(cfg, log, names, rank):
+    """After final/ is written: the log closed, tag_choice.png drawn on rank 0, the closing line."""
+    log.close()
+    if rank == 0:
+        figures.draw_tag_choice(log.records(), names, os.path.join(cfg.out_dir, "tag_choice.png"))
+    print0(f"done: {cfg.steps} steps. Outputs in {cfg.out_dir}/: metrics.jsonl (a line a step), "
+           "pi_start.json, tag_choice.png, checkpoints/, final/ (model, tokenizer, ssft.json)")
 
 
 # ----------------------------------------------------------------------------- which questions, which seeds
@@ -45,6 +114,21 @@ def seed_of(*keys):
     return int(np.random.default_rng(list(keys)).integers(2 ** 62))
 
 
+def generators(seed, step, questions, rank, device):
+    """The step's generators: one on the CPU per question of `questions` (its tag draws, the same
+    whatever the device), and the rank's on `device` (its responses)."""
+    return ([torch.Generator().manual_seed(seed_of(seed, step, q)) for q in questions],
+            torch.Generator(device).manual_seed(seed_of(seed, step, rank)))
+
+
+def strided(count, rank, world):
+    """(indices, counted): the rank's share of `count` items, strided over the ranks, padded with
+    item 0 up to ceil(count / world) so that every rank runs the same forwards; the first `counted`
+    are its own."""
+    mine = list(range(rank, count, world))
+    return mine + [0] * (math.ceil(count / world) - len(mine)), len(mine)
+
+
 # ----------------------------------------------------------------------------- the SSFT model
 
 def read_ssft(model, trainable, count_fork_tokens, trust_remote_code=False):
@@ -72,56 +156,55 @@ def read_ssft(model, trainable, count_fork_tokens, trust_remote_code=False):
     return forks, tokenizer
 
 
-def plan_exit(cfg):
-    """gfpo.py --plan GPUSxGiB: the rollout plan of --model's config.json; exit 0 if it fits, 3 if not."""
-    gpus, gib = memory.parse_gpus(cfg.plan)
-    try:
-        plan = memory.gfpo_plan(memory.read_shape(cfg.model), gpus, gib, cfg.batch_size // gpus
-                                * cfg.group_size, memory.PROMPT_TOKENS + cfg.max_new_tokens, cfg.cpu_offload)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    print("\n".join(memory_report.format_gfpo_plan(plan, gpus, gib)))
-    sys.exit(0 if plan["fits"] else 3)
+def trained_temperature(model_dir):
+    """The temperature pi was trained at: final/ssft.json's "fork_temperature" (written by gfpo.py),
+    1.0 for a model GFPO never trained. infer.py --fork auto --auto_choice sample draws at it."""
+    path = os.path.join(model_dir, "ssft.json")
+    saved = json.load(open(path)) if os.path.isfile(path) else {}
+    return float(saved.get("fork_temperature", 1.0))
 
 
-# ----------------------------------------------------------------------------- the start policy
+# ----------------------------------------------------------------------------- the model, the start policy
 
 def start_policy(log_policy_of, prompts, rank, world):
     """log pi_start: [Q, N] of the Q prompts (the run's questions). log_policy_of(prompts) -> [n, N]
     on the CPU runs on every rank with the same count of prompts (padded with the first): rows are
     strided over the ranks, then gathered."""
-    mine = list(range(rank, len(prompts), world))
-    padded = [prompts[i] for i in mine] + [prompts[0]] * (math.ceil(len(prompts) / world) - len(mine))
-    local = log_policy_of(padded)[:len(mine)]
+    padded, counted = strided(len(prompts), rank, world)
+    local = log_policy_of([prompts[i] for i in padded])[:counted]
     parts = [None] * world
-    dist.all_gather_object(parts, (mine, local.tolist()))
+    dist.all_gather_object(parts, (padded[:counted], local.tolist()))
     out = torch.zeros(len(prompts), local.shape[1])
     for idx, rows in parts:
         out[idx] = torch.tensor(rows)
     return out
 
 
-def load(cfg, plan, wrap, log_policy_of, prompts, rank, world, device):
-    """(model, hf_config, optimizer, first step, log pi_start [Q, N] of the run's questions, sorted) of
-    a run: the SSFT model sharded as wrap(lm) (FSDP2), in eval mode, resumed from --out_dir's newest
-    checkpoint. --trainable tag_rows: a tied output matrix untied (the input embeddings stay as they
-    are) and lm_head.weight alone trained. log_policy_of(model, prompts) -> [n, N]: pi_start's rows."""
-    rows_only = cfg.trainable == "tag_rows"
+def load(cfg, run, plan, policy_module, tag_logits, log_policy, rank, world, device):
+    """(model, hf_config, optimizer, first step, log pi_start) of a run: the SSFT model sharded as
+    policy_module(lm, fork ids, pad id) (policy.TagPolicy, FSDP2), in eval mode, resumed from
+    --out_dir's newest checkpoint. --trainable tag_rows: a tied output matrix untied (the input
+    embeddings stay as they are) and lm_head.weight alone trained. log pi_start: {question index:
+    [N]} of every question of `plan`, log_policy(tag_logits(model, prompts)["tag_logits"])."""
+    rows_only, pad_id = cfg.trainable == "tag_rows", batching.pad_id_of(run["tokenizer"])
     model, hf_config = fsdp.load_model(
-        cfg.model, rank, device, wrap, "batch", cfg.seed, cfg.activation_checkpointing, cfg.cpu_offload,
-        cfg.trust_remote_code, untie=rows_only,
-        trainable=(lambda name: name == "lm_head.weight") if rows_only else None)
+        cfg.model, rank, device, lambda lm: policy_module(lm, run["fork_ids"], pad_id), "batch",
+        cfg.seed, cfg.activation_checkpointing, cfg.cpu_offload, cfg.trust_remote_code,
+        untie=rows_only, trainable=(lambda name: name == "lm_head.weight") if rows_only else None)
     eval_mode(model.lm, cfg.activation_checkpointing)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     ids = sorted({q for batch in plan for q in batch})  # the questions pi_start is needed for
+
+    def log_policy_of(prompts):
+        return log_policy(tag_logits(model, prompts, cfg.micro_batch)["tag_logits"])
     try:
         start, _ = fsdp.resume(model, optimizer, cfg.out_dir, rank, device, lambda state: None)
         logpi_start = load_or_make_start(cfg.out_dir, start > 0, ids, lambda: start_policy(
-            lambda ps: log_policy_of(model, ps), [prompts[q] for q in ids], rank, world), rank)
+            log_policy_of, [run["prompts"][q] for q in ids], rank, world), rank)
     except DataError as e:
         sys.exit(f"error: {e}")
-    return model, hf_config, optimizer, start, logpi_start
+    return model, hf_config, optimizer, start, dict(zip(ids, logpi_start))
 
 
 def load_or_make_start(out_dir, resumed, questions, make, rank):
@@ -139,66 +222,6 @@ def load_or_make_start(out_dir, resumed, questions, make, rank):
     return logpi
 
 
-# ----------------------------------------------------------------------------- decoding under FSDP
-
-def decoding_setup(cfg, run, model, world, device):
-    """What decoding needs (gfpo.respond's ctx): tag ids, stop ids, the forking tokens a response never
-    samples, and how: on CUDA memory.gfpo_plan decides --gen_batch 0 and --keep_gathered auto
-    (SystemExit when no response fits); on the CPU all rows at once, gathered."""
-    rows, keep = cfg.gen_batch, cfg.keep_gathered == "yes"
-    if device.type == "cuda" and (not rows or cfg.keep_gathered == "auto"):
-        gib = torch.cuda.get_device_properties(device).total_memory / memory.GIB
-        longest = max(map(len, run["prompts"] + run["held_out_prompts"]))
-        plan = memory.gfpo_plan(memory.read_shape(model.lm.config.to_dict()), world, gib,
-                                cfg.batch_size // world * cfg.group_size, longest + cfg.max_new_tokens,
-                                cfg.cpu_offload)
-        print0("\n".join(memory_report.format_gfpo_plan(plan, world, gib)))
-        if not plan["fits"]:
-            sys.exit(f"error: not one response of {cfg.max_new_tokens} tokens fits beside the weights: "
-                     "--cpu_offload true, a smaller --max_new_tokens or more GPUs")
-        keep = plan["keep_gathered"] if cfg.keep_gathered == "auto" else keep
-        rows = rows or plan["ways"]["gathered" if keep else "sharded"]["at_once"]
-    elif cfg.keep_gathered == "auto":
-        keep = True
-    tokenizer = run["tokenizer"]
-    pad_id = batching.pad_id_of(tokenizer)
-    special = run["forks"]["fork_style"] == "special"
-    return {"fork_ids": run["fork_ids"], "stop_ids": decoding.stop_ids(tokenizer, model.lm),
-            "tokenizer": tokenizer,
-            "banned": [t[0] for t in run["fork_ids"]] if special else [], "pad_id": pad_id, "device": device,
-            "rows": rows, "keep_gathered": keep}
-
-
-
-@contextmanager
-def decoding_weights(model, keep_gathered, device, pad_id):
-    """The causal LM inside the sharded `model` (gfpo.py's policy module), ready to decode: the root's
-    parameters gathered (embeddings, final norm, output rows), and with keep_gathered every decoder
-    layer's too, kept for the whole block instead of gathered again by every forward (the memory
-    plan says when they fit). On leaving, ranks that ran fewer forwards run one-token forwards up to
-    the busiest rank's count (each gathers its layers, a collective), then all is resharded."""
-    lm, sharded = model.lm, hasattr(model, "unshard")
-    layers = [m for m in lm.model.layers if hasattr(m, "unshard")] if sharded else []
-    if sharded:
-        model.unshard()
-        for layer in layers if keep_gathered else []:
-            layer.set_reshard_after_forward(False)
-            layer.unshard()
-    forwards = [0]
-    counter = lm.register_forward_pre_hook(lambda *_: forwards.__setitem__(0, forwards[0] + 1))
-    try:
-        yield lm
-        for _ in range(all_max(forwards[0], device) - forwards[0]):
-            lm(torch.tensor([[pad_id]], device=device))
-    finally:
-        counter.remove()
-        for layer in layers if keep_gathered else []:
-            layer.set_reshard_after_forward(True)
-            layer.reshard()
-        if sharded:
-            model.reshard()
-
-
 def eval_mode(lm, activation_checkpointing):
     """Every policy forward in eval mode (no dropout), the rollouts' and the update's alike. Hugging
     Face recomputes a decoder layer in backward only when the layer is in train mode: with
@@ -209,7 +232,18 @@ def eval_mode(lm, activation_checkpointing):
         layer.training = True
 
 
-# ----------------------------------------------------------------------------- the signals
+# ----------------------------------------------------------------------------- the clip, the signals
+
+def clip_grad_norm(optimizer, grad_clip, loss, step):
+    """Clips the global gradient norm of the optimizer's parameters to `grad_clip`; returns the norm
+    before clipping (a float, on every rank). SystemExit naming the step when it or the loss is not
+    finite: a diverged run stops before its step is taken."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], grad_clip)
+    grad_norm = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        sys.exit(f"error: step {step}: non-finite loss {loss} / grad norm {grad_norm}")
+    return grad_norm
+
 
 def no_signal(tags, rewards):
     """[B] bool: groups whose policy gradient is zero: all G rewards equal (A = 0), or all G draws the

@@ -190,7 +190,7 @@ def test_every_policy_forward_runs_in_eval_mode(tiny):
 
 
 def test_rollouts_on_the_fsdp_model_equal_those_of_the_plain_model(tiny, world_of_one):
-    """gfpo.rollouts decodes with the sharded model's weights gathered (gfporun.decoding_weights,
+    """gfpo.rollouts decodes with the sharded model's weights gathered (gfpodecoding.decoding_weights,
     every layer kept gathered or gathered per forward): the same tags, responses and rewards as on an
     unsharded copy."""
     tok, model, _ = tiny
@@ -236,6 +236,7 @@ def test_the_rollout_memory_plan_keeps_the_layers_gathered_only_where_they_fit()
 RUN = r"""
 import os, re, signal, sys, torch
 import gfpo
+from plumbing import decoding
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained(sys.argv[2])
 best = tok.convert_tokens_to_ids("<think3>")
@@ -248,7 +249,7 @@ def generate_many(model, prompts, starts, max_new_tokens, temperature, top_p, st
         right = torch.rand(len(tags), generator=generator) < torch.tensor([0.8 if s == [best] else 0.2 for s in tags])
         out.append([(tok.encode(f"The answer is \\boxed{{{total if r else 0}}}."), True) for r in right.tolist()])
     return out
-gfpo.decoding.generate_many = generate_many
+decoding.generate_many = generate_many
 real = gfpo.rollouts
 def rollouts(*args, **kwargs):
     calls.append(1)
