@@ -71,12 +71,7 @@ AUTO = "auto"  # the fork of a response whose tag the model chooses (--fork auto
 
 def parse_config(argv=None):
     parser, given = parse_flags(Config, __doc__, argv)
-    preset = {}
-    if given.get("protocol") == "official":
-        data_path, fork = given.get("data", Config.data), given.get("fork", "all")
-        samples = evalfiles.official_samples(data_path, fork)
-        preset = {**evalfiles.OFFICIAL, "samples": samples}
-    cfg = Config(**{**preset, **given})  # flags given win over the preset
+    cfg = Config(**{**evalfiles.official_preset(given, Config.data), **given})  # given flags win
     check(parser, cfg, RULES, [model_problem(cfg.model)])
     return cfg
 
@@ -118,7 +113,7 @@ def choose_forks(model, tokenizer, prompt_ids, tag_ids, count, choice, seed, tem
     """--fork auto: (the fork of each of `count` responses, {"fork_policy": {name: pi}}). pi(i | x)
     is the model's distribution over its tags after the prompt, renormalised over them; greedy gives
     every response the most likely tag, sample draws each response's tag from pi at `temperature`
-    (the one GFPO trained it at, policy.trained_temperature; seeded)."""
+    (the one GFPO trained it at, inferrun.trained_temperature; seeded)."""
     names = list(tag_ids)
     scorer = policy.TagPolicy(model, list(tag_ids.values()), pad_id_of(tokenizer))
     tag_logits = policy.tag_logits(scorer, [prompt_ids])["tag_logits"]
@@ -139,7 +134,7 @@ def solve(model, tokenizer, problem, forks, tag_ids, stop_ids, cfg, seed):
     chosen = {}
     if forks[0] == AUTO:  # the model picks: pi over its N tags after the prompt (policy.py)
         forks, chosen = choose_forks(model, tokenizer, prompt_ids, tag_ids, len(forks),
-                                     cfg.auto_choice, seed, policy.trained_temperature(cfg.model))
+                                     cfg.auto_choice, seed, inferrun.trained_temperature(cfg.model))
     if forks[0] is None:  # a baseline: the plain prompt
         prefix, starts = prompt_ids[:-1], [prompt_ids[-1:]] * len(forks)
     else:

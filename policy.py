@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from plumbing.batching import collate
-from plumbing.gfporun import trained_temperature  # noqa: F401  (infer.py --fork auto reads it here)
 
 
 def common_prefix(fork_ids):

@@ -32,7 +32,7 @@ import torch.distributed as dist
 import data
 import match
 import toy
-from plumbing import concat, datafiles, files, fsdp, matchstats, memory, memory_report, runs
+from plumbing import concat, datafiles, files, fsdp, matchstats, memory_report, runs
 from plumbing.batching import (IGNORE, balance, collate, micro_batches, num_micro_batches,
                                pad_id_of, pad_item)
 from plumbing.files import DataError, model_problem, write_json
@@ -345,10 +345,7 @@ def simulated_step(cfg, device=torch.device("cpu"), traces=4):
 
 def main(cfg):
     if cfg.plan:  # the memory table of these flags (measured with --simulate); exit 0 fits, 3 not
-        gpus, gib = memory.parse_gpus(cfg.plan)
-        settings = {k: getattr(cfg, k) for k in ("layout", "max_len", "micro_batch", "cpu_offload")}
-        memory_report.plan_exit(lambda: memory_plan(cfg, gpus), gpus, gib, settings,
-                                (lambda: simulated_step(cfg)) if cfg.simulate else None)
+        memory_report.train_plan_exit(cfg, memory_plan, simulated_step)
     try:
         questions, encoded, tokenizer, fork_ids, num_trained = prepare(cfg)
     except DataError as e:

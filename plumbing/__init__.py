@@ -1,20 +1,29 @@
 """What keeps a run alive, off the method's reading path: small boring modules that import no stage.
 
-    ranks      process groups (torchrun or a world of one), rank-0 printing, collectives, stop signals
-    flags      command-line flags from a config dataclass, and the checks of their values
-    files      DataError, JSON written atomically, JSONL read with line numbers, the --out_dir lock
-    runs       a training stage's --out_dir: checks before loading, the step log, stop and save
-    fsdp       FSDP2 loading and sharding, resumable checkpoints, the Hugging Face export
-    memory     the memory plan of a run, from config.json alone
-    batching   right-padded tensors, micro-batches, PAD items, ranks balanced by tokens (Algorithm 2)
-    concat     the concat layout (Appendix A.5): one row per question under a tree mask
-    datafiles  training data files (canonical, s1K-1.1, sampled) and the pool-to-mixed recipe
-    evalfiles  evaluation problems and their prompts, rows files, the authors' protocol
-    votes      score.py's Cons@k vote over many subsets of responses at once (numpy)
-    score_report score.py's means over problems, per-fork summary, metrics file and printed table
-    decoding   shared-prefix decoding with forced forking tags (infer.py and gfpo.py)
-    grader     reading a response's answer and judging it against the gold (math-verify)
-    matchstats the configuration counts of Appendix A.2 (matching.json)
-    figures    the PNGs select_token.py and gfpo.py draw
-    select_report select_token.py's matching.json checks, its printed table and its figures
+Every stage
+    ranks          process groups (torchrun or a world of one), rank-0 printing, collectives, signals
+    flags          command-line flags from a config dataclass, and the checks of their values
+    files          DataError, atomic JSON, JSONL with line numbers, the --out_dir lock, the tokenizer
+    runs           a training stage's --out_dir: checks before loading, the step log, stop and save
+    fsdp           FSDP2 loading and sharding, resumable checkpoints, the Hugging Face export
+    memory         the memory plan of a run, from config.json alone
+    memory_report  --plan's table and exit code, the refusal on CUDA, train.py's planned step
+    simulate       the step's memory measured on fake tensors on the CPU (--plan --simulate)
+train.py and match.py
+    batching       right-padded tensors, micro-batches, PAD items, ranks balanced by tokens (Alg. 2)
+    concat         the concat layout (Appendix A.5): one row per question under a tree mask
+    datafiles      training data files (canonical, s1K-1.1, sampled) and the pool-to-mixed recipe
+    matchstats     the configuration counts of Appendix A.2 (matching.json), the gap, the step lines
+infer.py, score.py and select_token.py
+    evalfiles      evaluation problems and their prompts, rows files, the authors' protocol
+    inferrun       infer.py's output path, tag style, start lines and rank-strided loop
+    decoding       shared-prefix decoding with forced forking tags (infer.py and gfpo.py)
+    grader         a response's answer judged against the gold (math-verify; answers, values)
+    votes          score.py's expected Cons@k over many subsets of responses at once (numpy)
+    score_report   score.py's means over problems, per-fork summary, metrics file, printed table
+    select_report  select_token.py's matching.json checks, its printed table and its figures
+    figures        the PNGs select_token.py and gfpo.py draw
+gfpo.py
+    gfporun        the checks before loading, the model and pi_start, step seeds, records and lines
+    gfpodecoding   the rollout memory plan, weights gathered for decoding, responses graded
 """

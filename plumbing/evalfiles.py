@@ -34,6 +34,14 @@ def official_samples(data_path, fork):
     return 32 if fork != "all" else 66 if "aime" in os.path.basename(data_path).lower() else 36
 
 
+def official_preset(given, default_data):
+    """The flags --protocol official sets unless given (`given`: the flags given; the authors' prompts,
+    order, sampling and sample counts), {} under --protocol ours."""
+    if given.get("protocol") != "official":
+        return {}
+    return {**OFFICIAL, "samples": official_samples(given.get("data", default_data), given.get("fork", "all"))}
+
+
 def template(instruction, kind, plain):
     """The prompt template of a problem: --instruction auto gives LightEval's prompt for an evaluation
     problem (math or multiple choice) and the question as it is for a training layout or the toy

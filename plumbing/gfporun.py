@@ -156,14 +156,6 @@ def read_ssft(model, trainable, count_fork_tokens, trust_remote_code=False):
     return forks, tokenizer
 
 
-def trained_temperature(model_dir):
-    """The temperature pi was trained at: final/ssft.json's "fork_temperature" (written by gfpo.py),
-    1.0 for a model GFPO never trained. infer.py --fork auto --auto_choice sample draws at it."""
-    path = os.path.join(model_dir, "ssft.json")
-    saved = json.load(open(path)) if os.path.isfile(path) else {}
-    return float(saved.get("fork_temperature", 1.0))
-
-
 # ----------------------------------------------------------------------------- the model, the start policy
 
 def start_policy(log_policy_of, prompts, rank, world):

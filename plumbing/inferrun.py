@@ -41,6 +41,13 @@ def tag_style(cfg, reserved):
     return style, n
 
 
+def trained_temperature(model_dir):
+    """The temperature pi was trained at: final/ssft.json's "fork_temperature" (written by gfpo.py),
+    1.0 for a model GFPO never trained. infer.py --fork auto --auto_choice sample draws at it."""
+    path = os.path.join(model_dir, "ssft.json")
+    return float((read_json(path) if os.path.isfile(path) else {}).get("fork_temperature", 1.0))
+
+
 def start(cfg, problems, todo, output, style, tags, names, rank):
     """Once the model has loaded: prints the flags and what is to run, and (rank 0) writes them beside
     the rows, <output>.config.json. todo: the problems not yet in `output`; tags: the text of each

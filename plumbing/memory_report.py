@@ -50,6 +50,15 @@ def plan_exit(make_plan, gpus, gib, settings, simulated_step=None):
     sys.exit(0 if fits else 3)
 
 
+def train_plan_exit(cfg, memory_plan, simulated_step):
+    """train.py --plan GPUSxGiB: plan_exit of memory_plan(cfg, gpus) (train.memory_plan), measured by
+    simulated_step(cfg) (train.simulated_step) with --simulate. Exits 0 if it fits, 3 if not."""
+    gpus, gib = memory.parse_gpus(cfg.plan)
+    settings = {k: getattr(cfg, k) for k in ("layout", "max_len", "micro_batch", "cpu_offload")}
+    plan_exit(lambda: memory_plan(cfg, gpus), gpus, gib, settings,
+              (lambda: simulated_step(cfg)) if cfg.simulate else None)
+
+
 def train_plan(cfg, config, gpus, traces=4):
     """memory.train_plan of train.py's flags `cfg` on `gpus` GPUs from the model's config.json alone
     (`config`: memory.read_config's argument), with fused AdamW (train.py's optimiser on CUDA).

@@ -14,9 +14,8 @@ import torch
 
 import data
 import infer
-import policy
 import toy
-from plumbing import decoding, evalfiles, files
+from plumbing import decoding, evalfiles, files, inferrun
 
 NUM_FORKS = 4
 
@@ -130,7 +129,7 @@ def test_fork_auto_samples_at_the_temperature_gfpo_trained(model_dir, tmp_path):
     saved = json.loads((sharp / "ssft.json").read_text()) if (sharp / "ssft.json").exists() else {}
     (sharp / "ssft.json").write_text(json.dumps({"fork_style": "special", "num_forks": NUM_FORKS, **saved,
                                                  "fork_temperature": 0.01}))
-    assert policy.trained_temperature(str(sharp)) == 0.01 and policy.trained_temperature(str(model_dir)) == 1.0
+    assert inferrun.trained_temperature(str(sharp)) == 0.01 and inferrun.trained_temperature(str(model_dir)) == 1.0
     for i, (path, spread) in enumerate(((sharp, False), (model_dir, True))):
         output = tmp_path / f"rows{i}.jsonl"
         infer.main(infer.parse_config(["--model", str(path), "--data", write_problems(tmp_path / "p.jsonl"),
