@@ -135,7 +135,7 @@ def match_pass(model, encoded, batch, fork_ids, cfg, pad_id, step, rank, world, 
     share, balanced by the tokens of its matching forwards, every rank running the same number of
     forwards; then every rank gathers every question's match.Matching. Returns ({question:
     Matching}, [questions whose costs are not finite: diverged weights])."""
-    loads = [sum(len(encoded[q]["prompt_ids"]) + 1 + min(cfg.match_tokens, len(t))
+    loads = [sum(len(encoded[q]["prompt_ids"]) + len(fork_ids[0]) + min(cfg.match_tokens, len(t))
                  for t in encoded[q]["trace_ids"]) for q in batch]
     mine = [batch[i] for i in balance(loads, world)[rank]]
     questions = [encoded[q] for q in mine]
@@ -179,7 +179,7 @@ def training_pass(model, rows, micro_batch, layout, pad_id, device):
     global_tokens, global_input, global_computed = all_sum(
         [local_tokens, sum(len(row[0]) for row in rows), computed], device)
     loss_sum = torch.zeros((), device=device)
-    model.train()
+    model.train()  # model: match.SequenceNLL, (summed NLL [B], count [B]) of each row's labels
     for mb in batches:
         if layout == "batch":
             input_ids, labels, attention_mask = (t.to(device) for t in collate(mb, pad_id))
@@ -247,15 +247,14 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
 
         # Eq. 5: the training pass over the matched pairs, the rows shared over the ranks by tokens
         loss = grad_norm = pad = float("nan")
-        tokens = 0
+        input_tokens = 0
         if not nonfinite:
             rows = training_rows([encoded[q] for q in batch], [matched[q] for q in batch], fork_ids,
                                  cfg.layout)
             rows = [rows[i] for i in balance([len(r[0]) for r in rows], world)[rank]]
-            loss, _, tokens, pad = training_pass(model, rows, cfg.micro_batch, cfg.layout, pad_id,
-                                                 device)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            grad_norm = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
+            loss, _, input_tokens, pad = training_pass(model, rows, cfg.micro_batch, cfg.layout,
+                                                       pad_id, device)
+            grad_norm = fsdp.clip_grad_norm(model.parameters(), cfg.grad_clip)
         if nonfinite or not (math.isfinite(loss) and math.isfinite(grad_norm)):  # diverged
             what = f"non-finite matching costs for questions {nonfinite}" if nonfinite else \
                 f"non-finite loss {loss} / grad norm {grad_norm} on questions {batch}"
@@ -272,7 +271,7 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
             stats.update(epoch, m.optimal_forks, m.optimal_traces, questions[q]["sources"], m.gap)
         stats.end_step(epoch)
         record = matchstats.step_record(step, epoch, batch, matched, loss, lr, grad_norm, pad,
-                                        skipped, tokens, time.time() - t0)
+                                        skipped, input_tokens, time.time() - t0)
         log.write(record, files={"matching.json": stats.to_json()})
         print0(matchstats.step_line(record, last_step, log.time_left(step, last_step)))
         runs.stop_or_save(step, last_step, cfg.save_every, checkpoint, device)
@@ -299,10 +298,13 @@ def load_tokenizer(cfg):
 
 def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
     """(SequenceNLL-wrapped FSDP2 model, hf_config) of --model, its new forking-token rows
-    initialised (special style; text tags are ordinary tokens, already trained)."""
+    initialised (special style; text tags are ordinary tokens, already trained). A tag --model
+    already holds (an SSFT model trained on) keeps its trained rows: its id is below num_trained."""
+    new = [ids[0] for ids in fork_ids if ids[0] >= num_trained]
+
     def init_fork_rows(full):
-        if cfg.fork_style == "special":
-            data.init_fork_rows(full, [ids[0] for ids in fork_ids], num_trained, cfg.seed)
+        if cfg.fork_style == "special" and new:
+            data.init_fork_rows(full, new, num_trained, cfg.seed)
     source = (lambda: toy.make_model(tokenizer)) if cfg.model == "toy" else cfg.model
     return fsdp.load_model(source, rank, device, match.SequenceNLL, cfg.layout, cfg.seed,
                            cfg.activation_checkpointing, cfg.cpu_offload, cfg.trust_remote_code,

@@ -280,3 +280,29 @@ def test_report_to_tensorboard_logs_the_metrics_of_metrics_jsonl_and_the_log_lin
         assert logged == [(r["step"], pytest.approx(r[name], rel=1e-6)) for r in records], name
     refused = run([sys.executable, "train.py", "--out_dir", str(tmp_path / "other"), "--report_to", "wandb"])
     assert refused.returncode == 2 and "--report_to must be" in refused.stderr
+
+
+def test_a_model_that_already_holds_forking_tokens_keeps_their_trained_rows(world_of_one, tmp_path):
+    """Training from an SSFT model (its final/ holds <think1>..<think4>, trained) with N = 6: the
+    two tags it adds start at the mean of the trained rows plus noise, and the four it holds keep
+    their rows exactly (they are not re-initialised)."""
+    tok = toy.make_tokenizer()
+    held = [ids[0] for ids in data.fork_ids(tok, 4)]
+    lm = toy.make_model(tok)
+    trained_rows = torch.randn(4, lm.config.hidden_size, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        lm.get_input_embeddings().weight[held] = trained_rows
+    lm.save_pretrained(tmp_path / "ssft")
+    tok.save_pretrained(tmp_path / "ssft")
+    cfg = make_cfg(model=tmp_path / "ssft", num_forks=6, activation_checkpointing="false")
+    tok2, fork_ids, num_trained = train.load_tokenizer(cfg)
+    assert [ids[0] for ids in fork_ids[:4]] == held and num_trained == len(tok)  # tok holds the 4
+    model, _ = train.load_model(cfg, tok2, fork_ids, num_trained, 0, torch.device("cpu"))
+    rows = model.lm.get_input_embeddings().weight.full_tensor().detach().float()
+    assert torch.equal(rows[held], trained_rows), "the trained forking-token rows were overwritten"
+    added = [ids[0] for ids in fork_ids[4:]]
+    mean = rows[:num_trained].mean(0)
+    assert not torch.equal(rows[added[0]], rows[added[1]])
+    spread = rows[:num_trained].std()  # the added rows' noise is 1e-2 of it (data.init_fork_rows)
+    assert all((rows[i] - mean).abs().max() < 0.1 * spread for i in added), \
+        "the added tags did not start at the mean of the trained rows"
