@@ -5,6 +5,8 @@ the length-normalised NLL of the first K tokens of y_j given (x, g_i), under sto
 
     C[i, j] = -1/K_j * sum_{t <= K_j} log p(y_j,t | x, g_i, y_j,<t),   K_j = min(K, |y_j|)
 
+(|y_j| counts the eos closing every trace, data.encode_question: a short trace's cost includes it.)
+
 The optimal matching sigma* minimises sum_j C[sigma(j), j] over injective maps (Eq. 3, Hungarian
 algorithm), and the training loss is the NTP loss of every trace under its matched token (Eq. 5).
 

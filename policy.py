@@ -12,9 +12,10 @@ final hidden state h (after the final norm) and the output rows W of the tags:
                                          (the full vocabulary's normaliser is shared: it cancels)
   a tag's tokens after that               log-softmax over the whole vocabulary (text tags only)
 Special tags (one reserved token each) have the first term alone: pi = softmax(h . W[tags]^T) from
-one forward of the prompt, and every other output row gets exactly zero gradient (a full-vocabulary
-cross-entropy in bf16 would leave ~4e-7 on every row, which Adam turns into steps of about lr, and
-round the tag logits to bf16). Text tags ("<|im_start|><thinkI>\\n") also read a row per tag for
+one forward of the prompt, and no other output row gets a gradient through the logits (a
+full-vocabulary cross-entropy in bf16 would leave ~4e-7 on every row, which Adam turns into steps of
+about lr, and round the tag logits to bf16; tied embeddings still get the prompt's input gradient
+under --trainable all). Text tags ("<|im_start|><thinkI>\\n") also read a row per tag for
 the tokens after the digit. The mass sum_i p(g_i | x) before renormalisation is logged, not trained.
 """
 import torch

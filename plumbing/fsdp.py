@@ -193,6 +193,13 @@ def save_final(model, tokenizer, config, path, rank, forks, shard_gib=2.0):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def clip_grad_norm(params, max_norm):
+    """Clips the global gradient norm of `params` (sharded DTensors or plain tensors) to max_norm and
+    returns the norm before clipping as a float, the same on every rank."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
 def checkpoints(out_dir):
     """[(step, path)] of the complete checkpoints, oldest first (a half-written one ends in .tmp,
     one that failed to load in .corrupt)."""

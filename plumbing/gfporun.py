@@ -230,8 +230,7 @@ def clip_grad_norm(optimizer, grad_clip, loss, step):
     """Clips the global gradient norm of the optimizer's parameters to `grad_clip`; returns the norm
     before clipping (a float, on every rank). SystemExit naming the step when it or the loss is not
     finite: a diverged run stops before its step is taken."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], grad_clip)
-    grad_norm = float(getattr(grad_norm, "full_tensor", lambda: grad_norm)())
+    grad_norm = fsdp.clip_grad_norm(optimizer.param_groups[0]["params"], grad_clip)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         sys.exit(f"error: step {step}: non-finite loss {loss} / grad norm {grad_norm}")
     return grad_norm

@@ -33,8 +33,8 @@ class MatchingStats:
 
     def _epoch(self, epoch):
         while len(self.epochs) <= epoch:
-            self.epochs.append({"epoch": len(self.epochs), "steps": 0, "questions": 0, "gap_sum": 0.0,
-                                "configurations": Counter(), "edges": Counter()})
+            self.epochs.append({"epoch": len(self.epochs), "steps": 0, "questions": 0,
+                                "gap_sum": 0.0, "configurations": Counter(), "edges": Counter()})
         return self.epochs[epoch]
 
     def to_json(self):
@@ -44,18 +44,19 @@ class MatchingStats:
                        for c, n in e["configurations"].most_common()]
             edges = [{"fork": f, "trace": j, "source": s, "count": n} for (f, j, s), n in
                      sorted(e["edges"].items(), key=lambda kv: (kv[0][0], kv[0][1], str(kv[0][2])))]
+            mean_gap = e["gap_sum"] / max(e["questions"], 1)  # sft computes no costs: undefined
             epochs.append({"epoch": e["epoch"], "steps": e["steps"], "questions": e["questions"],
-                           "mean_gap": None if self.matching == "sft" else e["gap_sum"] / max(e["questions"], 1),
-                           "gap_sum": e["gap_sum"],  # sft computes no costs: its gap is undefined
-                           "configurations": configs, "edges": edges})
-        return {"matching": self.matching, "num_forks": len(self.fork_names), "fork_tokens": self.fork_names,
-                "fork_style": self.fork_style, "epochs": epochs}
+                           "mean_gap": None if self.matching == "sft" else mean_gap,
+                           "gap_sum": e["gap_sum"], "configurations": configs, "edges": edges})
+        return {"matching": self.matching, "num_forks": len(self.fork_names),
+                "fork_tokens": self.fork_names, "fork_style": self.fork_style, "epochs": epochs}
 
     @classmethod
     def from_json(cls, obj):
         epochs = []
         for e in obj["epochs"]:
-            configs = Counter({tuple(tuple(edge) for edge in c["edges"]): c["count"] for c in e["configurations"]})
+            configs = Counter({tuple(tuple(edge) for edge in c["edges"]): c["count"]
+                               for c in e["configurations"]})
             edges = Counter({(d["fork"], d["trace"], d["source"]): d["count"] for d in e["edges"]})
             epochs.append({"epoch": e["epoch"], "steps": e["steps"], "questions": e["questions"],
                            "gap_sum": e["gap_sum"], "configurations": configs, "edges": edges})
@@ -76,16 +77,18 @@ def run_line(cfg, questions, encoded, plan, start, last_step, tags, fork_ids, wo
             f"{attn} attention")
 
 
-def step_record(step, epoch, batch, matched, loss, lr, grad_norm, pad, skipped, tokens, seconds):
+def step_record(step, epoch, batch, matched, loss, lr, grad_norm, pad, skipped, input_tokens,
+                seconds):
     """One line of metrics.jsonl: the step's questions and matched sequences, loss (nats per trace
-    token), lr, gradient norm, mean matching gap, padding fraction, batches skipped so far, tokens
-    per second. matched: {question: match.Matching or None}."""
+    token), lr, gradient norm, mean matching gap, padding fraction, batches skipped so far, and
+    tokens_per_s: the training pass's input tokens (prompts, tags and traces, over all ranks) per
+    second of the step. matched: {question: match.Matching or None}."""
     gaps = [m.gap for m in matched.values() if m is not None and m.gap is not None]
     return {"step": step, "epoch": epoch, "questions": len(batch),
             "sequences": sum(len(m.forks) for m in matched.values() if m is not None),
             "loss": loss, "lr": lr, "grad_norm": grad_norm,
             "gap": float(np.mean(gaps)) if gaps else None, "pad_fraction": pad,
-            "skipped": skipped, "tokens_per_s": tokens / seconds, "time_s": seconds}
+            "skipped": skipped, "tokens_per_s": input_tokens / seconds, "time_s": seconds}
 
 
 def step_line(record, last_step, left):
