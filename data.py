@@ -146,11 +146,9 @@ def encode_question(tokenizer, q, max_len, tag_len=1, layout="batch"):
     if room < 1:
         raise DataError(f"{where}: a prompt of {len(prompt_ids)} tokens leaves no room for a trace "
                         f"under --max_len {max_len}: {q['prompt'][:60]!r}")
-    trace_ids, truncated = [], 0
-    for t in q["traces"]:  # a literal "<think1>" or "<|im_end|>" inside a trace stays plain text
-        ids = tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True)
-        ids.append(tokenizer.eos_token_id)
-        trace_ids.append(ids)
+    # each trace closed by eos; a literal "<think1>" or "<|im_end|>" inside a trace stays plain text
+    trace_ids = [tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True)
+                 + [tokenizer.eos_token_id] for t in q["traces"]]
     rooms = [room] * len(trace_ids) if layout == "batch" else \
         concat.concat_room([len(t) for t in trace_ids],
                            max_len - len(prompt_ids) - tag_len * len(trace_ids))

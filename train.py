@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -32,13 +31,12 @@ import torch.distributed as dist
 import data
 import match
 import toy
-from plumbing import concat, datafiles, files, fsdp, matchstats, memory_report, runs
+from plumbing import concat, datafiles, files, fsdp, memory_report, runs, trainrun
 from plumbing.batching import (IGNORE, balance, collate, micro_batches, num_micro_batches,
                                pad_id_of, pad_item)
-from plumbing.files import DataError, model_problem, write_json
-from plumbing.matchstats import MatchingStats
+from plumbing.files import DataError, model_problem
 from plumbing.flags import check, parse_flags
-from plumbing.ranks import all_max, all_sum, close_distributed, init_distributed, print0, stage_run
+from plumbing.ranks import all_max, all_sum, print0
 
 
 @dataclass
@@ -195,8 +193,10 @@ def training_pass(model, rows, micro_batch, layout, pad_id, device):
 
 # ----------------------------------------------------------------------- the loop (Algorithm 1)
 
-def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world, device):
-    """Algorithm 1 from the model's loading to final/, on every rank."""
+def train(cfg, run, rank, world, device):
+    """Algorithm 1 from the model's loading to final/, on every rank; run: prepare's dict."""
+    questions, encoded, tokenizer, fork_ids = (run[k] for k in ("questions", "encoded",
+                                                                "tokenizer", "fork_ids"))
     pad_id = pad_id_of(tokenizer)
     trained = [len(q["traces"]) if cfg.matching == "sft" else  # the sequences a question trains:
                min(len(q["traces"]), cfg.num_forks) for q in questions]  # M, min(M, N) when matched
@@ -209,25 +209,16 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
         memory_report.refuse_unless_fits(memory_plan(cfg, world, traces), world, device)
         if cfg.layout == "concat":
             concat.allow_recompiles(cfg.max_len)
-    model, hf_config = load_model(cfg, tokenizer, fork_ids, num_trained, rank, device)
+    model, hf_config = load_model(cfg, tokenizer, fork_ids, run["num_trained"], rank, device)
     # fused AdamW on CUDA: the foreach path allocates a temporary the size of the sharded state
-    fused = True if device.type == "cuda" else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95),
-                                  weight_decay=cfg.weight_decay, fused=fused)
+                                  weight_decay=cfg.weight_decay, fused=device.type == "cuda" or None)
     fork_names = data.fork_tokens(cfg.num_forks)
-    try:
-        start, stats = fsdp.resume(model, optimizer, cfg.out_dir, rank, device,
-                                   lambda state: MatchingStats.from_json(state["matching"]))
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    stats = stats or MatchingStats(cfg.matching, fork_names, cfg.fork_style)
-    log = runs.Log(cfg.out_dir, cfg, start, rank, cfg.report_to)
-    if rank == 0:  # rebuilt from the checkpoint's statistics
-        write_json(os.path.join(cfg.out_dir, "matching.json"), stats.to_json())
+    start, stats, log = trainrun.resume(model, optimizer, cfg, fork_names, rank, device)
     print0(json.dumps(dataclasses.asdict(cfg)))
     tags = [data.fork_tag(name, cfg.fork_style) for name in fork_names]
-    print0(matchstats.run_line(cfg, questions, encoded, plan, start, last_step, tags, fork_ids,
-                               world, device, fsdp.attention_backend(cfg.layout, device)))
+    print0(trainrun.run_line(cfg, questions, encoded, plan, start, last_step, tags, fork_ids,
+                             world, device, fsdp.attention_backend(cfg.layout, device)))
 
     def checkpoint(step):  # resumable: the model, AdamW and the matching statistics
         return fsdp.save_checkpoint(model, optimizer, step, {"matching": stats.to_json()},
@@ -270,10 +261,10 @@ def train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world
             m = matched[q]
             stats.update(epoch, m.optimal_forks, m.optimal_traces, questions[q]["sources"], m.gap)
         stats.end_step(epoch)
-        record = matchstats.step_record(step, epoch, batch, matched, loss, lr, grad_norm, pad,
-                                        skipped, input_tokens, time.time() - t0)
+        record = trainrun.step_record(step, epoch, batch, matched, loss, lr, grad_norm, pad,
+                                      skipped, input_tokens, time.time() - t0)
         log.write(record, files={"matching.json": stats.to_json()})
-        print0(matchstats.step_line(record, last_step, log.time_left(step, last_step)))
+        print0(trainrun.step_line(record, last_step, log.time_left(step, last_step)))
         runs.stop_or_save(step, last_step, cfg.save_every, checkpoint, device)
 
     checkpoint(last_step)
@@ -314,7 +305,8 @@ def load_model(cfg, tokenizer, fork_ids, num_trained, rank, device):
 def prepare(cfg):
     """Every check that needs no model, on every rank alike: the data, the tokenizer, --out_dir and
     what it holds. Bad input stops here with one message, before a model loads or a file is
-    written. Returns (questions, encoded questions, tokenizer, fork ids, trained vocabulary)."""
+    written. Returns {questions, encoded (questions), tokenizer, fork_ids, num_trained (the
+    vocabulary before the tags were added)}."""
     if cfg.cpu_offload and not torch.cuda.is_available():
         raise DataError("--cpu_offload offloads from GPU memory and needs CUDA devices")
     questions = toy.make_questions(cfg.toy_questions, cfg.seed) if cfg.data == "toy" else \
@@ -324,7 +316,8 @@ def prepare(cfg):
     tag_len = max(map(len, fork_ids))
     encoded = [data.encode_question(tokenizer, q, cfg.max_len, tag_len, cfg.layout)
                for q in questions]
-    return questions, encoded, tokenizer, fork_ids, num_trained
+    return {"questions": questions, "encoded": encoded, "tokenizer": tokenizer, "fork_ids": fork_ids,
+            "num_trained": num_trained}
 
 
 def model_config(cfg):
@@ -348,16 +341,7 @@ def simulated_step(cfg, device=torch.device("cpu"), traces=4):
 def main(cfg):
     if cfg.plan:  # the memory table of these flags (measured with --simulate); exit 0 fits, 3 not
         memory_report.train_plan_exit(cfg, memory_plan, simulated_step)
-    try:
-        questions, encoded, tokenizer, fork_ids, num_trained = prepare(cfg)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    rank, world, device = init_distributed()
-    try:
-        with stage_run(cfg.out_dir, rank):
-            train(cfg, questions, encoded, tokenizer, fork_ids, num_trained, rank, world, device)
-    finally:
-        close_distributed()
+    runs.stage_main(cfg, prepare, train)  # prepare's checks, then train on every rank
 
 
 if __name__ == "__main__":

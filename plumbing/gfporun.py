@@ -15,27 +15,17 @@ import torch.distributed as dist
 
 from plumbing import batching, evalfiles, figures, fsdp, gfpodecoding, runs
 from plumbing.files import DataError, read_json, write_json
-from plumbing.ranks import close_distributed, init_distributed, print0, stage_run
+from plumbing.ranks import print0
 
 
 # ----------------------------------------------------------------------------- the run
 
 def main(cfg, prepare, train):
     """gfpo.py's run: with --plan the rollout memory plan from config.json alone (nothing loads or is
-    written); else prepare(cfg) -> the run's dict (a DataError exits with one line, before the
-    process group), then train(cfg, run, rank, world, device), one run at a time per --out_dir."""
+    written); else runs.stage_main: prepare(cfg), then train(cfg, run, rank, world, device)."""
     if cfg.plan:
         gfpodecoding.plan_exit(cfg)
-    try:
-        run = prepare(cfg)
-    except DataError as e:
-        sys.exit(f"error: {e}")
-    rank, world, device = init_distributed()
-    try:
-        with stage_run(cfg.out_dir, rank):
-            train(cfg, run, rank, world, device)
-    finally:
-        close_distributed()
+    runs.stage_main(cfg, prepare, train)
 
 
 def prepare(cfg, resume_free, count_fork_tokens, encode_prompt, fork_ids_of, toy_training,

@@ -1,7 +1,7 @@
 """The matching statistics of a run (Appendix A.2 and A.3.3, Figures 7 and 10), kept by train.py in
 <out_dir>/matching.json and in every checkpoint: per epoch, how often each optimal configuration
-occurred, the edge counts, and the summed matching gap. select_token.py reads them (Eq. 6). Also
-train.py's printed lines: the run's description and each step's record and line.
+occurred, the edge counts, and the summed matching gap. select_token.py reads them (Eq. 6). Also the
+matching gap of Figure 10.
 """
 import math
 from collections import Counter
@@ -61,42 +61,6 @@ class MatchingStats:
             epochs.append({"epoch": e["epoch"], "steps": e["steps"], "questions": e["questions"],
                            "gap_sum": e["gap_sum"], "configurations": configs, "edges": edges})
         return cls(obj["matching"], obj["fork_tokens"], obj.get("fork_style", "special"), epochs)
-
-
-def run_line(cfg, questions, encoded, plan, start, last_step, tags, fork_ids, world, device, attn):
-    """The line train.py prints before its first step: the data, the ranks, the steps to run of the
-    schedule `plan` ([(epoch, questions)]), the forking tags (their text `tags` and ids), the
-    layout and the attention backend `attn`."""
-    per_epoch = sorted({sum(e == epoch for e, _ in plan) for epoch in range(cfg.epochs)})
-    per_epoch = f"{per_epoch[0]}" + (f" to {per_epoch[-1]}" if len(per_epoch) > 1 else "")
-    return (f"{len(questions)} questions, {sum(len(q['traces']) for q in questions)} traces "
-            f"({sum(e['truncated'] for e in encoded)} truncated to --max_len {cfg.max_len}), "
-            f"{world} rank(s) on {device.type}, steps {start}..{last_step} of {len(plan)} "
-            f"({per_epoch} per epoch of <= {cfg.batch_size} sequences), forking tags "
-            f"{tags[0]!r}..{tags[-1]!r} = ids {fork_ids[0]}..{fork_ids[-1]}, {cfg.layout} layout, "
-            f"{attn} attention")
-
-
-def step_record(step, epoch, batch, matched, loss, lr, grad_norm, pad, skipped, input_tokens,
-                seconds):
-    """One line of metrics.jsonl: the step's questions and matched sequences, loss (nats per trace
-    token), lr, gradient norm, mean matching gap, padding fraction, batches skipped so far, and
-    tokens_per_s: the training pass's input tokens (prompts, tags and traces, over all ranks) per
-    second of the step. matched: {question: match.Matching or None}."""
-    gaps = [m.gap for m in matched.values() if m is not None and m.gap is not None]
-    return {"step": step, "epoch": epoch, "questions": len(batch),
-            "sequences": sum(len(m.forks) for m in matched.values() if m is not None),
-            "loss": loss, "lr": lr, "grad_norm": grad_norm,
-            "gap": float(np.mean(gaps)) if gaps else None, "pad_fraction": pad,
-            "skipped": skipped, "tokens_per_s": input_tokens / seconds, "time_s": seconds}
-
-
-def step_line(record, last_step, left):
-    """The printed line of a step_record; `left`: the estimated time still to run."""
-    gap = record["gap"] if record["gap"] is not None else math.nan
-    return (f"step {record['step'] + 1:5d}/{last_step} | loss {record['loss']:.4f} | lr "
-            f"{record['lr']:.2e} | gap {gap:.4f} | {record['tokens_per_s']:6.0f} tok/s | pad "
-            f"{record['pad_fraction']:.2f} | {left} left")
 
 
 def matching_gap(cost, forks, traces):

@@ -12,7 +12,7 @@ import time
 from plumbing import fsdp
 from plumbing.files import (DataError, append_jsonl, changed_settings, lock_dir, read_json, read_jsonl,
                             writable_dir, write_json, write_jsonl)
-from plumbing.ranks import STOP, all_max, print0
+from plumbing.ranks import STOP, all_max, close_distributed, init_distributed, print0, stage_run
 
 REPORTERS = ("", "tensorboard")  # --report_to: metrics.jsonl always, TensorBoard too when asked
 
@@ -138,3 +138,19 @@ def stop_or_save(step, last_step, save_every, checkpoint, device):
         sys.exit(128 + (STOP[0] if STOP else signal.SIGTERM))
     if save_every and (step + 1) % save_every == 0 and step + 1 < last_step:
         checkpoint(step + 1)
+
+
+def stage_main(cfg, prepare, train):
+    """A training stage's run (train.py, gfpo.py): prepare(cfg) -> the run's inputs, every check that
+    needs no model (a DataError exits with its one line, before the process group starts); then
+    train(cfg, run, rank, world, device) on every rank, one run at a time per --out_dir."""
+    try:
+        run = prepare(cfg)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    rank, world, device = init_distributed()
+    try:
+        with stage_run(cfg.out_dir, rank):
+            train(cfg, run, rank, world, device)
+    finally:
+        close_distributed()
