@@ -104,8 +104,8 @@ def response_forks(names, cfg):
     if cfg.fork != "all":
         return [cfg.fork] * cfg.samples
     if cfg.tag_order == "block":  # token k answers the k-th block (the first ones may be longer)
-        return [name for name, count in zip(names, score.fair_split_counts(cfg.samples, len(names)))
-                for _ in range(count)]
+        counts = evalfiles.fair_split_counts(cfg.samples, len(names))
+        return [name for name, count in zip(names, counts) for _ in range(count)]
     return [names[i % len(names)] for i in range(cfg.samples)]
 
 

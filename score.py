@@ -98,12 +98,6 @@ def cons_at_k(completions, k, draws=votes.CONS_DRAWS):
                            [give[f] for f in forks], draws)
 
 
-def fair_split_counts(total, parts):
-    """Responses per forking token in the authors' block order: 10 over 3 -> [4, 3, 3]."""
-    base, rem = divmod(total, parts)
-    return [base + (i < rem) for i in range(parts)]
-
-
 def native_sets(completions, set_size, tag_order=None):
     """Native Cons@N sets, each using every forking token once. With >= 2 forking tokens, set j =
     the j-th response of each token, whatever the row order (for block order: the authors' {j +
@@ -113,7 +107,7 @@ def native_sets(completions, set_size, tag_order=None):
     if len(forks) >= 2:
         return [list(s) for s in zip(*[[c for c in completions if c["fork"] == f] for f in forks])]
     if tag_order == "block":
-        counts = fair_split_counts(len(completions), set_size)
+        counts = evalfiles.fair_split_counts(len(completions), set_size)
         starts = [sum(counts[:k]) for k in range(set_size)]
         return [[completions[start + j] for start in starts] for j in range(min(counts))]
     return [completions[i:i + set_size]

@@ -48,15 +48,6 @@ def parse_config(argv=None):
     return cfg
 
 
-def select(configurations, num_forks, min_share):
-    """Steps 1-3 above for one epoch's configurations: (chosen fork index, per-fork rows, the
-    learned edges, the kept configurations)."""
-    kept = learned_configurations(configurations, min_share)
-    edges = learned_edges(kept)
-    chosen, rows = choose_token(edges, num_forks)
-    return chosen, rows, edges, kept
-
-
 def learned_configurations(configurations, min_share):
     """The configurations still accumulating mass: count > 0 and count >= min_share * total count.
     configurations: [{"edges": [[fork, key], ...], "count": int}] -> the kept ones, same format."""
@@ -94,7 +85,9 @@ def main(cfg):
     log, record = select_report.load_log(path, cfg.epoch)
     tokens, configs = log["fork_tokens"], record["configurations"]
     epoch = cfg.epoch or len(log["epochs"])
-    chosen, rows, edges, kept = select(configs, len(tokens), cfg.min_share)
+    kept = learned_configurations(configs, cfg.min_share)  # step 1
+    edges = learned_edges(kept)  # step 2: the learned matching
+    chosen, rows = choose_token(edges, len(tokens))  # step 3: Eq. 6
     every = learned_edges(configs)  # the shares count every matching of the epoch, kept or not
     select_report.print_table(path, log, epoch, cfg.min_share, kept, rows, edges, every, chosen)
     token, final = tokens[chosen], os.path.join(cfg.out_dir, "final")

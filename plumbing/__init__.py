@@ -1,10 +1,10 @@
 """What keeps a run alive, off the method's reading path: small boring modules that import no stage.
 
 Every stage
-    ranks          process groups (torchrun or a world of one), rank-0 printing, collectives, signals
+    ranks          process groups (torchrun or a world of one), rank-0 printing, collectives
     flags          command-line flags from a config dataclass, and the checks of their values
-    files          DataError, atomic JSON, JSONL with line numbers, the --out_dir lock, the tokenizer
-    runs           a training stage's --out_dir: checks before loading, the step log, stop and save
+    files          DataError, atomic JSON, JSONL with line numbers, the lock, the tokenizer
+    runs           a training stage's run and --out_dir: checks, the step log, stop and save
     fsdp           FSDP2 loading and sharding, resumable checkpoints, the Hugging Face export
     memory         the memory plan of a run, from config.json alone
     memory_report  --plan's table and exit code, the refusal on CUDA, train.py's planned step
@@ -13,7 +13,8 @@ train.py and match.py
     batching       right-padded tensors, micro-batches, PAD items, ranks balanced by tokens (Alg. 2)
     concat         the concat layout (Appendix A.5): one row per question under a tree mask
     datafiles      training data files (canonical, s1K-1.1, sampled) and the pool-to-mixed recipe
-    matchstats     the configuration counts of Appendix A.2 (matching.json), the gap, the step lines
+    matchstats     the configuration counts of Appendix A.2 (matching.json), the matching gap
+    trainrun       train.py's resume (model, AdamW, statistics), its start and step lines
 infer.py, score.py and select_token.py
     evalfiles      evaluation problems and their prompts, rows files, the authors' protocol
     inferrun       infer.py's output path, tag style, start lines and rank-strided loop

@@ -34,6 +34,12 @@ def official_samples(data_path, fork):
     return 32 if fork != "all" else 66 if "aime" in os.path.basename(data_path).lower() else 36
 
 
+def fair_split_counts(total, parts):
+    """Responses per forking token in the authors' block order: 10 over 3 -> [4, 3, 3]."""
+    base, rem = divmod(total, parts)
+    return [base + (i < rem) for i in range(parts)]
+
+
 def official_preset(given, default_data):
     """The flags --protocol official sets unless given (`given`: the flags given; the authors' prompts,
     order, sampling and sample counts), {} under --protocol ours."""
