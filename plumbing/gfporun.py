@@ -13,20 +13,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from plumbing import batching, evalfiles, figures, fsdp, gfpodecoding, runs
+from plumbing import batching, evalfiles, figures, fsdp, runs
 from plumbing.files import DataError, read_json, write_json
 from plumbing.ranks import print0
 
 
 # ----------------------------------------------------------------------------- the run
-
-def main(cfg, prepare, train):
-    """gfpo.py's run: with --plan the rollout memory plan from config.json alone (nothing loads or is
-    written); else runs.stage_main: prepare(cfg), then train(cfg, run, rank, world, device)."""
-    if cfg.plan:
-        gfpodecoding.plan_exit(cfg)
-    runs.stage_main(cfg, prepare, train)
-
 
 def prepare(cfg, resume_free, count_fork_tokens, encode_prompt, fork_ids_of, toy_training,
             toy_held_out):
