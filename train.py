@@ -50,7 +50,7 @@ class Config:
     matching: str = "hungarian"  # hungarian (SSFT) | random (ablation) | sft (one token, SFT-mixed)
     layout: str = "batch"  # batch: a row per (token, trace); concat: a row per question (App. A.5)
     epochs: int = 6  # passes over the questions (toy: 4)
-    max_steps: int = 0  # stop after this many steps in all (0: all epochs); lr spans all epochs
+    max_steps: int = 0  # stop after this many steps (0: all); lr still decays over all --epochs
     lr: float = 1e-5  # peak learning rate, 5% linear warm-up then cosine to 0 (toy: 3e-3)
     batch_size: int = 32  # sequences (traces) per step over all ranks; whole questions (toy: 64)
     micro_batch: int = 1  # rows a training forward: sequences, or concat questions (toy: 32, 8)
