@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from plumbing import batching, evalfiles, figures, fsdp, runs
-from plumbing.files import DataError, read_json, write_json
+from plumbing.files import DataError, load_tokenizer, read_json, write_json
 from plumbing.ranks import print0
 
 
@@ -117,7 +117,6 @@ def read_ssft(model, trainable, count_fork_tokens, trust_remote_code=False):
     """(ssft.json's record, the tokenizer) of an SSFT final/ directory. DataError naming the file when
     it is missing or wrong, when the tokenizer holds fewer forking tokens than it says
     (count_fork_tokens(tokenizer): data.py's), or when --trainable tag_rows meets text tags."""
-    from transformers import AutoTokenizer
     path = os.path.join(model, "ssft.json")
     if not os.path.isfile(path):
         raise DataError(f"--model {model}: no ssft.json (GFPO starts from an SSFT final/ directory)")
@@ -128,10 +127,7 @@ def read_ssft(model, trainable, count_fork_tokens, trust_remote_code=False):
     if trainable == "tag_rows" and forks["fork_style"] != "special":
         raise DataError(f"--trainable tag_rows needs special tags ({path}: text tags are ordinary tokens "
                         "that responses use too)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as e:
-        raise DataError(f"--model {model}: cannot load a tokenizer ({str(e).splitlines()[0]})") from None
+    tokenizer = load_tokenizer(model, trust_remote_code)  # DataError naming --model
     if forks["fork_style"] == "special" and count_fork_tokens(tokenizer) < forks["num_forks"]:
         raise DataError(f"--model {model}: its tokenizer holds {count_fork_tokens(tokenizer)} forking "
                         f"tokens, ssft.json says {forks['num_forks']}")
