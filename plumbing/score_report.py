@@ -76,11 +76,15 @@ def report(metrics, rows, path, out=""):
 
 
 def print_table(metrics, title):
-    """Prints score.py's metrics table: the problem-level metrics in %, then each forking token's
-    accuracy and mean length, then the agreement with the file's labels where it has them."""
+    """Prints score.py's metrics table: a header naming the grader and which Cons@k vote, the
+    problem-level metrics in %, then each forking token's accuracy and mean length, then the
+    agreement with the file's labels where it has them."""
+    vote = {"expected": "; cons@k: the vote expected over which responses each token gives "
+                        "(--cons first: the paper's first k)",
+            "first": "; cons@k: the paper's vote of the first k responses"}.get(metrics.get("cons"), "")
     print(f"{title}: {metrics['problems']} problems, {metrics['responses']} responses, "
           f"{100 * metrics['unparseable']:.1f}% without an answer, "
-          f"graded by {metrics.get('grader', '?')}")
+          f"graded by {metrics.get('grader', '?')}{vote}")
     n = max(int(k[5:]) for k in metrics if k.startswith("pass@"))
     powers = {2 ** i for i in range(n.bit_length())} | {n}  # pass@k shown for k = 1, 2, 4, ... n
     shown = [k for k in metrics if k == "pass@1" or k.startswith(("cons@", "native_cons@"))
