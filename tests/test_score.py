@@ -207,6 +207,16 @@ def test_the_metrics_file_names_the_grader(tmp_path, monkeypatch):
     assert score.main(score.parse_config([path]))["grader"] == "built-in"
 
 
+def test_the_printed_table_and_the_metrics_file_name_the_cons_at_k_vote(tmp_path, capsys):
+    """The default Cons@k is the expected vote, not the paper's first k: the table's header says
+    which one it printed, and the metrics file records it."""
+    path = write_rows(tmp_path / "r.jsonl", [{"gold": "1", "completions": texts(r"\boxed{1}")}])
+    for cons, said in (("expected", "cons@k: the vote expected"), ("first", "the paper's vote of the first k")):
+        m = score.main(score.parse_config([path, "--cons", cons]))
+        header = capsys.readouterr().out.splitlines()[0]
+        assert said in header and m["cons"] == cons, header
+
+
 def test_native_sets_of_block_order_are_the_authors_sets(tmp_path):
     num_forks, per_fork = 3, 4  # S = 4: token k answers responses 4k .. 4k + 3
     forks = [f"<think{k + 1}>" for k in range(num_forks) for _ in range(per_fork)]
