@@ -141,7 +141,8 @@ def aggregate(rows, set_size, cons="expected"):
 
 def score_rows(rows, path, set_size, out="", cons="expected"):
     """aggregate's metrics of `rows` (graded by read_rows or grader.grade) with the grader's name,
-    written to `out` (default: beside the rows file `path`) and printed; DataError for no rows."""
+    written to score_report.metrics_path (`out`, else beside the rows file `path`, else under eval/
+    for a labelled data file) and printed; DataError for no rows."""
     if not rows:
         raise DataError(f"{path}: no rows to score")
     metrics = {**aggregate(rows, set_size, cons), "grader": grader_name(), "cons": cons}
@@ -168,8 +169,7 @@ def parse_config(argv=None):
 
 def main(cfg):
     rows = evalfiles.read_rows(cfg.rows)
-    out = score_report.metrics_path(cfg.rows, rows, cfg.out)
-    return score_rows(rows, cfg.rows, cfg.set_size, out, cfg.cons)
+    return score_rows(rows, cfg.rows, cfg.set_size, cfg.out, cfg.cons)
 
 
 if __name__ == "__main__":

@@ -67,10 +67,11 @@ def metrics_path(path, rows, out=""):
 
 def report(metrics, rows, path, out=""):
     """score.py's output: `metrics` plus label_agreement where the rows have labels, written as
-    JSON to `out` (default: beside the rows file `path`) and printed as print_table; returned."""
-    if label_agreement(rows) is not None:
-        metrics["label_agreement"] = label_agreement(rows)
-    write_json(out or path.removesuffix(".jsonl") + ".metrics.json", metrics)
+    JSON to metrics_path(path, rows, out) and printed as print_table; returned."""
+    agreement = label_agreement(rows)
+    if agreement is not None:
+        metrics["label_agreement"] = agreement
+    write_json(metrics_path(path, rows, out), metrics)
     print_table(metrics, path)
     return metrics
 
