@@ -89,6 +89,7 @@ def main(cfg):
     edges = learned_edges(kept)  # step 2: the learned matching
     chosen, rows = choose_token(edges, len(tokens))  # step 3: Eq. 6
     every = learned_edges(configs)  # the shares count every matching of the epoch, kept or not
+    select_report.add_top_edges(rows, every, sum(c["count"] for c in configs))
     select_report.print_table(path, log, epoch, cfg.min_share, kept, rows, edges, every, chosen)
     token, final = tokens[chosen], os.path.join(cfg.out_dir, "final")
     style = log.get("fork_style", "special")  # as trained; final/ssft.json tells infer.py the same

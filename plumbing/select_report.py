@@ -51,12 +51,21 @@ def top_edge(edges, fork):
     return top, mine[top], [k for k in sort_keys(mine) if mine[k] == mine[top]]
 
 
+def add_top_edges(rows, every, total):
+    """Adds to each per-fork row of choose_token ([{"fork", "distinct", "weighted"}]) "top",
+    "top_count", "tied" (top_edge of `every`, the edges of all the epoch's configurations: the
+    shares count every matching, kept or not) and "share" (top_count of the epoch's `total`
+    questions)."""
+    for r in rows:
+        r["top"], r["top_count"], r["tied"] = top_edge(every, r["fork"])
+        r["share"] = r["top_count"] / max(total, 1)
+
+
 def print_table(path, log, epoch, min_share, kept, rows, edges, every, chosen):
     """Prints the epoch's line, one line per forking token and the columns legend. rows: per-fork
-    [{"fork", "distinct", "weighted"}] of choose_token, to each of which this adds "top",
-    "top_count", "tied" (top_edge of `every`) and "share" (of the epoch's questions); edges: the
-    learned edges of the `kept` configurations; every: the edges of all the epoch's configurations
-    (the shares count every matching, kept or not); chosen: the fork index marked *."""
+    rows of choose_token with add_top_edges's fields; edges: the learned edges of the `kept`
+    configurations; every: the edges of all the epoch's configurations; chosen: the fork index
+    marked *."""
     tokens, configs = log["fork_tokens"], log["epochs"][epoch - 1]["configurations"]
     total = sum(c["count"] for c in configs)  # one optimal matching per question of the epoch
     print(f"{path}: epoch {epoch} of {len(log['epochs'])}: {len(kept)} of {len(configs)} "
@@ -69,8 +78,6 @@ def print_table(path, log, epoch, min_share, kept, rows, edges, every, chosen):
           f"learned edges ({named}: count)")
     for r in rows:
         mine = {k: w for (f, k), w in edges.items() if f == r["fork"]}
-        r["top"], r["top_count"], r["tied"] = top_edge(every, r["fork"])
-        r["share"] = r["top_count"] / max(total, 1)  # of the epoch's questions
         listed = ", ".join(f"{k}: {mine[k]}" for k in sort_keys(mine))
         mark = "*" if r["fork"] == chosen else " "
         tie = len(r["tied"]) > 1
