@@ -37,7 +37,7 @@ import torch.distributed as dist
 import data
 import policy
 import toy
-from plumbing import fsdp, gfpodecoding, gfporun, grader, memory_report, runs
+from plumbing import fsdp, gfporun, grader, memory_report, runs
 from plumbing.files import model_problem
 from plumbing.flags import check, parse_flags
 from plumbing.gfpodecoding import decoding_setup, respond
@@ -237,7 +237,7 @@ def train(cfg, run, rank, world, device):
 
 def main(cfg):
     if cfg.plan:  # the rollout memory plan from config.json alone: nothing loads or is written
-        gfpodecoding.plan_exit(cfg)
+        memory_report.gfpo_plan_exit(cfg)
     runs.stage_main(cfg, prepare, train)  # prepare's checks, then train on every rank
 
 

@@ -1,7 +1,7 @@
-"""Decoding GFPO's rollouts under FSDP (gfpo.py, off the method's reading path): the rollout memory
-plan (--plan, and how many responses at once and whether every layer stays gathered), the weights
-gathered for decoding with every rank running the same forwards, and the responses decoded and
-graded.
+"""Decoding GFPO's rollouts under FSDP (gfpo.py, off the method's reading path): how many responses
+at once and whether every layer stays gathered (the rollout memory plan, memory_report.py), the
+weights gathered for decoding with every rank running the same forwards, and the responses decoded
+and graded.
 """
 import sys
 from contextlib import contextmanager
@@ -12,20 +12,6 @@ from plumbing import batching, decoding, memory, memory_report
 from plumbing.ranks import all_max, print0
 
 
-def plan_exit(cfg):
-    """gfpo.py --plan GPUSxGiB: the rollout plan of --model's config.json; exit 0 if it fits, 3 if
-    not."""
-    gpus, gib = memory.parse_gpus(cfg.plan)
-    try:
-        plan = memory.gfpo_plan(memory.read_shape(cfg.model), gpus, gib,
-                                cfg.batch_size // gpus * cfg.group_size,
-                                memory.PROMPT_TOKENS + cfg.max_new_tokens, cfg.cpu_offload)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
-    print("\n".join(memory_report.format_gfpo_plan(plan, gpus, gib)))
-    sys.exit(0 if plan["fits"] else 3)
-
-
 def decoding_setup(cfg, run, model, world, device):
     """What decoding needs (respond's ctx): tag ids, stop ids, the forking tokens a response never
     samples, and how: on CUDA memory.gfpo_plan decides --gen_batch 0 and --keep_gathered auto
@@ -34,9 +20,8 @@ def decoding_setup(cfg, run, model, world, device):
     if device.type == "cuda" and (not rows or cfg.keep_gathered == "auto"):
         gib = torch.cuda.get_device_properties(device).total_memory / memory.GIB
         longest = max(map(len, run["prompts"] + run["held_out_prompts"]))
-        plan = memory.gfpo_plan(memory.read_shape(model.lm.config.to_dict()), world, gib,
-                                cfg.batch_size // world * cfg.group_size,
-                                longest + cfg.max_new_tokens, cfg.cpu_offload)
+        plan = memory_report.rollout_plan(cfg, model.lm.config.to_dict(), world, gib,
+                                          longest + cfg.max_new_tokens)
         print0("\n".join(memory_report.format_gfpo_plan(plan, world, gib)))
         if not plan["fits"]:
             sys.exit(f"error: not one response of {cfg.max_new_tokens} tokens fits beside the "

@@ -8,6 +8,7 @@ import os
 import sys
 
 import numpy as np
+import torch
 
 from plumbing import memory, simulate
 
@@ -73,7 +74,6 @@ def simulated_train_step(cfg, config, device, traces, wrap, match_questions, tra
     `config` cut to a few layers and wrap()ped (match.SequenceNLL), and one step on questions of the plan's
     worst case (simulate.worst_case): the matching pass (match_questions), the training pass
     (training_rows, training_pass: train.py's own), clipping and fused AdamW."""
-    import torch
     build = simulate.builder(memory.read_config(config)[0], device, wrap, cfg.activation_checkpointing,
                              cfg.cpu_offload, cfg.lr, cfg.weight_decay)
     encoded, fork_ids = simulate.worst_case(cfg.max_len, cfg.layout, traces, cfg.num_forks, cfg.matching,
@@ -151,6 +151,26 @@ def format_comparison(plan, sim, world):
     out.append(f"  not simulated: the plan's {plan['context_gib']:g} GiB of CUDA context, NCCL and slack, "
                "the allocator's fragmentation, kernels' workspaces")
     return out
+
+
+def rollout_plan(cfg, config, gpus, gib, context):
+    """memory.gfpo_plan of gfpo.py's flags `cfg`: the model of `config` (memory.read_shape's
+    argument) on `gpus` GPUs of `gib` GiB, a rank's batch_size / gpus x group_size responses of
+    `context` tokens each. Raises ValueError naming a bad config."""
+    return memory.gfpo_plan(memory.read_shape(config), gpus, gib, cfg.batch_size // gpus * cfg.group_size,
+                            context, cfg.cpu_offload)
+
+
+def gfpo_plan_exit(cfg):
+    """gfpo.py --plan GPUSxGiB: prints the rollout plan of --model's config.json (prompts of
+    memory.PROMPT_TOKENS); exits 0 if it fits, 3 if not."""
+    gpus, gib = memory.parse_gpus(cfg.plan)
+    try:
+        plan = rollout_plan(cfg, cfg.model, gpus, gib, memory.PROMPT_TOKENS + cfg.max_new_tokens)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+    print("\n".join(format_gfpo_plan(plan, gpus, gib)))
+    sys.exit(0 if plan["fits"] else 3)
 
 
 def format_gfpo_plan(plan, gpus, gib):
