@@ -203,4 +203,3 @@ def match_questions(nll_model, questions, fork_ids, mode, match_tokens, batch_si
         matched.append(Matching([int(f) for f in forks], [int(j) for j in traces],
                                 [int(f) for f in optimal[0]], [int(j) for j in optimal[1]], gap))
     return matched
-

@@ -114,4 +114,3 @@ def choose_tags(logpi, count, greedy, generator):
     with a CPU generator (the draw is on the CPU whatever the model's device)."""
     return logpi.argmax(-1, keepdim=True).expand(-1, count) if greedy else \
         torch.multinomial(logpi.exp().float().cpu(), count, replacement=True, generator=generator)
-

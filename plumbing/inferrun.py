@@ -76,8 +76,8 @@ def solve_all(todo, solve, output, rank, world):
     rank 0)."""
     from tqdm import tqdm
     bar = tqdm(total=len(todo), disable=rank != 0, desc="problems")
-    for start in range(0, len(todo), world):
-        mine = todo[start + rank] if start + rank < len(todo) else None
+    for first in range(0, len(todo), world):  # a round: one problem a rank
+        mine = todo[first + rank] if first + rank < len(todo) else None
         row = None if mine is None else solve(*mine)
         rows = [None] * world if rank == 0 else None
         dist.gather_object(row, rows, dst=0)
