@@ -51,7 +51,7 @@ class TagPolicy(nn.Module):
         rows = [p + self.fork_ids[0][:self.shared] for p in prompts] if self.one_row \
             else [p + t for p in prompts for t in self.fork_ids]  # prompt + shared tokens, or + tag
         device = self.lm.get_input_embeddings().weight.device
-        input_ids, _, mask = collate([(r, r) for r in rows], self.pad_id)  # [rows, L] right-padded
+        input_ids, _, mask = collate([(r, []) for r in rows], self.pad_id)  # [rows, L], no labels
         hidden = self.lm.model(input_ids=input_ids.to(device),
                                attention_mask=mask.to(device)).last_hidden_state  # [rows, L, H]
         weight = self.lm.get_output_embeddings().weight  # [V, H]
